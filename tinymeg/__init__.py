@@ -1,0 +1,8 @@
+"""tinymeg: tensor, data and hybrid parallel training of transformers on DeviceMesh and DTensor."""
+from . import models
+from .context import ParallelContext
+from .parallel import (GPT2_TP_CONFIG, ColumnParallel, RowParallel, VocabParallel,
+                       apply_tensor_parallel)
+
+__all__ = ["ParallelContext", "apply_tensor_parallel", "ColumnParallel", "RowParallel",
+           "VocabParallel", "GPT2_TP_CONFIG", "models"]

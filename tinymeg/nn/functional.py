@@ -1,0 +1,76 @@
+"""Megatron's four communication primitives as autograd functions over functional collectives.
+
+Each moves exactly what Megatron moves, in forward and in backward, and nothing else:
+
+| function          | forward            | backward           | where                        |
+|-------------------|--------------------|--------------------|------------------------------|
+| copy_to_tp        | identity           | all-reduce         | entry of a column region     |
+| reduce_from_tp    | all-reduce         | identity           | after a row-parallel layer   |
+| gather_from_tp    | all-gather (dim)   | keep own slice     | column output wanted whole   |
+
+Functional collectives are used (not torch.distributed's in-place ones) so that
+torch.compile can trace them and CommDebugMode can count them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh
+
+
+def _wait(t: torch.Tensor) -> torch.Tensor:
+    # Eager funcols return a lazy AsyncCollectiveTensor; autograd wants a plain tensor.
+    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
+
+
+def all_reduce(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    return _wait(funcol.all_reduce(x.contiguous(), "sum", mesh))
+
+
+def all_gather(x: torch.Tensor, mesh: DeviceMesh, dim: int) -> torch.Tensor:
+    return _wait(funcol.all_gather_single(x.contiguous(), dim % x.dim(), mesh))
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad, ctx.mesh), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh):
+        return all_reduce(x, mesh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh, dim):
+        ctx.mesh, ctx.dim = mesh, dim
+        return all_gather(x, mesh, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank holds the same gradient of the gathered tensor: keep our slice.
+        return grad.chunk(ctx.mesh.size(), ctx.dim)[ctx.mesh.get_local_rank()].contiguous(), None, None
+
+
+def copy_to_tp(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    return x if mesh.size() == 1 else _CopyToTP.apply(x, mesh)
+
+
+def reduce_from_tp(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    return x if mesh.size() == 1 else _ReduceFromTP.apply(x, mesh)
+
+
+def gather_from_tp(x: torch.Tensor, mesh: DeviceMesh, dim: int = -1) -> torch.Tensor:
+    return x if mesh.size() == 1 else _GatherFromTP.apply(x, mesh, dim)

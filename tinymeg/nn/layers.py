@@ -1,0 +1,147 @@
+"""Tensor-parallel modules. Parameters are DTensors on the TP mesh, so ``state_dict()`` and
+``full_tensor()`` describe the global model; forward computes on the local shards and talks
+only through the primitives in ``functional`` (Megatron's communication, no more).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from .functional import copy_to_tp, gather_from_tp, reduce_from_tp
+
+
+def local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The local shard of a DTensor parameter (a plain tensor is returned as is)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def distribute_parameter(p: torch.Tensor, mesh: DeviceMesh, placement) -> nn.Parameter:
+    """Shard (or replicate) a full parameter over mesh. The data is scattered from the mesh's
+    first rank, so ranks that built slightly different models still agree afterwards."""
+    return nn.Parameter(distribute_tensor(p.detach(), mesh, [placement]), requires_grad=p.requires_grad)
+
+
+def row_shard(output_chunks: int):
+    """Placement of a weight sharded on its output rows. A weight holding several stacked
+    projections (GPT-2's q|k|v) is sharded within each projection: rank r holds the r-th
+    slice of q, of k and of v. _StridedShard says exactly that, so the global view stays
+    the unsharded layout."""
+    return Shard(0) if output_chunks == 1 else _StridedShard(0, split_factor=output_chunks)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W (out, in) sharded on out: each rank computes a slice of y's last dim.
+
+    Forward: identity on x (already replicated); backward: all-reduce of x's gradient.
+    With ``gather_output`` the slices are all-gathered so every rank gets the whole y.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, mesh: DeviceMesh,
+                 gather_output: bool = False):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.mesh, self.gather_output = mesh, gather_output
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mesh: DeviceMesh, output_chunks: int = 1,
+                    gather_output: bool = False) -> "ColumnParallelLinear":
+        placement = row_shard(output_chunks)
+        bias = None if linear.bias is None else distribute_parameter(linear.bias, mesh, placement)
+        return cls(distribute_parameter(linear.weight, mesh, placement), bias, mesh, gather_output)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tp(x, self.mesh), local(self.weight), local(self.bias))
+        return gather_from_tp(y, self.mesh, dim=-1) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, tp={self.mesh.size()}, gather_output={self.gather_output}"
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W (out, in) sharded on in; x arrives sharded on its last dim (the
+    output of a column-parallel layer). Partial sums are all-reduced in forward; backward is
+    the identity. The bias is replicated and added once, after the reduction."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, mesh: DeviceMesh):
+        super().__init__()
+        self.weight, self.bias, self.mesh = weight, bias, mesh
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mesh: DeviceMesh) -> "RowParallelLinear":
+        bias = None if linear.bias is None else distribute_parameter(linear.bias, mesh, Replicate())
+        return cls(distribute_parameter(linear.weight, mesh, Shard(1)), bias, mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tp(F.linear(x, local(self.weight)), self.mesh)
+        return y if self.bias is None else y + local(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, tp={self.mesh.size()}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (the vocabulary) are sharded: each rank looks up the ids in its
+    range, writes zeros for the others, and the partial results are summed (all-reduce)."""
+
+    def __init__(self, weight: nn.Parameter, mesh: DeviceMesh):
+        super().__init__()
+        self.weight, self.mesh = weight, mesh
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.rows_per_rank = self.num_embeddings // mesh.size()
+        self.vocab_start = mesh.get_local_rank() * self.rows_per_rank
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, mesh: DeviceMesh) -> "VocabParallelEmbedding":
+        return cls(distribute_parameter(emb.weight, mesh, Shard(0)), mesh)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local_ids = ids - self.vocab_start
+        outside = (local_ids < 0) | (local_ids >= self.rows_per_rank)
+        out = F.embedding(local_ids.masked_fill(outside, 0), local(self.weight))
+        return reduce_from_tp(out.masked_fill(outside.unsqueeze(-1), 0.0), self.mesh)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, tp={self.mesh.size()}"
+
+
+# Modules that are not sharded keep their parameters as Replicate() DTensors (every
+# parameter of a TP model lives on the TP mesh, so optimizers, clipping and checkpoints
+# see one kind of tensor) and compute on the local copy.
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, local(self.weight), local(self.bias), self.eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, local(self.weight), self.eps)
+
+
+class ReplicatedEmbedding(nn.Embedding):
+    def forward(self, ids):
+        return F.embedding(ids, local(self.weight), self.padding_idx, self.max_norm,
+                           self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+
+class ReplicatedLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, local(self.weight), local(self.bias))
+
+
+REPLICATED_TYPES = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm,
+                    nn.Embedding: ReplicatedEmbedding, nn.Linear: ReplicatedLinear}
+
+
+def replicate_module(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Turn a LayerNorm/RMSNorm/Embedding/Linear in place into its replicated twin."""
+    module.__class__ = REPLICATED_TYPES[type(module)]
+    for name, p in list(module.named_parameters(recurse=False)):
+        setattr(module, name, distribute_parameter(p, mesh, Replicate()))
+    return module

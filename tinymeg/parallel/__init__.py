@@ -1,0 +1,4 @@
+from .plan import GPT2_TP_CONFIG, ColumnParallel, RowParallel, VocabParallel
+from .tensor_parallel import apply_tensor_parallel
+
+__all__ = ["apply_tensor_parallel", "ColumnParallel", "RowParallel", "VocabParallel", "GPT2_TP_CONFIG"]

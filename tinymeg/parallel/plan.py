@@ -1,0 +1,118 @@
+"""Tensor-parallel plans: which module gets which parallel style, found by name pattern.
+
+Two forms are accepted and normalised to ``{pattern: style}``:
+
+* the Tiny-Megatron dict: ``{"column_linear_patterns": [...], "row_linear_patterns": [...],
+  "vocab_embedding_patterns": [...]}``;
+* a style map, as in ``torch.distributed.tensor.parallel``:
+  ``{"attn.c_attn": ColumnParallel(), "attn.c_proj": RowParallel(), "wte": VocabParallel()}``.
+
+A pattern matches a module whose qualified name ends with it at a dot boundary
+(``attn.c_attn`` matches ``transformer.h.3.attn.c_attn``); shell globs are allowed
+(``h.*.mlp.c_fc``, ``layers.[0-3].mlp.up_proj``).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ColumnParallel:
+    """Shard a Linear's output features. ``output_chunks``: the weight stacks this many
+    projections (q|k|v = 3) that are sharded each on its own; None reads the module's own
+    ``output_chunks`` attribute (GPT2Model sets it on c_attn), else 1."""
+    output_chunks: int | None = None
+    gather_output: bool = False
+
+
+@dataclass(frozen=True)
+class RowParallel:
+    """Shard a Linear's input features; its input must come sharded from a column layer."""
+
+
+@dataclass(frozen=True)
+class VocabParallel:
+    """Shard an Embedding's rows (the vocabulary). A Linear tied to it (lm_head) is sharded
+    with it and gathers its output, so logits stay whole on every rank."""
+
+
+Style = ColumnParallel | RowParallel | VocabParallel
+
+# The seed's plan for tinymeg's GPT-2, used when apply_tensor_parallel gets no plan.
+GPT2_TP_CONFIG = {
+    "column_linear_patterns": ["attn.c_attn", "mlp.c_fc"],
+    "row_linear_patterns": ["attn.c_proj", "mlp.c_proj"],
+}
+
+_DICT_KEYS = {"column_linear_patterns": ColumnParallel, "row_linear_patterns": RowParallel,
+              "vocab_embedding_patterns": VocabParallel}
+# Keys that switch features on and off rather than name modules.
+OPTION_KEYS = set()
+
+
+def normalize_plan(tp_config: dict, model: nn.Module) -> dict[str, Style]:
+    """Turn either plan form into {pattern: style}. Without vocab_embedding_patterns, the
+    model's tied embedding (an Embedding whose weight a Linear shares) is vocab-parallel."""
+    if not isinstance(tp_config, dict):
+        raise TypeError(f"tp_config must be a dict, got {type(tp_config).__name__}")
+    plan: dict[str, Style] = {}
+    for key, value in tp_config.items():
+        if key in OPTION_KEYS:
+            continue
+        if key in _DICT_KEYS:
+            if isinstance(value, str):
+                raise TypeError(f"tp_config[{key!r}] must be a list of patterns, not the string {value!r}")
+            for pattern in value:
+                _add(plan, pattern, _DICT_KEYS[key]())
+        elif isinstance(value, (ColumnParallel, RowParallel, VocabParallel)):
+            _add(plan, key, value)
+        else:
+            raise ValueError(
+                f"tp_config key {key!r} is neither one of {sorted(_DICT_KEYS) + sorted(OPTION_KEYS)} "
+                f"nor a module pattern mapped to ColumnParallel()/RowParallel()/VocabParallel() "
+                f"(got {value!r})")
+    if "vocab_embedding_patterns" not in tp_config and not any(
+            isinstance(s, VocabParallel) for s in plan.values()):
+        for name in tied_embedding_names(model):
+            plan[name] = VocabParallel()
+    return plan
+
+
+def _add(plan: dict, pattern: str, style: Style) -> None:
+    if pattern in plan and plan[pattern] != style:
+        raise ValueError(f"pattern {pattern!r} is given two styles: {plan[pattern]} and {style}")
+    plan[pattern] = style
+
+
+def matches(pattern: str, name: str) -> bool:
+    return (name == pattern or name.endswith("." + pattern)
+            or fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern))
+
+
+def resolve_plan(plan: dict[str, Style], model: nn.Module) -> dict[str, Style]:
+    """{module name: style} for every module the plan names. Every pattern must match
+    something, and no module may get two different styles."""
+    names = [n for n, _ in model.named_modules() if n]
+    resolved: dict[str, Style] = {}
+    for pattern, style in plan.items():
+        hits = [n for n in names if matches(pattern, n)]
+        if not hits:
+            leaf = pattern.rsplit(".", 1)[-1]
+            near = [n for n in names if leaf in n][:5] or names[:5]
+            raise ValueError(f"tensor-parallel pattern {pattern!r} matches no module of "
+                             f"{type(model).__name__}; names look like {near}")
+        for n in hits:
+            if n in resolved and resolved[n] != style:
+                raise ValueError(f"module {n!r} is matched twice with different styles: "
+                                 f"{resolved[n]} and {style}")
+            resolved[n] = style
+    return resolved
+
+
+def tied_embedding_names(model: nn.Module) -> list[str]:
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and id(m.weight) in linear_weights]

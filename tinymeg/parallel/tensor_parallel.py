@@ -1,0 +1,105 @@
+"""apply_tensor_parallel: swap the modules a plan names for their TP versions, in place."""
+from __future__ import annotations
+
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from ..context import ParallelContext
+from ..nn.layers import (REPLICATED_TYPES, ColumnParallelLinear, RowParallelLinear,
+                         VocabParallelEmbedding, replicate_module)
+from .plan import GPT2_TP_CONFIG, ColumnParallel, RowParallel, Style, VocabParallel, normalize_plan, resolve_plan
+
+
+def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dict | None = None) -> nn.Module:
+    """Shard ``model`` over ``ctx.mesh["tp"]`` as ``tp_config`` says and return it.
+
+    Matched Linears become column/row-parallel, matched Embeddings vocab-parallel, a Linear
+    tied to a vocab-parallel Embedding shares its sharded weight, and every other parameter
+    becomes a Replicate() DTensor. Without a plan, GPT-2's seed plan is used.
+    """
+    _check_model(model, ctx)
+    mesh, tp = ctx.mesh["tp"], ctx.tp_size
+    plan = resolve_plan(normalize_plan(GPT2_TP_CONFIG if tp_config is None else tp_config, model), model)
+    for name, style in plan.items():
+        _check_shardable(name, model.get_submodule(name), style, tp)
+    _check_heads(model, plan, tp)
+
+    tied = {}  # id(old embedding weight) -> its sharded Parameter, for tied Linears
+    for name, style in plan.items():
+        old = model.get_submodule(name)
+        if isinstance(style, VocabParallel):
+            new = VocabParallelEmbedding.from_embedding(old, mesh)
+            tied[id(old.weight)] = new.weight
+        elif isinstance(style, ColumnParallel):
+            chunks = style.output_chunks or getattr(old, "output_chunks", 1)
+            new = ColumnParallelLinear.from_linear(old, mesh, chunks, style.gather_output)
+        else:
+            new = RowParallelLinear.from_linear(old, mesh)
+        _set_submodule(model, name, new)
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and id(module.weight) in tied:
+            # lm_head tied to the vocab-parallel wte: the same sharded parameter, logits gathered.
+            _set_submodule(model, name, ColumnParallelLinear(tied[id(module.weight)], None, mesh,
+                                                             gather_output=True))
+
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if not isinstance(p, DTensor)]
+        if not own:
+            continue
+        if type(module) not in REPLICATED_TYPES:
+            raise TypeError(
+                f"module {name!r} ({type(module).__name__}) has parameters but no tensor-parallel "
+                f"style, and tinymeg can only replicate {[t.__name__ for t in REPLICATED_TYPES]}. "
+                f"Name it in the plan, or replace it with a supported module.")
+        replicate_module(module, mesh)
+    return model
+
+
+def _check_model(model: nn.Module, ctx: ParallelContext) -> None:
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError("the model already has DTensor parameters: tensor parallelism was "
+                         "applied to it before. Apply it once, to a freshly built model.")
+    for name, p in model.named_parameters():
+        if p.device.type != ctx.device.type:
+            raise ValueError(f"parameter {name!r} is on {p.device} but the mesh is on "
+                             f"{ctx.device}: call model.to({str(ctx.device)!r}) first")
+
+
+def _check_shardable(name: str, module: nn.Module, style: Style, tp: int) -> None:
+    if isinstance(style, VocabParallel):
+        if type(module) is not nn.Embedding:
+            raise TypeError(f"{name!r} is a {type(module).__name__}; VocabParallel shards nn.Embedding only")
+        if module.num_embeddings % tp:
+            raise ValueError(
+                f"{name!r} has {module.num_embeddings} rows, not divisible by tp={tp}: pad the "
+                f"vocabulary (GPTConfig(vocab_multiple=64) does) or choose a tp that divides it")
+        return
+    if type(module) is not nn.Linear:
+        hint = (" (a Conv1D stores its weight transposed: convert it to nn.Linear with the "
+                "weight transposed first)" if type(module).__name__ == "Conv1D" else "")
+        raise TypeError(f"{name!r} is a {type(module).__name__}; {type(style).__name__} shards "
+                        f"nn.Linear only{hint}")
+    if isinstance(style, ColumnParallel):
+        chunks = style.output_chunks or getattr(module, "output_chunks", 1)
+        if module.out_features % (chunks * tp):
+            raise ValueError(f"{name!r} has {module.out_features} output features in {chunks} "
+                             f"chunk(s), not divisible by tp={tp} per chunk")
+    elif module.in_features % tp:
+        raise ValueError(f"{name!r} has {module.in_features} input features, not divisible by tp={tp}")
+
+
+def _check_heads(model: nn.Module, plan: dict[str, Style], tp: int) -> None:
+    """Attention must split by whole heads: a module with a head count whose children are sharded."""
+    for name, module in model.named_modules():
+        for attr in ("n_head", "num_heads", "num_key_value_heads", "n_kv_head"):
+            heads = getattr(module, attr, None)
+            if isinstance(heads, int) and heads % tp and any(
+                    n.startswith(name + ".") for n in plan if name):
+                raise ValueError(f"{name!r} has {attr}={heads}, not divisible by tp={tp}: "
+                                 f"tensor parallelism splits attention by whole heads")
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
