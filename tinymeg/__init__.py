@@ -2,7 +2,7 @@
 from . import models
 from .context import ParallelContext
 from .parallel import (GPT2_TP_CONFIG, ColumnParallel, RowParallel, VocabParallel,
-                       apply_tensor_parallel)
+                       apply_data_parallel, apply_hybrid_parallel, apply_tensor_parallel)
 
-__all__ = ["ParallelContext", "apply_tensor_parallel", "ColumnParallel", "RowParallel",
-           "VocabParallel", "GPT2_TP_CONFIG", "models"]
+__all__ = ["ParallelContext", "apply_tensor_parallel", "apply_data_parallel", "apply_hybrid_parallel",
+           "ColumnParallel", "RowParallel", "VocabParallel", "GPT2_TP_CONFIG", "models"]

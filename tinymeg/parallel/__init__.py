@@ -1,4 +1,6 @@
+from .data_parallel import apply_data_parallel, apply_hybrid_parallel
 from .plan import GPT2_TP_CONFIG, ColumnParallel, RowParallel, VocabParallel
 from .tensor_parallel import apply_tensor_parallel
 
-__all__ = ["apply_tensor_parallel", "ColumnParallel", "RowParallel", "VocabParallel", "GPT2_TP_CONFIG"]
+__all__ = ["apply_tensor_parallel", "apply_data_parallel", "apply_hybrid_parallel",
+           "ColumnParallel", "RowParallel", "VocabParallel", "GPT2_TP_CONFIG"]

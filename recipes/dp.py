@@ -1,0 +1,5 @@
+"""Data parallel only: `torchrun --nproc_per_node=2 recipes/dp.py` (flags as recipes/train.py)."""
+from tinymeg.train.cli import main
+
+if __name__ == "__main__":
+    main(tp=1, dp=2)

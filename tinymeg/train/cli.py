@@ -1,0 +1,52 @@
+"""Command line of the training recipes: flags map one to one onto TrainConfig fields."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from .trainer import TrainConfig, train
+
+
+def parse_args(argv=None, **defaults) -> TrainConfig:
+    base = dataclasses.replace(TrainConfig(), **defaults)
+    p = argparse.ArgumentParser(description="Train a GPT-2 with tinymeg (launch with torchrun).")
+    add = p.add_argument
+    add("--tp", type=int, default=base.tp, help="tensor-parallel size")
+    add("--dp", type=int, default=base.dp, help="data-parallel size; tp*dp must equal the world size")
+    add("--steps", type=int, default=base.steps)
+    add("--micro-batch", type=int, default=base.micro_batch, help="sequences per rank per micro-step")
+    add("--grad-accum", type=int, default=base.grad_accum, help="micro-steps per optimizer step")
+    add("--seq-len", type=int, default=base.seq_len)
+    add("--n-layer", type=int, default=base.n_layer)
+    add("--n-head", type=int, default=base.n_head)
+    add("--n-embd", type=int, default=base.n_embd)
+    add("--dropout", type=float, default=base.dropout)
+    add("--lr", type=float, default=base.lr)
+    add("--min-lr", type=float, default=base.min_lr)
+    add("--warmup", type=int, default=base.warmup)
+    add("--weight-decay", type=float, default=base.weight_decay)
+    add("--grad-clip", type=float, default=base.grad_clip, help="global-norm clip; 0 disables")
+    add("--seed", type=int, default=base.seed)
+    add("--eval-every", type=int, default=base.eval_every, help="0: evaluate at the end only")
+    add("--eval-iters", type=int, default=base.eval_iters)
+    add("--data", default=base.data, metavar="PATH", help=".txt or nanoGPT/llm.c uint16 .bin; default: shipped Shakespeare")
+    add("--tokenizer", default=base.tokenizer, choices=["char", "gpt2"])
+    add("--log-jsonl", default=base.log_jsonl, metavar="PATH", help="append one JSON line of metrics per step")
+    add("--compile", action=argparse.BooleanOptionalAction, default=base.compile, help="torch.compile the model")
+    add("--device", default=base.device, choices=["auto", "cpu", "cuda"])
+    add("--sample-tokens", type=int, default=base.sample_tokens)
+    add("--bucket-mb", type=float, default=base.bucket_mb, help="DP all-reduce bucket size")
+    args = p.parse_args(argv)
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.tp * args.dp != world:
+        p.error(f"--tp {args.tp} x --dp {args.dp} = {args.tp * args.dp} ranks, but torchrun started "
+                f"{world} process(es): pass --tp/--dp whose product is {world}, or launch with "
+                f"`torchrun --nproc_per_node={args.tp * args.dp}`")
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                          if hasattr(args, f.name)})
+
+
+def main(argv=None, **defaults) -> dict:
+    return train(parse_args(argv, **defaults))

@@ -1,0 +1,166 @@
+"""The training loop shared by every recipe: build, parallelize, train, evaluate, sample."""
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..context import ParallelContext
+from ..data import get_batch, load_corpus
+from ..models import GPT2Model, GPTConfig
+from ..parallel import apply_data_parallel, apply_tensor_parallel
+from .optim import build_optimizer, clip_grad_norm_, lr_at
+
+
+@dataclass
+class TrainConfig:
+    tp: int = 1
+    dp: int = 1
+    steps: int = 200
+    micro_batch: int = 8
+    grad_accum: int = 1
+    seq_len: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 1337
+    eval_every: int = 100          # 0: evaluate only at the end
+    eval_iters: int = 10
+    data: str | None = None        # None: the shipped Shakespeare
+    tokenizer: str = "char"
+    log_jsonl: str | None = None
+    compile: bool = False
+    device: str = "auto"           # auto | cpu | cuda
+    sample_tokens: int = 200       # 0: no sample at the end
+    bucket_mb: float = 25.0
+    progress: bool = True          # tqdm bar on rank 0
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step, whatever the mesh."""
+        return self.dp * self.micro_batch * self.grad_accum
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux: process RSS
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> GPT2Model:
+    """The same seed on every rank builds the same model; then shard it over the mesh."""
+    torch.manual_seed(cfg.seed)
+    model = GPT2Model(GPTConfig(block_size=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                                n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)).to(ctx.device)
+    if ctx.tp_size > 1:  # at tp=1 plain tensors are cheaper than 1-rank DTensors
+        model = apply_tensor_parallel(model, ctx)
+    return apply_data_parallel(model, ctx, cfg.bucket_mb)
+
+
+@torch.no_grad()
+def evaluate(model, tokens: torch.Tensor, cfg: TrainConfig, ctx: ParallelContext) -> float:
+    """Mean loss over eval_iters fixed batches of `tokens`, averaged over dp ranks."""
+    model.eval()
+    total = torch.zeros((), device=ctx.device)
+    for i in range(cfg.eval_iters):
+        x, y = get_batch(tokens, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed + 1,
+                         step=i, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
+        total += model(x.to(ctx.device), y.to(ctx.device))[1]
+    model.train()
+    return _dp_mean(total / cfg.eval_iters, ctx)
+
+
+def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
+    if ctx.dp_size > 1:
+        value = value.clone()
+        dist.all_reduce(value, group=ctx.mesh["dp"].get_group())
+        value /= ctx.dp_size
+    return value.item()
+
+
+def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
+    """Train as cfg says. Returns the per-step losses, the last val loss and throughput."""
+    device_type = None if cfg.device == "auto" else cfg.device
+    ctx = ctx or ParallelContext(tp=cfg.tp, dp=cfg.dp, device_type=device_type)
+    if (ctx.tp_size, ctx.dp_size) != (cfg.tp, cfg.dp):
+        raise ValueError(f"config asks for tp={cfg.tp} dp={cfg.dp} but the context has "
+                         f"tp={ctx.tp_size} dp={ctx.dp_size}")
+    corpus = load_corpus(cfg.data, cfg.tokenizer)
+    model = build_model(cfg, corpus.vocab_size, ctx)
+    torch.manual_seed(cfg.seed + 1 + ctx.dp_rank)  # dropout: same on tp ranks, differs across dp
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    step_fn = torch.compile(model, fullgraph=True) if cfg.compile else model
+
+    log = open(cfg.log_jsonl, "a") if cfg.log_jsonl and ctx.is_main else None
+    tokens_per_step = cfg.global_batch * cfg.seq_len
+    losses, val_loss, start = [], None, time.perf_counter()
+    bar = tqdm(range(cfg.steps), disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=cfg.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=ctx.device)
+        for micro in range(cfg.grad_accum):
+            x, y = get_batch(corpus.train, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed,
+                             step=step, micro_step=micro, grad_accum=cfg.grad_accum,
+                             dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
+            last = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if last else model.no_sync():  # one all-reduce per step
+                loss = step_fn(x.to(ctx.device), y.to(ctx.device))[1]
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = _dp_mean(loss_sum / cfg.grad_accum, ctx)
+        losses.append(train_loss)
+        dt = time.perf_counter() - t0
+
+        record = {"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_step / dt,
+                  "ms_per_step": 1000 * dt, "peak_mem_mb": _peak_memory_mb(ctx.device)}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm.item()
+        last_step = step == cfg.steps - 1
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step:
+            val_loss = record["val_loss"] = evaluate(model, corpus.val, cfg, ctx)
+            if ctx.is_main and cfg.progress:
+                bar.write(f"step {step + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", ms=f"{1000 * dt:.0f}")
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+    wall = time.perf_counter() - start
+    if log:
+        log.close()
+
+    sample = generate_sample(model, corpus.tokenizer, cfg, ctx) if cfg.sample_tokens else None
+    if sample is not None and ctx.is_main and cfg.progress:
+        print(f"--- sample ---\n{sample}\n--------------")
+    return {"losses": losses, "val_loss": val_loss, "wall_s": wall,
+            "tokens_per_s": tokens_per_step * cfg.steps / wall, "sample": sample, "config": asdict(cfg)}
+
+
+def generate_sample(model, tokenizer, cfg: TrainConfig, ctx: ParallelContext) -> str | None:
+    """Every rank runs the model (TP needs them all) with the same generator; the text is
+    the same everywhere."""
+    if tokenizer is None:
+        return None
+    model.eval()
+    prompt = torch.tensor([tokenizer.encode("\n")], device=ctx.device)
+    gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
+    out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50, generator=gen)
+    model.train()
+    return tokenizer.decode(out[0].tolist())
