@@ -30,8 +30,9 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=False)
 
     def forward(self, x, cos, sin):
-        B, T, _ = x.shape
-        q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x) for p in (self.q_proj, self.k_proj, self.v_proj))
+        B, T, _ = q.shape  # from the projections: under sequence parallelism x holds a slice of T
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         groups = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -102,26 +103,27 @@ LLAMA_PLAN = {
 }
 
 
-def _llama_body(tp, model_kwargs, seed):
+def _llama_body(tp, model_kwargs, seed, sequence_parallel):
     ctx = get_ctx(tp=tp)
     torch.manual_seed(seed)
     ref = LlamaForCausalLM(**model_kwargs)
     torch.manual_seed(seed)
-    sharded = tm.apply_tensor_parallel(LlamaForCausalLM(**model_kwargs), ctx, LLAMA_PLAN)
+    plan = {**LLAMA_PLAN, "sequence_parallel": sequence_parallel}
+    sharded = tm.apply_tensor_parallel(LlamaForCausalLM(**model_kwargs), ctx, plan)
     assert type(sharded.model.layers[0].input_layernorm).__name__ == "RMSNorm"
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model_kwargs["vocab"], (2, 7), generator=g)
-    targets = torch.randint(0, model_kwargs["vocab"], (2, 7), generator=g)
+    ids = torch.randint(0, model_kwargs["vocab"], (2, 8), generator=g)
+    targets = torch.randint(0, model_kwargs["vocab"], (2, 8), generator=g)
     compare_training_step(ref, sharded, ids, targets)
 
 
 @given(tp=st.sampled_from([2, 4]), kv_per_rank=st.integers(1, 2), groups=st.sampled_from([1, 2]),
-       head_dim=st.sampled_from([4, 8]), layers=st.integers(1, 2), seed=st.integers(0, 2**16))
-def test_llama_with_gqa_sharded_by_plan_equals_unsharded(tp, kv_per_rank, groups, head_dim, layers, seed):
+       head_dim=st.sampled_from([4, 8]), layers=st.integers(1, 2), seed=st.integers(0, 2**16), sp=st.booleans())
+def test_llama_with_gqa_sharded_by_plan_equals_unsharded(tp, kv_per_rank, groups, head_dim, layers, seed, sp):
     kv_heads = tp * kv_per_rank
     heads = kv_heads * groups
     kwargs = dict(vocab=16 * tp, dim=heads * head_dim, layers=layers, heads=heads, kv_heads=kv_heads, hidden=12 * tp)
-    world(tp).run(_llama_body, tp, kwargs, seed)
+    world(tp).run(_llama_body, tp, kwargs, seed, sp)
 
 
 def _gqa_heads_error_body():

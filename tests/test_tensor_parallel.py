@@ -57,10 +57,10 @@ def compare_training_step(ref, sharded, idx, targets):
         assert_close(p, ref_params[name].detach(), f"{name} after AdamW")
 
 
-def _gpt2_body(tp, cfg_kwargs, batch, seq, seed):
+def _gpt2_body(tp, cfg_kwargs, batch, seq, seed, tp_config=None):
     ctx = get_ctx(tp=tp)
     cfg = tm.models.GPTConfig(**cfg_kwargs)
-    ref, sharded = build_pair(cfg, seed, ctx)
+    ref, sharded = build_pair(cfg, seed, ctx, tp_config)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
     targets = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
@@ -77,6 +77,15 @@ def test_gpt2_tp_equals_unsharded(tp, heads_per_rank, head_dim, n_layer, vocab, 
     cfg = dict(block_size=16, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_head * head_dim,
                bias=bias, vocab_multiple=tp if pad_to_tp else 64)
     world(tp).run(_gpt2_body, tp, cfg, batch, seq, seed)
+
+
+@given(tp=st.sampled_from([2, 4]), heads_per_rank=st.integers(1, 2), n_layer=st.integers(1, 2),
+       batch=st.integers(1, 2), seq_per_rank=st.integers(1, 3), seed=st.integers(0, 2**16), bias=st.booleans())
+def test_sequence_parallel_equals_unsharded(tp, heads_per_rank, n_layer, batch, seq_per_rank, seed, bias):
+    n_head = tp * heads_per_rank
+    cfg = dict(block_size=16, vocab_size=65, n_layer=n_layer, n_head=n_head, n_embd=n_head * 4, bias=bias)
+    sp = {**tm.GPT2_TP_CONFIG, "sequence_parallel": True}
+    world(tp).run(_gpt2_body, tp, cfg, batch, seq_per_rank * tp, seed, sp)
 
 
 def _module_body(tp, kind, rows, cols, batch, seed):
@@ -181,3 +190,32 @@ def _comm_body(tp):
 
 def test_megatron_communication_counts():
     world(2).run(_comm_body, 2)
+
+
+def _sp_dropout_body():
+    import torch.distributed as dist
+    ctx = get_ctx(tp=2)
+    torch.manual_seed(0)
+    cfg = tm.models.GPTConfig.tiny(dropout=0.5)
+    model = tm.apply_tensor_parallel(tm.models.GPT2Model(cfg), ctx, {**tm.GPT2_TP_CONFIG, "sequence_parallel": True})
+    seen = {}
+    for name in ("transformer.drop", "transformer.h.0.mlp.dropout"):
+        model.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out == 0))
+    idx = torch.randint(0, 65, (2, 8), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    model(idx)
+    first = dict(seen)
+    torch.manual_seed(5)
+    model(idx)
+    for name in first:
+        assert torch.equal(first[name], seen[name]), f"{name}: masks must be reproducible from the seed"
+    masks = [None, None]
+    dist.all_gather_object(masks, first)
+    replicated, sharded = "transformer.drop", "transformer.h.0.mlp.dropout"
+    assert torch.equal(masks[0][replicated], masks[1][replicated]), "replicated region: same mask on every TP rank"
+    assert first[sharded].shape[1] == 4, "the MLP dropout runs on a sequence shard"
+    assert not torch.equal(masks[0][sharded], masks[1][sharded]), "sequence shards: a different mask per rank"
+
+
+def test_sequence_parallel_dropout_masks():
+    world(2).run(_sp_dropout_body)

@@ -63,8 +63,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
         qkv = self.c_attn(x)
+        B, T, _ = qkv.shape  # from qkv: under sequence parallelism x holds a slice of T
         width = qkv.size(-1) // 3                # all heads, or this rank's heads under TP
         q, k, v = (t.view(B, T, width // self.head_dim, self.head_dim).transpose(1, 2)
                    for t in qkv.split(width, dim=-1))

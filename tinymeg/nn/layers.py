@@ -11,7 +11,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from .functional import copy_to_tp, gather_from_tp, reduce_from_tp
+from .functional import copy_to_tp, gather_from_tp, gather_seq, reduce_from_tp, reduce_scatter_seq
 
 
 def local(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -37,7 +37,9 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W (out, in) sharded on out: each rank computes a slice of y's last dim.
 
     Forward: identity on x (already replicated); backward: all-reduce of x's gradient.
-    With ``gather_output`` the slices are all-gathered so every rank gets the whole y.
+    With ``sequence_parallel`` x arrives sharded on the sequence: all-gather it in forward,
+    reduce-scatter its gradient in backward. With ``gather_output`` the slices of y are
+    all-gathered so every rank gets the whole y.
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, mesh: DeviceMesh,
@@ -45,6 +47,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = weight, bias
         self.mesh, self.gather_output = mesh, gather_output
+        self.sequence_parallel = False
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @classmethod
@@ -55,21 +58,26 @@ class ColumnParallelLinear(nn.Module):
         return cls(distribute_parameter(linear.weight, mesh, placement), bias, mesh, gather_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x, self.mesh), local(self.weight), local(self.bias))
+        x = gather_seq(x, self.mesh) if self.sequence_parallel else copy_to_tp(x, self.mesh)
+        y = F.linear(x, local(self.weight), local(self.bias))
         return gather_from_tp(y, self.mesh, dim=-1) if self.gather_output else y
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, tp={self.mesh.size()}, gather_output={self.gather_output}"
+        return (f"in={self.in_features}, out={self.out_features}, tp={self.mesh.size()}, "
+                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
 
 
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W (out, in) sharded on in; x arrives sharded on its last dim (the
     output of a column-parallel layer). Partial sums are all-reduced in forward; backward is
-    the identity. The bias is replicated and added once, after the reduction."""
+    the identity. The bias is replicated and added once, after the reduction.
+    With ``sequence_parallel`` the partial sums are reduce-scattered over the sequence instead
+    (all-gather in backward), and the bias then sees only this rank's tokens."""
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, mesh: DeviceMesh):
         super().__init__()
         self.weight, self.bias, self.mesh = weight, bias, mesh
+        self.sequence_parallel = False
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @classmethod
@@ -78,11 +86,15 @@ class RowParallelLinear(nn.Module):
         return cls(distribute_parameter(linear.weight, mesh, Shard(1)), bias, mesh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(F.linear(x, local(self.weight)), self.mesh)
-        return y if self.bias is None else y + local(self.bias)
+        y = F.linear(x, local(self.weight))
+        if self.sequence_parallel:
+            y = reduce_scatter_seq(y, self.mesh)
+        else:
+            y = reduce_from_tp(y, self.mesh)
+        return y if self.bias is None else y + replicated(self, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, tp={self.mesh.size()}"
+        return f"in={self.in_features}, out={self.out_features}, tp={self.mesh.size()}, sequence_parallel={self.sequence_parallel}"
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -114,14 +126,23 @@ class VocabParallelEmbedding(nn.Module):
 # parameter of a TP model lives on the TP mesh, so optimizers, clipping and checkpoints
 # see one kind of tensor) and compute on the local copy.
 
+def replicated(module: nn.Module, p: torch.Tensor | None) -> torch.Tensor | None:
+    """The local copy of a replicated parameter. Under sequence parallelism the module sees
+    only this rank's tokens, so its gradient is partial: copy_to_tp all-reduces it in backward."""
+    if p is None or not getattr(module, "sequence_parallel", False):
+        return local(p)
+    return copy_to_tp(local(p), module.mesh)
+
+
 class LayerNorm(nn.LayerNorm):
     def forward(self, x):
-        return F.layer_norm(x, self.normalized_shape, local(self.weight), local(self.bias), self.eps)
+        return F.layer_norm(x, self.normalized_shape, replicated(self, self.weight),
+                            replicated(self, self.bias), self.eps)
 
 
 class RMSNorm(nn.RMSNorm):
     def forward(self, x):
-        return F.rms_norm(x, self.normalized_shape, local(self.weight), self.eps)
+        return F.rms_norm(x, self.normalized_shape, replicated(self, self.weight), self.eps)
 
 
 class ReplicatedEmbedding(nn.Embedding):
@@ -142,6 +163,7 @@ REPLICATED_TYPES = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm,
 def replicate_module(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """Turn a LayerNorm/RMSNorm/Embedding/Linear in place into its replicated twin."""
     module.__class__ = REPLICATED_TYPES[type(module)]
+    module.mesh, module.sequence_parallel = mesh, False
     for name, p in list(module.named_parameters(recurse=False)):
         setattr(module, name, distribute_parameter(p, mesh, Replicate()))
     return module

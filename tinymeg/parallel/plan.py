@@ -50,7 +50,7 @@ GPT2_TP_CONFIG = {
 _DICT_KEYS = {"column_linear_patterns": ColumnParallel, "row_linear_patterns": RowParallel,
               "vocab_embedding_patterns": VocabParallel}
 # Keys that switch features on and off rather than name modules.
-OPTION_KEYS = set()
+OPTION_KEYS = {"sequence_parallel", "sequence_parallel_entry", "loss_parallel"}
 
 
 def normalize_plan(tp_config: dict, model: nn.Module) -> dict[str, Style]:

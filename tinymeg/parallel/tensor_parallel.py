@@ -1,11 +1,13 @@
 """apply_tensor_parallel: swap the modules a plan names for their TP versions, in place."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from ..context import ParallelContext
-from ..nn.layers import (REPLICATED_TYPES, ColumnParallelLinear, RowParallelLinear,
+from ..nn.functional import split_seq
+from ..nn.layers import (REPLICATED_TYPES, ColumnParallelLinear, LayerNorm, RMSNorm, RowParallelLinear,
                          VocabParallelEmbedding, replicate_module)
 from .plan import GPT2_TP_CONFIG, ColumnParallel, RowParallel, Style, VocabParallel, normalize_plan, resolve_plan
 
@@ -16,6 +18,11 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     Matched Linears become column/row-parallel, matched Embeddings vocab-parallel, a Linear
     tied to a vocab-parallel Embedding shares its sharded weight, and every other parameter
     becomes a Replicate() DTensor. Without a plan, GPT-2's seed plan is used.
+
+    ``tp_config["sequence_parallel"] = True`` shards activations on the sequence dim from
+    the input of the first block (``sequence_parallel_entry``: by default the first element
+    of the ModuleList holding the first column-parallel layer) to the last column-parallel
+    layer (lm_head): norms, dropout and residual adds run on 1/tp of the tokens.
     """
     _check_model(model, ctx)
     mesh, tp = ctx.mesh["tp"], ctx.tp_size
@@ -53,7 +60,66 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
                 f"style, and tinymeg can only replicate {[t.__name__ for t in REPLICATED_TYPES]}. "
                 f"Name it in the plan, or replace it with a supported module.")
         replicate_module(module, mesh)
+
+    if (tp_config or {}).get("sequence_parallel"):
+        _apply_sequence_parallel(model, mesh, tp_config.get("sequence_parallel_entry"))
     return model
+
+
+def _apply_sequence_parallel(model: nn.Module, mesh, entry: str | None) -> None:
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, LayerNorm, RMSNorm)):
+            module.sequence_parallel = True
+    entry = entry or _default_sp_entry(model)
+    try:
+        start = model.get_submodule(entry)
+    except AttributeError:
+        raise ValueError(f"sequence_parallel_entry {entry!r} is not a module of {type(model).__name__}") from None
+    # The sequence is split where the SP region begins: forward keeps this rank's slice,
+    # backward all-gathers the gradient (the embedding before it is replicated).
+    start.register_forward_pre_hook(lambda _, args: (split_seq(args[0], mesh), *args[1:]))
+    blocks = model.get_submodule(entry.rpartition(".")[0]) if "." in entry else start
+    for module in blocks.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            _ShardedRNG(mesh).attach(module)
+
+
+def _default_sp_entry(model: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            for i, block in enumerate(module):
+                if any(isinstance(m, ColumnParallelLinear) for m in block.modules()):
+                    return f"{name}.{i}"
+    raise ValueError("sequence_parallel needs to know where the sequence is split: the model has no "
+                     "ModuleList of blocks with column-parallel layers; set tp_config['sequence_parallel_entry']")
+
+
+class _ShardedRNG:
+    """Dropout on sequence shards must draw a different mask on each TP rank (each holds
+    other tokens), while dropout in replicated regions must draw the same mask everywhere.
+    All ranks share one seed, so the default RNG gives the latter; for the former, each
+    attached Dropout draws a seed from the shared stream (identically on every rank, so
+    torch.manual_seed still reproduces everything), adds the tp rank, and runs on a
+    generator state made from it, restoring the default state afterwards."""
+
+    def __init__(self, mesh):
+        self.device, self.rank, self.saved = torch.device(mesh.device_type), mesh.get_local_rank(), None
+
+    def _swap(self, state: torch.Tensor) -> torch.Tensor:
+        cuda = self.device.type == "cuda"
+        previous = torch.cuda.get_rng_state(self.device) if cuda else torch.get_rng_state()
+        torch.cuda.set_rng_state(state, self.device) if cuda else torch.set_rng_state(state)
+        return previous
+
+    def attach(self, module: nn.Module) -> None:
+        def enter(_, args):
+            seed = int(torch.randint(0, 2**62, (1,), device=self.device)) + self.rank
+            self.saved = self._swap(torch.Generator(self.device).manual_seed(seed).get_state())
+
+        def leave(_, args, out):
+            self._swap(self.saved)
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
 
 
 def _check_model(model: nn.Module, ctx: ParallelContext) -> None:
