@@ -6,4 +6,4 @@ minutes on a 2-core CPU (gloo), printing falling train/val loss and ending with 
 from tinymeg.train.cli import main
 
 if __name__ == "__main__":
-    main(tp=2, dp=2)
+    main(tp=2, dp=2, steps=2000, eval_every=250, warmup=100)
