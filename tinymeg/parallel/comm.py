@@ -1,0 +1,123 @@
+"""Count every collective of one training step, and the minimum the theory allows.
+
+``comm_report(model, idx, targets, ctx)`` runs forward and backward under a dispatch mode
+that records each collective: kind, mesh dim, bytes and phase. Bytes are those of the full
+tensor a collective works on (an all-reduce's input, an all-gather's output, a
+reduce-scatter's input), so TP's all-reduce and SP's all-gather + reduce-scatter pair are
+comparable. ``expected_gpt2_comm`` is the minimum for tinymeg's GPT-2 under a configuration;
+tests assert that the two are equal, and ``recipes/bench.py comm`` prints them side by side.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_funcol = torch.ops._c10d_functional
+_c10d = torch.ops.c10d
+
+
+@dataclass(frozen=True, order=True)
+class Collective:
+    phase: str      # forward | backward
+    kind: str       # all_reduce | all_gather | reduce_scatter | broadcast
+    dim: str        # mesh dim name (tp, dp) or the group's name
+    nbytes: int     # bytes of the full tensor (see module docstring)
+
+
+class CommCounter(TorchDispatchMode):
+    """Records collectives issued while active (functional ones from TP, c10d ones from DP)."""
+
+    def __init__(self, group_dims: dict[str, str]):
+        super().__init__()
+        self.group_dims, self.phase, self.records = group_dims, "forward", []
+
+    def _dim(self, group) -> str:
+        if not isinstance(group, str):
+            group = dist.ProcessGroup.unbox(group).group_name
+        return self.group_dims.get(group, group)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet, record = func.overloadpacket, None
+        if packet is _funcol.all_reduce:
+            record = ("all_reduce", args[2], _nbytes(args[0]))
+        elif packet is _funcol.all_gather_into_tensor:
+            record = ("all_gather", args[2], _nbytes(args[0]) * args[1])
+        elif packet is _funcol.reduce_scatter_tensor:
+            record = ("reduce_scatter", args[3], _nbytes(args[0]))
+        elif packet is _c10d.allreduce_:
+            record = ("all_reduce", args[1], sum(_nbytes(t) for t in args[0]))
+        elif packet is _c10d.broadcast_:
+            record = ("broadcast", args[1], sum(_nbytes(t) for t in args[0]))
+        if record is not None:
+            kind, group, nbytes = record
+            self.records.append(Collective(self.phase, kind, self._dim(group), nbytes))
+        return func(*args, **(kwargs or {}))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def comm_report(model, idx: torch.Tensor, targets: torch.Tensor, ctx) -> Counter:
+    """Collectives of one forward + backward (including DP's gradient sync): a Counter of
+    Collective -> count."""
+    dims = {ctx.mesh[d].get_group().group_name: d for d in ("tp", "dp")}
+    counter = CommCounter(dims)
+    with counter:
+        loss = model(idx, targets)[1]
+        counter.phase = "backward"
+        loss.backward()
+    return Counter(counter.records)
+
+
+def expected_gpt2_comm(model, batch: int, seq: int, ctx, sequence_parallel: bool = False) -> Counter:
+    """The minimum collectives of one forward + backward of tinymeg's GPT-2 (fp32).
+
+    Per block, TP: 2 all-reduces of B*T*C forward (after attn.c_proj, mlp.c_proj) and 2
+    backward (before c_attn, c_fc). SP: each becomes an all-gather + reduce-scatter pair of
+    the same bytes, and the gradients of parameters that saw only this rank's tokens (norms,
+    row biases) are all-reduced. Embedding: one all-reduce forward; lm_head: an all-gather of
+    the logits forward and an all-reduce of its input's gradient backward. DP: one all-reduce
+    per bucket, together exactly the gradient bytes this rank holds.
+    """
+    cfg, tp = model.config, ctx.tp_size
+    act = batch * seq * cfg.n_embd * 4
+    logits = batch * seq * cfg.padded_vocab_size * 4
+    L, want = cfg.n_layer, Counter()
+    if tp > 1:
+        want[Collective("forward", "all_reduce", "tp", act)] += 1                  # vocab-parallel wte
+        want[Collective("forward", "all_gather", "tp", logits)] += 1               # lm_head logits
+        if not sequence_parallel:
+            want[Collective("forward", "all_reduce", "tp", act)] += 2 * L
+            want[Collective("backward", "all_reduce", "tp", act)] += 2 * L + 1     # + lm_head input
+        else:
+            want[Collective("forward", "all_gather", "tp", act)] += 2 * L + 1      # + lm_head input
+            want[Collective("forward", "reduce_scatter", "tp", act)] += 2 * L
+            want[Collective("backward", "reduce_scatter", "tp", act)] += 2 * L + 1
+            want[Collective("backward", "all_gather", "tp", act)] += 2 * L + 1     # + the split at block 0
+            c = cfg.n_embd * 4
+            per_norm = 2 if cfg.bias else 1
+            # ln_1, ln_2 per block and ln_f; plus attn.c_proj.bias and mlp.c_proj.bias per block
+            want[Collective("backward", "all_reduce", "tp", c)] += per_norm * (2 * L + 1) + (2 * L if cfg.bias else 0)
+    if ctx.dp_size > 1:
+        for bucket in model.grad_sync.buckets:
+            want[Collective("backward", "all_reduce", "dp", _nbytes(bucket.buffer))] += 1
+    return want
+
+
+def format_comm_table(measured: Counter, expected: Counter) -> str:
+    """One row per (phase, kind, dim, size): measured count, theoretical count, ratio."""
+    rows = [f"{'phase':9} {'collective':15} {'dim':4} {'bytes each':>12} {'measured':>9} {'theory':>7} {'ratio':>6}"]
+    for key in sorted(set(measured) | set(expected)):
+        m, e = measured.get(key, 0), expected.get(key, 0)
+        ratio = f"{m / e:.2f}" if e else "extra"
+        rows.append(f"{key.phase:9} {key.kind:15} {key.dim:4} {key.nbytes:>12,} {m:>9} {e:>7} {ratio:>6}")
+    total_m = sum(k.nbytes * n for k, n in measured.items())
+    total_e = sum(k.nbytes * n for k, n in expected.items())
+    rows.append(f"total bytes: measured {total_m:,}, theory {total_e:,}, ratio "
+                f"{total_m / total_e if total_e else float('nan'):.2f}")
+    return "\n".join(rows)
