@@ -74,7 +74,7 @@ class _GatherFromTP(torch.autograd.Function):
 
 
 def reduce_scatter(x: torch.Tensor, mesh: DeviceMesh, dim: int) -> torch.Tensor:
-    return _wait(funcol.reduce_scatter_tensor(x.contiguous(), "sum", dim % x.dim(), mesh))
+    return _wait(funcol.reduce_scatter_single(x.contiguous(), "sum", dim % x.dim(), mesh))
 
 
 def _own_slice(x: torch.Tensor, mesh: DeviceMesh, dim: int) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """Count every collective of one training step, and the minimum the theory allows.
 
 ``comm_report(model, idx, targets, ctx)`` runs forward and backward under a dispatch mode
-that records each collective: kind, mesh dim, bytes and phase. Bytes are those of the full
-tensor a collective works on (an all-reduce's input, an all-gather's output, a
-reduce-scatter's input), so TP's all-reduce and SP's all-gather + reduce-scatter pair are
-comparable. ``expected_gpt2_comm`` is the minimum for tinymeg's GPT-2 under a configuration;
+that records each collective: kind, mesh dim, group size, bytes and phase. ``nbytes`` is the
+full tensor a collective works on (an all-reduce's input, an all-gather's output, a
+reduce-scatter's input); ``wire_bytes`` is what each rank sends with ring algorithms:
+(n-1)/n of it for an all-gather or a reduce-scatter, twice that for an all-reduce (which is
+a reduce-scatter plus an all-gather). So SP's all-gather + reduce-scatter pair moves exactly
+the bytes of the all-reduce it replaces. ``expected_gpt2_comm`` is the minimum for tinymeg's GPT-2 under a configuration;
 tests assert that the two are equal, and ``recipes/bench.py comm`` prints them side by side.
 """
 from __future__ import annotations
@@ -25,7 +27,14 @@ class Collective:
     phase: str      # forward | backward
     kind: str       # all_reduce | all_gather | reduce_scatter | broadcast
     dim: str        # mesh dim name (tp, dp) or the group's name
+    ranks: int      # group size
     nbytes: int     # bytes of the full tensor (see module docstring)
+
+    @property
+    def wire_bytes(self) -> float:
+        """Bytes each rank sends (ring algorithms)."""
+        share = (self.ranks - 1) / self.ranks * self.nbytes
+        return 2 * share if self.kind == "all_reduce" else share
 
 
 class CommCounter(TorchDispatchMode):
@@ -35,10 +44,10 @@ class CommCounter(TorchDispatchMode):
         super().__init__()
         self.group_dims, self.phase, self.records = group_dims, "forward", []
 
-    def _dim(self, group) -> str:
-        if not isinstance(group, str):
-            group = dist.ProcessGroup.unbox(group).group_name
-        return self.group_dims.get(group, group)
+    def _group(self, group) -> tuple[str, int]:
+        pg = dist.ProcessGroup.unbox(group) if not isinstance(group, str) else \
+            dist.distributed_c10d._resolve_process_group(group)
+        return self.group_dims.get(pg.group_name, pg.group_name), pg.size()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         packet, record = func.overloadpacket, None
@@ -54,7 +63,7 @@ class CommCounter(TorchDispatchMode):
             record = ("broadcast", args[1], sum(_nbytes(t) for t in args[0]))
         if record is not None:
             kind, group, nbytes = record
-            self.records.append(Collective(self.phase, kind, self._dim(group), nbytes))
+            self.records.append(Collective(self.phase, kind, *self._group(group), nbytes))
         return func(*args, **(kwargs or {}))
 
 
@@ -89,23 +98,23 @@ def expected_gpt2_comm(model, batch: int, seq: int, ctx, sequence_parallel: bool
     logits = batch * seq * cfg.padded_vocab_size * 4
     L, want = cfg.n_layer, Counter()
     if tp > 1:
-        want[Collective("forward", "all_reduce", "tp", act)] += 1                  # vocab-parallel wte
-        want[Collective("forward", "all_gather", "tp", logits)] += 1               # lm_head logits
+        want[Collective("forward", "all_reduce", "tp", tp, act)] += 1                  # vocab-parallel wte
+        want[Collective("forward", "all_gather", "tp", tp, logits)] += 1               # lm_head logits
         if not sequence_parallel:
-            want[Collective("forward", "all_reduce", "tp", act)] += 2 * L
-            want[Collective("backward", "all_reduce", "tp", act)] += 2 * L + 1     # + lm_head input
+            want[Collective("forward", "all_reduce", "tp", tp, act)] += 2 * L
+            want[Collective("backward", "all_reduce", "tp", tp, act)] += 2 * L + 1     # + lm_head input
         else:
-            want[Collective("forward", "all_gather", "tp", act)] += 2 * L + 1      # + lm_head input
-            want[Collective("forward", "reduce_scatter", "tp", act)] += 2 * L
-            want[Collective("backward", "reduce_scatter", "tp", act)] += 2 * L + 1
-            want[Collective("backward", "all_gather", "tp", act)] += 2 * L + 1     # + the split at block 0
+            want[Collective("forward", "all_gather", "tp", tp, act)] += 2 * L + 1      # + lm_head input
+            want[Collective("forward", "reduce_scatter", "tp", tp, act)] += 2 * L
+            want[Collective("backward", "reduce_scatter", "tp", tp, act)] += 2 * L + 1
+            want[Collective("backward", "all_gather", "tp", tp, act)] += 2 * L + 1     # + the split at block 0
             c = cfg.n_embd * 4
             per_norm = 2 if cfg.bias else 1
             # ln_1, ln_2 per block and ln_f; plus attn.c_proj.bias and mlp.c_proj.bias per block
-            want[Collective("backward", "all_reduce", "tp", c)] += per_norm * (2 * L + 1) + (2 * L if cfg.bias else 0)
+            want[Collective("backward", "all_reduce", "tp", tp, c)] += per_norm * (2 * L + 1) + (2 * L if cfg.bias else 0)
     if ctx.dp_size > 1:
         for bucket in model.grad_sync.buckets:
-            want[Collective("backward", "all_reduce", "dp", _nbytes(bucket.buffer))] += 1
+            want[Collective("backward", "all_reduce", "dp", ctx.dp_size, _nbytes(bucket.buffer))] += 1
     return want
 
 
@@ -116,8 +125,8 @@ def format_comm_table(measured: Counter, expected: Counter) -> str:
         m, e = measured.get(key, 0), expected.get(key, 0)
         ratio = f"{m / e:.2f}" if e else "extra"
         rows.append(f"{key.phase:9} {key.kind:15} {key.dim:4} {key.nbytes:>12,} {m:>9} {e:>7} {ratio:>6}")
-    total_m = sum(k.nbytes * n for k, n in measured.items())
-    total_e = sum(k.nbytes * n for k, n in expected.items())
-    rows.append(f"total bytes: measured {total_m:,}, theory {total_e:,}, ratio "
+    total_m = sum(k.wire_bytes * n for k, n in measured.items())
+    total_e = sum(k.wire_bytes * n for k, n in expected.items())
+    rows.append(f"bytes sent per rank: measured {total_m:,.0f}, theory {total_e:,.0f}, ratio "
                 f"{total_m / total_e if total_e else float('nan'):.2f}")
     return "\n".join(rows)
