@@ -83,6 +83,11 @@ def _tp_errors_body():
             self.conv = torch.nn.Conv1d(4, 4, 1)
     _raises(lambda: tm.apply_tensor_parallel(WithConv(), ctx, {"column_linear_patterns": ["proj"]}),
             TypeError, r"'conv' \(Conv1d\) has parameters but no tensor-parallel style")
+    sp = {**tm.GPT2_TP_CONFIG, "sequence_parallel": True}
+    _raises(lambda: tm.apply_tensor_parallel(model(), ctx, sp)(torch.zeros(1, 3, dtype=torch.long)),
+            ValueError, r"sequence length is 3: use a multiple of 2")
+    _raises(lambda: tm.apply_tensor_parallel(model(), ctx, {**sp, "sequence_parallel_entry": "transformer.blocks.0"}),
+            ValueError, r"sequence_parallel_entry 'transformer.blocks.0' is not a module")
 
 
 def test_apply_tensor_parallel_errors():
