@@ -65,6 +65,8 @@ class ParallelContext:
 
         self.mesh: DeviceMesh = init_device_mesh(
             self.device_type, (self.dp_size, self.tp_size), mesh_dim_names=MESH_DIMS)
+        self.timeout = timeout
+        _set_mesh_timeout(self.mesh, timeout)
         self.tp_rank = self.mesh["tp"].get_local_rank()
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.rank = dist.get_rank()
@@ -98,6 +100,16 @@ def _init_process_group(device_type: str, backend: str | None, timeout: timedelt
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group(backend, timeout=timeout)
+
+
+def _set_mesh_timeout(mesh: DeviceMesh, timeout: timedelta) -> None:
+    """init_device_mesh creates the dims' groups with torch's default timeout (30 min for gloo),
+    not the world group's: give them ours. A dim that spans the world reuses the world group,
+    which keeps the timeout it was initialised with (ours, unless someone else initialised it)."""
+    for name in MESH_DIMS:
+        group = mesh[name].get_group()
+        if group is not dist.group.WORLD:
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def _free_port() -> int:

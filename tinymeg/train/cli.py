@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import os
 
+from .checkpoint import check_flags
 from .trainer import TrainConfig, train
 
 
@@ -37,6 +38,22 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     add("--device", default=base.device, choices=["auto", "cpu", "cuda"])
     add("--sample-tokens", type=int, default=base.sample_tokens)
     add("--bucket-mb", type=float, default=base.bucket_mb, help="DP all-reduce bucket size")
+    add("--timeout-s", type=float, default=base.timeout_s,
+        help="collective timeout in seconds: a dead or stuck peer becomes an error after this long")
+    ck = p.add_argument_group("checkpoints (see README: Checkpoints and restarts)")
+    ck.add_argument("--ckpt-dir", default=base.ckpt_dir, metavar="DIR", help="save checkpoints here")
+    ck.add_argument("--ckpt-every", type=int, default=base.ckpt_every, metavar="N",
+                    help="save every N steps (and always at the end); 0: at the end only")
+    ck.add_argument("--keep-last", type=int, default=base.keep_last, metavar="K",
+                    help="keep only the newest K checkpoints; 0: keep all")
+    resume = ck.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", default=base.resume,
+                        help="resume from the latest checkpoint in --ckpt-dir (an error if there is none)")
+    resume.add_argument("--auto-resume", action="store_true", default=base.auto_resume,
+                        help="resume from the latest checkpoint in --ckpt-dir if there is one, else start "
+                             "fresh: use with torchrun --max-restarts for crash recovery")
+    ck.add_argument("--resume-from", default=base.resume_from, metavar="PATH",
+                    help="resume from this checkpoint (or this directory's latest) on any mesh")
     args = p.parse_args(argv)
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -44,8 +61,13 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
         p.error(f"--tp {args.tp} x --dp {args.dp} = {args.tp * args.dp} ranks, but torchrun started "
                 f"{world} process(es): pass --tp/--dp whose product is {world}, or launch with "
                 f"`torchrun --nproc_per_node={args.tp * args.dp}`")
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                          if hasattr(args, f.name)})
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                         if hasattr(args, f.name)})
+    try:
+        check_flags(cfg)
+    except ValueError as e:
+        p.error(str(e))
+    return cfg
 
 
 def main(argv=None, **defaults) -> dict:

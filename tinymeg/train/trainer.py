@@ -15,6 +15,7 @@ from ..context import ParallelContext
 from ..data import get_batch, load_corpus
 from ..models import GPT2Model, GPTConfig
 from ..parallel import apply_data_parallel, apply_tensor_parallel
+from .checkpoint import Checkpointer, maybe_inject_fault
 from .optim import build_optimizer, clip_grad_norm_, lr_at
 
 
@@ -46,6 +47,14 @@ class TrainConfig:
     sample_tokens: int = 200       # 0: no sample at the end
     bucket_mb: float = 25.0
     progress: bool = True          # tqdm bar on rank 0
+    timeout_s: float = 600.0       # collective timeout: a dead peer is an error after this long
+    # Checkpoints (tinymeg/train/checkpoint.py): saved every ckpt_every steps and at the end.
+    ckpt_dir: str | None = None
+    ckpt_every: int = 0            # 0: only at the end (when ckpt_dir is set)
+    keep_last: int = 0             # keep the newest K checkpoints; 0: keep all
+    resume: bool = False           # from ckpt_dir's latest, which must exist
+    auto_resume: bool = False      # from ckpt_dir's latest if any (crash recovery)
+    resume_from: str | None = None # a checkpoint, or a ckpt dir (its latest)
 
     @property
     def global_batch(self) -> int:
@@ -91,9 +100,10 @@ def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
 
 
 def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
-    """Train as cfg says. Returns the per-step losses, the last val loss and throughput."""
+    """Train as cfg says (resuming from a checkpoint if cfg says so). Returns the losses of the
+    steps run here (from ``start_step``), the last val loss, throughput, the model and optimizer."""
     device_type = None if cfg.device == "auto" else cfg.device
-    ctx = ctx or ParallelContext(tp=cfg.tp, dp=cfg.dp, device_type=device_type)
+    ctx = ctx or ParallelContext(tp=cfg.tp, dp=cfg.dp, device_type=device_type, timeout=cfg.timeout_s)
     if (ctx.tp_size, ctx.dp_size) != (cfg.tp, cfg.dp):
         raise ValueError(f"config asks for tp={cfg.tp} dp={cfg.dp} but the context has "
                          f"tp={ctx.tp_size} dp={ctx.dp_size}")
@@ -102,12 +112,16 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     torch.manual_seed(cfg.seed + 1 + ctx.dp_rank)  # dropout: same on tp ranks, differs across dp
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     step_fn = torch.compile(model, fullgraph=True) if cfg.compile else model
+    ckpt = Checkpointer(cfg, ctx, model, optimizer, corpus.tokenizer)
+    start_step = ckpt.restore()  # 0, or the step of the checkpoint resumed from
 
     log = open(cfg.log_jsonl, "a") if cfg.log_jsonl and ctx.is_main else None
     tokens_per_step = cfg.global_batch * cfg.seq_len
     losses, val_loss, start = [], None, time.perf_counter()
-    bar = tqdm(range(cfg.steps), disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
+               disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
     for step in bar:
+        maybe_inject_fault(step, ctx)  # TINYMEG_FAULT_AT_STEP, for crash-recovery tests
         t0 = time.perf_counter()
         lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=cfg.steps)
         for group in optimizer.param_groups:
@@ -142,6 +156,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
         if log:
             log.write(json.dumps(record) + "\n")
             log.flush()
+        ckpt.after_step(step + 1)  # every ckpt_every steps and at the end
     wall = time.perf_counter() - start
     if log:
         log.close()
@@ -149,8 +164,9 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     sample = generate_sample(model, corpus.tokenizer, cfg, ctx) if cfg.sample_tokens else None
     if sample is not None and ctx.is_main and cfg.progress:
         print(f"--- sample ---\n{sample}\n--------------")
-    return {"losses": losses, "val_loss": val_loss, "wall_s": wall,
-            "tokens_per_s": tokens_per_step * cfg.steps / wall, "sample": sample, "config": asdict(cfg)}
+    return {"losses": losses, "start_step": start_step, "val_loss": val_loss, "wall_s": wall,
+            "tokens_per_s": tokens_per_step * (cfg.steps - start_step) / wall, "sample": sample,
+            "config": asdict(cfg), "model": model, "optimizer": optimizer}
 
 
 def generate_sample(model, tokenizer, cfg: TrainConfig, ctx: ParallelContext) -> str | None:

@@ -1,0 +1,44 @@
+"""Export a checkpoint to one file: `python recipes/export.py ck/ -o model.pt` (no torchrun).
+
+Reads a distributed checkpoint saved under any mesh (a step directory, or a --ckpt-dir for its
+latest), puts it into an unsharded GPT2Model and writes ``model.state_dict()`` with
+``torch.save``, plus ``model.json`` (model config, tokenizer, step, training config) next to it:
+
+    model = GPT2Model(GPTConfig(**json.load(open("model.json"))["model_config"]))
+    model.load_state_dict(torch.load("model.pt"), strict=True)
+
+`python recipes/sample.py model.pt` generates text from it.
+"""
+import argparse
+import json
+import os
+
+import torch
+
+from tinymeg.train.checkpoint import load_model
+
+
+def config_path(model_path: str) -> str:
+    return os.path.splitext(model_path)[0] + ".json"
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description="Export a tinymeg checkpoint to a single torch.save file.")
+    p.add_argument("checkpoint", help="a checkpoint directory (ck/step_000100) or a --ckpt-dir (its latest)")
+    p.add_argument("-o", "--out", default="model.pt", help="output state dict (default: model.pt); "
+                   "the config goes next to it with a .json suffix")
+    args = p.parse_args(argv)
+
+    model, meta = load_model(args.checkpoint)
+    torch.save(model.state_dict(), args.out)
+    info = {k: meta.get(k) for k in ("step", "model_config", "tokenizer", "train_config")}
+    with open(config_path(args.out), "w") as f:
+        json.dump(info, f, indent=1)
+    n = model.num_params()
+    print(f"exported step {meta['step']} ({n:,} parameters, {os.path.getsize(args.out) / 2**20:.1f} MiB) "
+          f"to {args.out} and {config_path(args.out)}")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
