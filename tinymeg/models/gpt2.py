@@ -1,8 +1,13 @@
 """GPT-2, written as a plain single-device model (nanoGPT's shape and module names).
 
 There is no parallel logic here: tinymeg.parallel shards this model from the outside.
-The only concession is that attention reads its head count from the width it is given,
-so the same code runs on a rank that holds only some of the heads.
+The only concessions are that attention reads its head count from the width it is given,
+so the same code runs on a rank that holds only some of the heads, and that the MLP asks its
+first Linear for the product without the bias (``linear_pre_bias``), so that the bias add fuses
+into the GELU whatever module (plain or tensor-parallel) holds the weight.
+
+LayerNorm, bias + GELU and the loss run on tinymeg's fused ops (tinymeg.ops); parameter names
+and state_dict keys are nn.LayerNorm's and nn.Linear's.
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..ops import LayerNorm, bias_gelu, linear_cross_entropy
 
 
 @dataclass
@@ -74,6 +81,14 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def linear_pre_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x W^T, b) for a Linear, leaving the bias add to the caller's next (fused) op. A module
+    that stands in for nn.Linear (tinymeg.nn's parallel ones) provides forward_pre_bias."""
+    if hasattr(linear, "forward_pre_bias"):
+        return linear.forward_pre_bias(x)
+    return F.linear(x, linear.weight), linear.bias
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -82,15 +97,16 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h, bias = linear_pre_bias(self.c_fc, x)
+        return self.dropout(self.c_proj(bias_gelu(h, bias)))  # gelu(h + bias) in one pass
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +123,7 @@ class GPT2Model(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one parameter, two uses
@@ -127,11 +143,17 @@ class GPT2Model(nn.Module):
         """Parameters in the global model (tied weights counted once, padding rows included)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
 
-        Targets equal to -1 are ignored in the loss.
+        Targets equal to -1 are ignored in the loss. ``return_logits=False`` (with targets)
+        returns ``(None, loss)``: with a plain lm_head the loss then comes from the fused
+        tinymeg::linear_cross_entropy, which never holds the (B*T, vocab) logits at once (the
+        training step's memory peak); it is 0, not NaN, when every target is ignored. A head
+        whose weight is not whole here (tensor parallel) still computes the gathered logits.
         """
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False returns only the loss, so it needs targets")
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -140,13 +162,16 @@ class GPT2Model(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
+        if not return_logits and type(self.lm_head) is nn.Linear:
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size,
+                                              ignore_index=-1)
         logits = self.lm_head(x)
         if logits.size(-1) != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # padded rows are not tokens
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -11,6 +11,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from ..ops import LayerNorm as FusedLayerNorm
+from ..ops import layer_norm
 from .functional import copy_to_tp, gather_from_tp, gather_seq, reduce_from_tp, reduce_scatter_seq
 
 
@@ -57,10 +59,19 @@ class ColumnParallelLinear(nn.Module):
         bias = None if linear.bias is None else distribute_parameter(linear.bias, mesh, placement)
         return cls(distribute_parameter(linear.weight, mesh, placement), bias, mesh, gather_output)
 
+    def _enter(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_seq(x, self.mesh) if self.sequence_parallel else copy_to_tp(x, self.mesh)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_seq(x, self.mesh) if self.sequence_parallel else copy_to_tp(x, self.mesh)
-        y = F.linear(x, local(self.weight), local(self.bias))
+        y = F.linear(self._enter(x), local(self.weight), local(self.bias))
         return gather_from_tp(y, self.mesh, dim=-1) if self.gather_output else y
+
+    def forward_pre_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x W^T, b) on this rank's output slice, for a caller that fuses the bias add into its
+        next op (GPT-2's MLP: bias + GELU). The slice of b matches the slice of x W^T."""
+        if self.gather_output:
+            return self(x), None
+        return F.linear(self._enter(x), local(self.weight)), local(self.bias)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, tp={self.mesh.size()}, "
@@ -86,12 +97,16 @@ class RowParallelLinear(nn.Module):
         return cls(distribute_parameter(linear.weight, mesh, Shard(1)), bias, mesh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, bias = self.forward_pre_bias(x)
+        return y if bias is None else y + bias
+
+    def forward_pre_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         y = F.linear(x, local(self.weight))
         if self.sequence_parallel:
             y = reduce_scatter_seq(y, self.mesh)
         else:
             y = reduce_from_tp(y, self.mesh)
-        return y if self.bias is None else y + replicated(self, self.bias)
+        return y, replicated(self, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, tp={self.mesh.size()}, sequence_parallel={self.sequence_parallel}"
@@ -134,10 +149,14 @@ def replicated(module: nn.Module, p: torch.Tensor | None) -> torch.Tensor | None
     return copy_to_tp(local(p), module.mesh)
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(FusedLayerNorm):
+    """Replicated twin of nn.LayerNorm and of tinymeg.ops.LayerNorm: the fused op on local copies."""
+
     def forward(self, x):
-        return F.layer_norm(x, self.normalized_shape, replicated(self, self.weight),
-                            replicated(self, self.bias), self.eps)
+        weight, bias = replicated(self, self.weight), replicated(self, self.bias)
+        if len(self.normalized_shape) != 1:
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        return layer_norm(x, weight, bias, self.eps)
 
 
 class RMSNorm(nn.RMSNorm):
@@ -155,8 +174,11 @@ class ReplicatedLinear(nn.Linear):
     def forward(self, x):
         return F.linear(x, local(self.weight), local(self.bias))
 
+    def forward_pre_bias(self, x):
+        return F.linear(x, local(self.weight)), local(self.bias)
 
-REPLICATED_TYPES = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm,
+
+REPLICATED_TYPES = {nn.LayerNorm: LayerNorm, FusedLayerNorm: LayerNorm, nn.RMSNorm: RMSNorm,
                     nn.Embedding: ReplicatedEmbedding, nn.Linear: ReplicatedLinear}
 
 

@@ -55,9 +55,10 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
         if not own:
             continue
         if type(module) not in REPLICATED_TYPES:
+            known = list(dict.fromkeys(t.__name__ for t in REPLICATED_TYPES))  # two types are LayerNorms
             raise TypeError(
                 f"module {name!r} ({type(module).__name__}) has parameters but no tensor-parallel "
-                f"style, and tinymeg can only replicate {[t.__name__ for t in REPLICATED_TYPES]}. "
+                f"style, and tinymeg can only replicate {known}. "
                 f"Name it in the plan, or replace it with a supported module.")
         replicate_module(module, mesh)
 

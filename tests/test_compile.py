@@ -1,0 +1,73 @@
+"""torch.compile(fullgraph=True) on GPT-2, unsharded and tensor-parallel, gives eager's results.
+
+fullgraph=True turns any graph break into an error, so passing means one graph with tinymeg's
+custom ops (opaque to the compiler: their fake kernels are traced), the functional collectives
+and the DTensor parameters' to_local() inside it. Compiling on CPU costs seconds (inductor
+writes and builds C++), so the models are tiny and the tests few.
+
+Tolerance: inductor fuses and reorders float32 arithmetic in the ops it generates, so results
+differ from eager by reassociation only; atol=rtol=1e-5 as in the TP tests.
+"""
+import torch
+from torch.distributed.tensor import DTensor
+
+import tinymeg as tm
+from rank_pool import get_ctx, world
+
+ATOL = RTOL = 1e-5
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _step(fn, model, idx, targets, return_logits):
+    model.zero_grad(set_to_none=True)
+    logits, loss = fn(idx, targets, return_logits=return_logits)
+    loss.backward()
+    return logits, loss.detach(), {n: _local(p.grad).clone() for n, p in model.named_parameters()}
+
+
+def check_compiled_matches_eager(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor,
+                                 return_logits: bool = True) -> None:
+    """Reusable for any built (sharded or not) model with GPT2Model's forward: one training
+    step eager, one compiled with fullgraph=True, and logits, loss and every gradient agree."""
+    eager = _step(model, model, idx, targets, return_logits)
+    compiled = _step(torch.compile(model, fullgraph=True), model, idx, targets, return_logits)
+    if return_logits:
+        torch.testing.assert_close(compiled[0], eager[0], atol=ATOL, rtol=RTOL, msg=lambda m: f"logits: {m}")
+    else:
+        assert compiled[0] is None and eager[0] is None
+    torch.testing.assert_close(compiled[1], eager[1], atol=ATOL, rtol=RTOL, msg=lambda m: f"loss: {m}")
+    for name, g in eager[2].items():
+        torch.testing.assert_close(compiled[2][name], g, atol=ATOL, rtol=RTOL, msg=lambda m: f"grad of {name}: {m}")
+
+
+def _batch(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+    targets = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+    targets[0, :2] = -1
+    return idx, targets
+
+
+def test_compile_unsharded_model(monkeypatch):
+    monkeypatch.setenv("TINYMEG_AUTOTUNE", "0")
+    torch.manual_seed(0)
+    cfg = tm.models.GPTConfig.tiny(n_layer=1)
+    model = tm.models.GPT2Model(cfg)
+    idx, targets = _batch(cfg)
+    check_compiled_matches_eager(model, idx, targets, return_logits=True)
+    check_compiled_matches_eager(model, idx, targets, return_logits=False)  # the fused loss
+
+
+def _tp_compile_body():
+    ctx = get_ctx(tp=2)
+    torch.manual_seed(0)
+    cfg = tm.models.GPTConfig.tiny(n_layer=1)
+    model = tm.apply_tensor_parallel(tm.models.GPT2Model(cfg), ctx)
+    check_compiled_matches_eager(model, *_batch(cfg))
+
+
+def test_compile_tensor_parallel_model():
+    world(2).run(_tp_compile_body)
