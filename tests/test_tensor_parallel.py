@@ -11,6 +11,7 @@ a +-lr step of random sign, so the test's AdamW uses eps=1e-6, which leaves such
 """
 import copy
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -39,11 +40,17 @@ def build_pair(cfg, seed, ctx, tp_config=None):
     return ref, sharded
 
 
-def compare_training_step(ref, sharded, idx, targets):
-    """Logits, loss, every gradient and the parameters after one AdamW step must agree."""
+def compare_training_step(ref, sharded, idx, targets, sharded_kwargs=None):
+    """Logits, loss, every gradient and the parameters after one AdamW step must agree.
+    sharded_kwargs: how the sharded model computes its loss (e.g. return_logits=False)."""
     ref_logits, ref_loss = ref(idx, targets)
-    logits, loss = sharded(idx, targets)
-    assert_close(logits, ref_logits, "logits")
+    if sharded_kwargs:
+        with torch.no_grad():
+            assert_close(sharded(idx)[0], ref_logits, "logits")
+        loss = sharded(idx, targets, **sharded_kwargs)[1]
+    else:
+        logits, loss = sharded(idx, targets)
+        assert_close(logits, ref_logits, "logits")
     assert_close(loss, ref_loss, "loss")
     ref_loss.backward()
     loss.backward()
@@ -57,7 +64,7 @@ def compare_training_step(ref, sharded, idx, targets):
         assert_close(p, ref_params[name].detach(), f"{name} after AdamW")
 
 
-def _gpt2_body(tp, cfg_kwargs, batch, seq, seed, tp_config=None):
+def _gpt2_body(tp, cfg_kwargs, batch, seq, seed, tp_config=None, sharded_kwargs=None):
     ctx = get_ctx(tp=tp)
     cfg = tm.models.GPTConfig(**cfg_kwargs)
     ref, sharded = build_pair(cfg, seed, ctx, tp_config)
@@ -66,7 +73,7 @@ def _gpt2_body(tp, cfg_kwargs, batch, seq, seed, tp_config=None):
     targets = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
     if targets.numel() > 1:
         targets[0, 0] = -1  # ignored positions must stay ignored under TP
-    compare_training_step(ref, sharded, idx, targets)
+    compare_training_step(ref, sharded, idx, targets, sharded_kwargs)
 
 
 @given(tp=st.sampled_from([1, 2, 4]), heads_per_rank=st.integers(1, 2), head_dim=st.sampled_from([4, 8]),
@@ -86,6 +93,52 @@ def test_sequence_parallel_equals_unsharded(tp, heads_per_rank, n_layer, batch, 
     cfg = dict(block_size=16, vocab_size=65, n_layer=n_layer, n_head=n_head, n_embd=n_head * 4, bias=bias)
     sp = {**tm.GPT2_TP_CONFIG, "sequence_parallel": True}
     world(tp).run(_gpt2_body, tp, cfg, batch, seq_per_rank * tp, seed, sp)
+
+
+@given(tp=st.sampled_from([2, 4]), sp=st.booleans(), vocab=st.integers(5, 200), n_layer=st.integers(1, 2),
+       batch=st.integers(1, 2), seq_per_rank=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_loss_parallel_equals_unsharded(tp, sp, vocab, n_layer, batch, seq_per_rank, seed):
+    """The loss from vocab-sharded logits (the fused path, return_logits=False) against the
+    unsharded model's F.cross_entropy; with and without sequence parallel."""
+    cfg = dict(block_size=16, vocab_size=vocab, n_layer=n_layer, n_head=tp, n_embd=tp * 8)
+    plan = {**tm.GPT2_TP_CONFIG, "loss_parallel": True, "sequence_parallel": sp}
+    world(tp).run(_gpt2_body, tp, cfg, batch, seq_per_rank * tp, seed, plan, {"return_logits": False})
+
+
+def _largest_loss_tensor(model, idx):
+    """Bytes of the largest tensor any op creates in the loss's forward + backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    Largest.nbytes = max(Largest.nbytes, t.numel() * t.element_size())
+            return out
+    x = torch.randn(idx.shape[0], idx.shape[1], model.config.n_embd, requires_grad=True)
+    with Largest():
+        from tinymeg.models.gpt2 import lm_head_loss
+        lm_head_loss(model.lm_head, x, idx, model.config.vocab_size).backward()
+    return Largest.nbytes
+
+
+def _loss_memory_body(tp):
+    ctx = get_ctx(tp=tp)
+    cfg = tm.models.GPTConfig.tiny(vocab_size=2048, n_embd=16, n_head=tp)
+    idx = torch.randint(0, cfg.vocab_size, (4, 32))
+    _, gathered = build_pair(cfg, 0, ctx)
+    _, sharded = build_pair(cfg, 0, ctx, {**tm.GPT2_TP_CONFIG, "loss_parallel": True})
+    full_logits = idx.numel() * cfg.padded_vocab_size * 4
+    assert _largest_loss_tensor(gathered, idx) >= full_logits          # the gathered logits exist
+    assert _largest_loss_tensor(sharded, idx) <= full_logits // tp     # only this rank's vocab slice
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_loss_parallel_never_holds_the_full_logits(tp):
+    world(tp).run(_loss_memory_body, tp)
 
 
 def _module_body(tp, kind, rows, cols, batch, seed):

@@ -16,8 +16,8 @@ TINY = dict(steps=10, n_layer=2, n_head=4, n_embd=32, seq_len=16, eval_every=0, 
             sample_tokens=0, progress=False, lr=3e-3, warmup=2)
 
 
-def _train_body(tp, dp, micro):
-    out = train(TrainConfig(tp=tp, dp=dp, micro_batch=micro, **TINY), ctx=get_ctx(dp=dp, tp=tp))
+def _train_body(tp, dp, micro, **kw):
+    out = train(TrainConfig(tp=tp, dp=dp, micro_batch=micro, **TINY, **kw), ctx=get_ctx(dp=dp, tp=tp))
     return out["losses"]
 
 
@@ -29,6 +29,8 @@ def test_first_ten_losses_agree_across_meshes():
     """
     runs = {(tp, dp): world(tp * dp).run(_train_body, tp, dp, 4 // dp)[0]
             for tp, dp in [(1, 1), (2, 1), (1, 2), (2, 2)]}
+    # and with sequence parallel + loss parallel
+    runs["(2,2)+sp+lp"] = world(4).run(_train_body, 2, 2, 2, sequence_parallel=True, loss_parallel=True)[0]
     base = runs[(1, 1)]
     assert len(base) == 10 and base[-1] < base[0]
     for mesh, losses in runs.items():
@@ -61,7 +63,8 @@ def _torchrun(recipe, nproc, *flags, tmp_path):
     return [json.loads(line) for line in log.read_text().splitlines()], done.stdout
 
 
-@pytest.mark.parametrize("recipe,nproc,flags", [("hybrid.py", 4, []), ("dp.py", 2, ["--grad-accum", "2"])])
+@pytest.mark.parametrize("recipe,nproc,flags", [("hybrid.py", 4, []), ("dp.py", 2, ["--grad-accum", "2"]),
+                                                 ("tp.py", 2, ["--sequence-parallel", "--loss-parallel"])])
 def test_recipe_trains_end_to_end_under_torchrun(recipe, nproc, flags, tmp_path):
     records, stdout = _torchrun(recipe, nproc, *flags, tmp_path=tmp_path)
     assert [r["step"] for r in records] == list(range(8))

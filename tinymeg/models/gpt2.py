@@ -89,6 +89,15 @@ def linear_pre_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     return F.linear(x, linear.weight), linear.bias
 
 
+def lm_head_loss(head: nn.Module, x: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean cross-entropy of head(x)[..., :vocab_size] against targets (-1 ignored), by the fused
+    tinymeg::linear_cross_entropy. A module that stands in for nn.Linear (tinymeg.nn's
+    vocab-sharded head) provides forward_loss."""
+    if hasattr(head, "forward_loss"):
+        return head.forward_loss(x, targets, vocab_size, ignore_index=-1)
+    return linear_cross_entropy(x, head.weight, targets, vocab_size, ignore_index=-1)
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -147,10 +156,9 @@ class GPT2Model(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
 
         Targets equal to -1 are ignored in the loss. ``return_logits=False`` (with targets)
-        returns ``(None, loss)``: with a plain lm_head the loss then comes from the fused
-        tinymeg::linear_cross_entropy, which never holds the (B*T, vocab) logits at once (the
-        training step's memory peak); it is 0, not NaN, when every target is ignored. A head
-        whose weight is not whole here (tensor parallel) still computes the gathered logits.
+        returns ``(None, loss)`` computed by ``lm_head_loss``, which never holds the
+        (B*T, vocab) logits at once (the training step's memory peak) and gives 0, not NaN,
+        when every target is ignored.
         """
         if not return_logits and targets is None:
             raise ValueError("return_logits=False returns only the loss, so it needs targets")
@@ -162,24 +170,29 @@ class GPT2Model(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        if not return_logits and type(self.lm_head) is nn.Linear:
-            return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size,
-                                              ignore_index=-1)
+        if not return_logits:
+            return None, lm_head_loss(self.lm_head, x, targets, self.config.vocab_size)
         logits = self.lm_head(x)
         if logits.size(-1) != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # padded rows are not tokens
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return (logits if return_logits else None), loss
+        return logits, loss
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 context_multiple: int = 1) -> torch.Tensor:
         """Sample max_new_tokens after idx (B, T). Pass the same generator state on every
-        rank of a TP group so that all ranks draw the same tokens."""
+        rank of a TP group so that all ranks draw the same tokens. The context fed to the
+        model is cropped to a multiple of context_multiple tokens (sequence parallelism needs
+        a length divisible by the TP size); idx must hold at least that many."""
+        if idx.size(1) < context_multiple:
+            raise ValueError(f"the prompt needs at least {context_multiple} tokens, got {idx.size(1)}")
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
+            n = min(idx.size(1), self.config.block_size)
+            logits, _ = self(idx[:, -(n - n % context_multiple):])
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]

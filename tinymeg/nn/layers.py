@@ -14,6 +14,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from ..ops import LayerNorm as FusedLayerNorm
 from ..ops import layer_norm
 from .functional import copy_to_tp, gather_from_tp, gather_seq, reduce_from_tp, reduce_scatter_seq
+from .loss_parallel import vocab_parallel_cross_entropy
 
 
 def local(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -50,6 +51,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight, self.bias = weight, bias
         self.mesh, self.gather_output = mesh, gather_output
         self.sequence_parallel = False
+        self.loss_parallel = False  # forward_loss keeps the logits vocab-sharded
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @classmethod
@@ -72,6 +74,18 @@ class ColumnParallelLinear(nn.Module):
         if self.gather_output:
             return self(x), None
         return F.linear(self._enter(x), local(self.weight)), local(self.bias)
+
+    def forward_loss(self, x: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                     ignore_index: int = -1) -> torch.Tensor:
+        """Mean cross-entropy of self(x)[..., :vocab_size] (an LM head). With loss_parallel the
+        logits stay sharded over the vocabulary (tinymeg.nn.loss_parallel); otherwise they are
+        gathered, as forward does."""
+        if not self.loss_parallel:
+            logits = self(x)[..., :vocab_size]
+            return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
+        vocab_start = self.mesh.get_local_rank() * (self.out_features // self.mesh.size())
+        return vocab_parallel_cross_entropy(self._enter(x), local(self.weight), targets, vocab_start,
+                                            vocab_size, self.mesh, ignore_index)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, tp={self.mesh.size()}, "

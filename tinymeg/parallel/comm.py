@@ -71,27 +71,31 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def comm_report(model, idx: torch.Tensor, targets: torch.Tensor, ctx) -> Counter:
+def comm_report(model, idx: torch.Tensor, targets: torch.Tensor, ctx, **forward_kwargs) -> Counter:
     """Collectives of one forward + backward (including DP's gradient sync): a Counter of
-    Collective -> count."""
+    Collective -> count. forward_kwargs go to the model (GPT2Model: return_logits=False is
+    the training step's loss path)."""
     dims = {ctx.mesh[d].get_group().group_name: d for d in ("tp", "dp")}
     counter = CommCounter(dims)
     with counter:
-        loss = model(idx, targets)[1]
+        loss = model(idx, targets, **forward_kwargs)[1]
         counter.phase = "backward"
         loss.backward()
     return Counter(counter.records)
 
 
-def expected_gpt2_comm(model, batch: int, seq: int, ctx, sequence_parallel: bool = False) -> Counter:
+def expected_gpt2_comm(model, batch: int, seq: int, ctx, sequence_parallel: bool = False,
+                       loss_parallel: bool = False) -> Counter:
     """The minimum collectives of one forward + backward of tinymeg's GPT-2 (fp32).
 
     Per block, TP: 2 all-reduces of B*T*C forward (after attn.c_proj, mlp.c_proj) and 2
     backward (before c_attn, c_fc). SP: each becomes an all-gather + reduce-scatter pair of
     the same bytes, and the gradients of parameters that saw only this rank's tokens (norms,
     row biases) are all-reduced. Embedding: one all-reduce forward; lm_head: an all-gather of
-    the logits forward and an all-reduce of its input's gradient backward. DP: one all-reduce
-    per bucket, together exactly the gradient bytes this rank holds.
+    the logits forward (loss-parallel: instead, an all-reduce of each token's max and one of
+    its sum-exp and target logit, B*T and 2*B*T floats) and an all-reduce of its input's
+    gradient backward. DP: one all-reduce per bucket, together exactly the gradient bytes
+    this rank holds.
     """
     cfg, tp = model.config, ctx.tp_size
     act = batch * seq * cfg.n_embd * 4
@@ -99,7 +103,11 @@ def expected_gpt2_comm(model, batch: int, seq: int, ctx, sequence_parallel: bool
     L, want = cfg.n_layer, Counter()
     if tp > 1:
         want[Collective("forward", "all_reduce", "tp", tp, act)] += 1                  # vocab-parallel wte
-        want[Collective("forward", "all_gather", "tp", tp, logits)] += 1               # lm_head logits
+        if loss_parallel:
+            want[Collective("forward", "all_reduce", "tp", tp, batch * seq * 4)] += 1      # max
+            want[Collective("forward", "all_reduce", "tp", tp, 2 * batch * seq * 4)] += 1  # sum-exp, target
+        else:
+            want[Collective("forward", "all_gather", "tp", tp, logits)] += 1           # lm_head logits
         if not sequence_parallel:
             want[Collective("forward", "all_reduce", "tp", tp, act)] += 2 * L
             want[Collective("backward", "all_reduce", "tp", tp, act)] += 2 * L + 1     # + lm_head input

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from ..context import ParallelContext
 from ..nn.functional import split_seq
@@ -64,6 +64,15 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
 
     if (tp_config or {}).get("sequence_parallel"):
         _apply_sequence_parallel(model, mesh, tp_config.get("sequence_parallel_entry"))
+    if (tp_config or {}).get("loss_parallel"):
+        # The LM head: a column-parallel layer that gathers its output, with plain row shards.
+        heads = [m for m in model.modules() if isinstance(m, ColumnParallelLinear) and m.gather_output
+                 and m.weight.placements == (Shard(0),)]
+        if not heads:
+            raise ValueError("loss_parallel needs a vocab-sharded LM head: a Linear tied to a "
+                             "VocabParallel embedding, or one planned as ColumnParallel(gather_output=True)")
+        for head in heads:
+            head.loss_parallel = True
     return model
 
 

@@ -37,6 +37,10 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     add("--compile", action=argparse.BooleanOptionalAction, default=base.compile, help="torch.compile the model")
     add("--device", default=base.device, choices=["auto", "cpu", "cuda"])
     add("--sample-tokens", type=int, default=base.sample_tokens)
+    add("--sequence-parallel", action=argparse.BooleanOptionalAction, default=base.sequence_parallel,
+        help="with --tp > 1: shard activations on the sequence dim outside TP regions")
+    add("--loss-parallel", action=argparse.BooleanOptionalAction, default=base.loss_parallel,
+        help="with --tp > 1: compute the loss from vocab-sharded logits")
     add("--bucket-mb", type=float, default=base.bucket_mb, help="DP all-reduce bucket size")
     add("--timeout-s", type=float, default=base.timeout_s,
         help="collective timeout in seconds: a dead or stuck peer becomes an error after this long")

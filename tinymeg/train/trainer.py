@@ -14,7 +14,8 @@ from tqdm import tqdm
 from ..context import ParallelContext
 from ..data import get_batch, load_corpus
 from ..models import GPT2Model, GPTConfig
-from ..parallel import apply_data_parallel, apply_tensor_parallel
+from ..ops import synchronized
+from ..parallel import GPT2_TP_CONFIG, apply_data_parallel, apply_tensor_parallel
 from .checkpoint import Checkpointer, maybe_inject_fault
 from .optim import build_optimizer, clip_grad_norm_, lr_at
 
@@ -46,6 +47,8 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda
     sample_tokens: int = 200       # 0: no sample at the end
     bucket_mb: float = 25.0
+    sequence_parallel: bool = False  # tp > 1: shard activations on the sequence outside TP regions
+    loss_parallel: bool = False      # tp > 1: keep the logits vocab-sharded in the loss
     progress: bool = True          # tqdm bar on rank 0
     timeout_s: float = 600.0       # collective timeout: a dead peer is an error after this long
     # Checkpoints (tinymeg/train/checkpoint.py): saved every ckpt_every steps and at the end.
@@ -74,7 +77,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> GPT2
     model = GPT2Model(GPTConfig(block_size=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer,
                                 n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)).to(ctx.device)
     if ctx.tp_size > 1:  # at tp=1 plain tensors are cheaper than 1-rank DTensors
-        model = apply_tensor_parallel(model, ctx)
+        model = apply_tensor_parallel(model, ctx, {**GPT2_TP_CONFIG, "sequence_parallel": cfg.sequence_parallel,
+                                                   "loss_parallel": cfg.loss_parallel})
     return apply_data_parallel(model, ctx, cfg.bucket_mb)
 
 
@@ -86,7 +90,7 @@ def evaluate(model, tokens: torch.Tensor, cfg: TrainConfig, ctx: ParallelContext
     for i in range(cfg.eval_iters):
         x, y = get_batch(tokens, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed + 1,
                          step=i, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
-        total += model(x.to(ctx.device), y.to(ctx.device))[1]
+        total += model(x.to(ctx.device), y.to(ctx.device), return_logits=False)[1]
     model.train()
     return _dp_mean(total / cfg.eval_iters, ctx)
 
@@ -132,8 +136,10 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
                              step=step, micro_step=micro, grad_accum=cfg.grad_accum,
                              dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
             last = micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if last else model.no_sync():  # one all-reduce per step
-                loss = step_fn(x.to(ctx.device), y.to(ctx.device))[1]
+            # one gradient all-reduce per step; the first step tunes kernels, the same on all ranks
+            with (contextlib.nullcontext() if last else model.no_sync(),
+                  synchronized() if step == start_step else contextlib.nullcontext()):
+                loss = step_fn(x.to(ctx.device), y.to(ctx.device), return_logits=False)[1]
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
@@ -175,8 +181,10 @@ def generate_sample(model, tokenizer, cfg: TrainConfig, ctx: ParallelContext) ->
     if tokenizer is None:
         return None
     model.eval()
-    prompt = torch.tensor([tokenizer.encode("\n")], device=ctx.device)
+    multiple = ctx.tp_size if cfg.sequence_parallel else 1  # SP splits the context over tp ranks
+    prompt = torch.tensor([tokenizer.encode("\n") * multiple], device=ctx.device)
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
-    out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50, generator=gen)
+    out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50, generator=gen,
+                         context_multiple=multiple)
     model.train()
     return tokenizer.decode(out[0].tolist())

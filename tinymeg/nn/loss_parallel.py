@@ -1,0 +1,70 @@
+"""Loss-parallel cross-entropy: the LM head's logits stay sharded over the vocabulary.
+
+Each TP rank holds rows [vocab_start, vocab_start + V/tp) of the head's weight and computes
+only those logits, (N, V/tp). The loss needs three numbers per token from all shards (the
+max, the sum of exp and the target's logit): they are combined with two all-reduces of
+N-sized tensors (a MAX, then a SUM of the rescaled sum-exp and target logit stacked), built
+from the same pieces as tinymeg::linear_cross_entropy (chunk_stats, chunk_grad_). The
+gradients are computed in the same pass: d logits = softmax - onehot on the local shard,
+whence this rank's slice of the weight gradient and a partial gradient of the hidden
+states, which the caller's copy_to_tp / gather_seq reduces over TP in backward (the
+all-reduce of the head's input gradient that TP has anyway). No rank ever holds (N, V).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh
+
+from ..ops.cross_entropy import chunk_grad_, chunk_stats
+
+
+def _all_reduce(x: torch.Tensor, op: str, mesh: DeviceMesh) -> torch.Tensor:
+    out = funcol.all_reduce(x, op, mesh)
+    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, vocab_start, vocab_size, ignore_index, mesh):
+        # Rows of this shard that are real tokens: padding rows (past vocab_size) take no part.
+        real = max(0, min(weight.shape[0], vocab_size - vocab_start))
+        w = weight[:real].float()
+        logits = hidden.float() @ w.T                                    # (N, real): 1/tp of the logits
+        if real:
+            row_max, sum_exp, target_logit = chunk_stats(logits, targets, vocab_start)
+        else:  # a shard made only of padding
+            row_max = torch.full(targets.shape, float("-inf"), device=hidden.device)
+            sum_exp = target_logit = torch.zeros(targets.shape, device=hidden.device)
+        global_max = _all_reduce(row_max, "max", mesh)
+        local = torch.stack([sum_exp * (row_max - global_max).exp(), target_logit])
+        sum_exp, target_logit = _all_reduce(local, "sum", mesh)
+        lse = global_max + sum_exp.log()
+        valid = targets != ignore_index
+        row_scale = valid.float() / valid.sum().clamp(min=1)             # mean over counted targets
+        loss = ((lse - target_logit) * row_scale).sum()
+
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if real:
+            dlogits = chunk_grad_(logits, lse, targets, row_scale, vocab_start)
+            grad_hidden = dlogits @ w                                    # partial: this shard's share
+            grad_weight[:real] = dlogits.T @ hidden.float()
+        else:
+            grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 vocab_start: int, vocab_size: int, mesh: DeviceMesh,
+                                 ignore_index: int = -1) -> torch.Tensor:
+    """Mean cross-entropy of hidden (..., C) against a vocab-sharded head: weight is this
+    rank's (V/tp, C) slice, starting at vocab id vocab_start; hidden must be the same on
+    every TP rank. Targets equal to ignore_index count for nothing (all ignored: 0)."""
+    return _VocabParallelCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                            targets.reshape(-1), vocab_start, vocab_size, ignore_index, mesh)
