@@ -71,3 +71,17 @@ def _tp_compile_body():
 
 def test_compile_tensor_parallel_model():
     world(2).run(_tp_compile_body)
+
+
+def _hybrid_compile_body():
+    ctx = get_ctx(dp=2, tp=2)
+    torch.manual_seed(0)
+    cfg = tm.models.GPTConfig.tiny(n_layer=1)
+    plan = {**tm.GPT2_TP_CONFIG, "sequence_parallel": True, "loss_parallel": True}
+    model = tm.apply_hybrid_parallel(tm.models.GPT2Model(cfg), ctx, plan)
+    idx, targets = _batch(cfg, seed=ctx.dp_rank)  # dp ranks see different data
+    check_compiled_matches_eager(model, idx, targets, return_logits=False)
+
+
+def test_compile_hybrid_tp_dp_model_with_sequence_and_loss_parallel():
+    world(4).run(_hybrid_compile_body)
