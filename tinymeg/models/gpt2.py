@@ -83,9 +83,12 @@ class CausalSelfAttention(nn.Module):
 
 def linear_pre_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x W^T, b) for a Linear, leaving the bias add to the caller's next (fused) op. A module
-    that stands in for nn.Linear (tinymeg.nn's parallel ones) provides forward_pre_bias."""
+    that stands in for nn.Linear (tinymeg.nn's parallel ones) provides forward_pre_bias; one
+    whose forward is wrapped by hooks (torch's parallelize_module) is called whole."""
     if hasattr(linear, "forward_pre_bias"):
         return linear.forward_pre_bias(x)
+    if linear._forward_hooks or linear._forward_pre_hooks:
+        return linear(x), None
     return F.linear(x, linear.weight), linear.bias
 
 
