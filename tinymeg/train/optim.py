@@ -18,7 +18,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps,
+                             foreach=True)  # torch defaults to a per-tensor loop on CPU: slow with DTensors
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
