@@ -1,7 +1,8 @@
 """The main job: 2D TP x DP on 4 ranks. `torchrun --nproc_per_node=4 recipes/hybrid.py`
 
-Its defaults train a small character-level GPT on the shipped Shakespeare in about five
-minutes on a 2-core CPU (gloo), printing falling train/val loss and ending with a sample.
+Its defaults train a small character-level GPT on the shipped Shakespeare in about six
+minutes on a 2-core CPU (gloo), to a validation loss of about 1.88, printing falling train/val
+loss and ending with a sample.
 """
 from tinymeg.train.cli import main
 
