@@ -32,8 +32,8 @@ def _wait(t: torch.Tensor) -> torch.Tensor:
     return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
 
 
-def all_reduce(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-    return _wait(funcol.all_reduce(x.contiguous(), "sum", mesh))
+def all_reduce(x: torch.Tensor, mesh: DeviceMesh, op: str = "sum") -> torch.Tensor:
+    return _wait(funcol.all_reduce(x.contiguous(), op, mesh))
 
 
 def all_gather(x: torch.Tensor, mesh: DeviceMesh, dim: int) -> torch.Tensor:

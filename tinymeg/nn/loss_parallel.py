@@ -13,15 +13,10 @@ all-reduce of the head's input gradient that TP has anyway). No rank ever holds 
 from __future__ import annotations
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..ops.cross_entropy import chunk_grad_, chunk_stats
-
-
-def _all_reduce(x: torch.Tensor, op: str, mesh: DeviceMesh) -> torch.Tensor:
-    out = funcol.all_reduce(x, op, mesh)
-    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
+from .functional import all_reduce
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -36,9 +31,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         else:  # a shard made only of padding
             row_max = torch.full(targets.shape, float("-inf"), device=hidden.device)
             sum_exp = target_logit = torch.zeros(targets.shape, device=hidden.device)
-        global_max = _all_reduce(row_max, "max", mesh)
+        global_max = all_reduce(row_max, mesh, "max")
         local = torch.stack([sum_exp * (row_max - global_max).exp(), target_logit])
-        sum_exp, target_logit = _all_reduce(local, "sum", mesh)
+        sum_exp, target_logit = all_reduce(local, mesh)
         lse = global_max + sum_exp.log()
         valid = targets != ignore_index
         row_scale = valid.float() / valid.sum().clamp(min=1)             # mean over counted targets
