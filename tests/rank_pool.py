@@ -11,19 +11,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import sys
 import traceback
 from datetime import timedelta
 
+from tinymeg.context import _free_port  # one home for "a free local port"
+
 COLLECTIVE_TIMEOUT_S = 60
 TEST_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, tasks, results, path):

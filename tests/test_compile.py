@@ -9,16 +9,12 @@ Tolerance: inductor fuses and reorders float32 arithmetic in the ops it generate
 differ from eager by reassociation only; atol=rtol=1e-5 as in the TP tests.
 """
 import torch
-from torch.distributed.tensor import DTensor
 
 import tinymeg as tm
 from rank_pool import get_ctx, world
+from tinymeg.nn import local as _local
 
 ATOL = RTOL = 1e-5
-
-
-def _local(t):
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _step(fn, model, idx, targets, return_logits):
