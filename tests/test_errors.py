@@ -16,9 +16,13 @@ def _raises(fn, exc, match):
 
 
 def _context_errors_body():
-    _raises(lambda: tm.ParallelContext(tp=4), ValueError, r"tp=4 = 4 ranks, but the world has 2 processes")
+    _raises(lambda: tm.ParallelContext(tp=4), ValueError, r"cannot infer dp: the world has 2 processes, "
+            r"which pp=1 x cp=1 x tp=4 = 4 does not divide")
+    _raises(lambda: tm.ParallelContext(tp=4, dp=1), ValueError, r"tp=4 = 4 ranks, but the world has 2 processes")
     _raises(lambda: tm.ParallelContext({"tp": 2, "dp": 2}), ValueError, r"world has 2 processes")
-    _raises(lambda: tm.ParallelContext(pp=2), ValueError, r"unknown mesh dim 'pp'")
+    _raises(lambda: tm.ParallelContext(zp=2), ValueError, r"unknown mesh dim 'zp'")
+    _raises(lambda: tm.ParallelContext(ep=2, dp=1, tp=2), ValueError, r"ep=2 must divide dp=1")
+    _raises(lambda: tm.ParallelContext(dp=-2), ValueError, r"'dp' must be an integer >= 1 \(or -1")
     _raises(lambda: tm.ParallelContext(tp=0, dp=2), ValueError, r"'tp' must be an integer >= 1")
     _raises(lambda: tm.ParallelContext({"tp": 2}, tp=2), ValueError, r"given twice")
 
@@ -100,3 +104,43 @@ def test_pattern_matching_rules():
     assert not matches("attn.c_attn", "transformer.h.3.xattn.c_attn")  # dot boundary
     assert matches("h.*.mlp.c_fc", "transformer.h.11.mlp.c_fc")
     assert not matches("c_fc", "transformer.h.0.mlp.c_fc_extra")
+
+
+def _context_nd_body(dims):
+    import torch.distributed as dist
+    ctx = tm.ParallelContext(dims)
+    # every view's group holds the ranks its mesh says, in the world mesh's (pp, dp, cp, tp) layout
+    views = {"pp": ctx.mesh["pp"], "dp": ctx.mesh["dp"], "cp": ctx.mesh["cp"], "tp": ctx.mesh["tp"],
+             "dp_cp": ctx.dp_cp_mesh, "ep": ctx.ep_mesh, "edp": ctx.edp_mesh}
+    out = {}
+    for name, mesh in views.items():
+        ranks = torch.tensor([float(ctx.rank)])
+        gathered = [torch.zeros(1) for _ in range(mesh.size())]
+        dist.all_gather(gathered, ranks, group=mesh.get_group())
+        out[name] = [int(t) for t in gathered]
+    return ctx.sizes, out
+
+
+def test_parallel_context_nd_layout():
+    """4 ranks as (dp=2, ep=2, tp=1) and (cp=2, tp=2): dp inferred, ep carved out of dp,
+    dp_cp the flattened data-parallel ranks; every view's group has the ranks of its row."""
+    res = world(4).run(_context_nd_body, {"ep": 2})
+    sizes, views = res[0]
+    assert sizes == {"pp": 1, "dp": 4, "ep": 2, "cp": 1, "tp": 1}
+    assert [r[1]["ep"] for r in res] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r[1]["edp"] for r in res] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [r[1]["dp_cp"] for r in res] == [[0, 1, 2, 3]] * 4
+    res = world(4).run(_context_nd_body, {"cp": 2, "tp": 2})
+    assert res[0][0] == {"pp": 1, "dp": 1, "ep": 1, "cp": 2, "tp": 2}
+    assert [r[1]["tp"] for r in res] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r[1]["cp"] for r in res] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [r[1]["dp_cp"] for r in res] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+
+
+@pytest.mark.parametrize("dims,world_size,want", [
+    ({}, 4, {"dp": 4}), ({"tp": 2}, 4, {"dp": 2, "tp": 2}), ({"pp": 2, "tp": 2}, 8, {"pp": 2, "dp": 2, "tp": 2}),
+    ({"dp": -1, "cp": 2}, 2, {"dp": 1, "cp": 2}), ({"dp": 4, "ep": 4}, 4, {"dp": 4, "ep": 4}),
+])
+def test_mesh_sizes_infer_dp_from_the_world(dims, world_size, want):
+    from tinymeg.context import resolve_sizes
+    assert resolve_sizes(dims, world_size) == {**{d: 1 for d in ("pp", "dp", "ep", "cp", "tp")}, **want}

@@ -349,7 +349,7 @@ def save(ckpt_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Opti
     if ctx.is_main:
         files = {os.path.relpath(os.path.join(root, n), tmp): os.path.getsize(os.path.join(root, n))
                  for root, _, names in os.walk(tmp) for n in names}
-        record = {"format": FORMAT, "step": step, "mesh": {"dp": ctx.dp_size, "tp": ctx.tp_size},
+        record = {"format": FORMAT, "step": step, "mesh": dict(ctx.sizes),
                   "world_size": ctx.world_size, "torch": torch.__version__, "saved_at": time.time(),
                   "model_config": _model_config(model), **(meta or {}),
                   "stacked": _stacked_counts(model), "tied": _tied(model), "param_shapes": _shapes(model),
@@ -376,7 +376,7 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, ctx, see
         raise RuntimeError(f"could not load checkpoint {path!r} (damaged?): {e}") from e
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
-    if (meta["mesh"]["dp"], meta["mesh"]["tp"]) == (ctx.dp_size, ctx.tp_size):
+    if {**{d: 1 for d in ctx.sizes}, **meta["mesh"]} == ctx.sizes:  # the same mesh: the same ranks
         with open(os.path.join(path, "rng", f"rank_{ctx.rank:05d}.pt"), "rb") as f:
             _set_rng_state(torch.load(f, weights_only=False), ctx.device)  # our own pickle
     else:
