@@ -80,7 +80,7 @@ def check_seq_len(seq_len: int, cp: int, tp_seq: int = 1) -> None:
     if seq_len % (2 * cp):
         raise ValueError(
             f"context parallelism cuts each sequence into 2 x cp = {2 * cp} equal chunks, but the "
-            f"sequence length is {seq_len}: use a multiple of {2 * cp} (e.g. {2 * cp * max(1, seq_len // (2 * cp))})")
+            f"sequence length is {seq_len}: use a multiple of {2 * cp}")
     if (seq_len // cp) % tp_seq:
         multiple = cp * math.lcm(2, tp_seq)
         raise ValueError(
