@@ -156,6 +156,28 @@ def test_cp_with_tp_sp_dp_equals_one_process(mesh, chunk, seed, ignored):
     world(4).run(_gpt2_body, dims, sp_lp, chunk, seed, ignored)
 
 
+def _logits_backward_body():
+    """A loss computed from the gathered logits (not the model's own): their backward keeps each
+    rank's rows, scaled for DP's average over cp, and the gradients are the unsharded ones."""
+    ctx = get_ctx(cp=2)
+    cfg = tm.models.GPTConfig.tiny(block_size=8)
+    torch.manual_seed(0)
+    ref = tm.models.GPT2Model(cfg)
+    torch.manual_seed(0)
+    model = tm.parallelize(tm.models.GPT2Model(cfg), ctx)
+    x, _ = _batch(cfg, 2, 8, 0, ignored=0)
+    weights = torch.randn(2, 8, cfg.vocab_size, generator=torch.Generator().manual_seed(1))
+    for m in (ref, model):
+        (m(x)[0] * weights).sum().backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close(p.grad, ref_params[name].grad, f"grad of {name} through the logits")
+
+
+def test_gradients_through_gathered_logits_equal_unsharded():
+    world(2).run(_logits_backward_body)
+
+
 def _compile_body():
     ctx = get_ctx(cp=2)
     cfg = tm.models.GPTConfig.tiny(n_layer=1, block_size=16)
