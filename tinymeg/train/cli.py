@@ -14,7 +14,7 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     p = argparse.ArgumentParser(description="Train a GPT-2 with tinymeg (launch with torchrun).")
     add = p.add_argument
     add("--tp", type=int, default=base.tp, help="tensor-parallel size")
-    add("--dp", type=int, default=base.dp, help="data-parallel size; tp*dp must equal the world size")
+    add("--dp", type=int, default=base.dp, help="data-parallel size; tp*dp*cp must equal the world size")
     add("--cp", type=int, default=base.cp,
         help="context-parallel size: each sequence split over cp ranks (--seq-len a multiple of 2*cp); "
              "tp*dp*cp must equal the world size")
