@@ -219,12 +219,20 @@ def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, group_name: str, scale: f
         block_out, block_lse = _block_forward(block, q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
                                               False, scale)
         _merge_(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
-    return out.to(q.dtype).contiguous(), lse.contiguous()
+    return _sdpa_layout(q).copy_(out), lse.contiguous()
+
+
+def _sdpa_layout(q: Tensor) -> Tensor:
+    """An empty (B, H, T, D) tensor stored as (B, T, H, D), the layout SDPA returns: attention's
+    y.transpose(1, 2).reshape(B, T, C) is then a view, so the output projection saves the same
+    storage that ring attention saves for backward, not a copy of it."""
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2)
 
 
 @ring_attention_op.register_fake
 def _(q, k, v, group_name, scale, block):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return _sdpa_layout(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("tinymeg::ring_attention_backward", mutates_args=())
@@ -235,7 +243,6 @@ def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
     group = dist.distributed_c10d._resolve_process_group(group_name)
     n, rank, half = group.size(), group.rank(), q.size(2) // 2
     block = _resolve_block(block, q.device)
-    dout = dout.contiguous()
     kv = torch.stack([k, v])
     incoming = _Shift(kv, group, "backward") if n > 1 else None
     dq, dk, dv = _block_backward(block, dout, q, k, v, out, lse, True, scale)   # hop 0: our own
