@@ -68,6 +68,9 @@ def _ring_op_body(cp, B, H, chunk, D, seed, block):
     out = ring_attention(ql, kl, vl, ctx.mesh["cp"], block)
     out.backward(dout[:, :, mine])
     assert_close(out, want[:, :, mine], "ring attention output")
+    # SDPA's layout, (B, T, H, D) in memory: attention's transpose + reshape is then a view, so
+    # c_proj saves the storage ring attention saves, not a copy (activations exactly 1/cp)
+    assert out.transpose(1, 2).is_contiguous(), out.stride()
     for name, local, full in (("dq", ql, q), ("dk", kl, k), ("dv", vl, v)):
         assert_close(local.grad, full.grad[:, :, mine], name)
     kv_bytes = 2 * B * H * (T // cp) * D * 4
