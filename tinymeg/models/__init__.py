@@ -1,3 +1,3 @@
-from .gpt2 import GPT2Model, GPTConfig
+from .gpt2 import CausalAttention, GPT2Model, GPTConfig
 
-__all__ = ["GPT2Model", "GPTConfig"]
+__all__ = ["GPT2Model", "GPTConfig", "CausalAttention"]

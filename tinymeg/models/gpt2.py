@@ -2,9 +2,11 @@
 
 There is no parallel logic here: tinymeg.parallel shards this model from the outside.
 The only concessions are that attention reads its head count from the width it is given,
-so the same code runs on a rank that holds only some of the heads, and that the MLP asks its
+so the same code runs on a rank that holds only some of the heads, that the MLP asks its
 first Linear for the product without the bias (``linear_pre_bias``), so that the bias add fuses
-into the GELU whatever module (plain or tensor-parallel) holds the weight.
+into the GELU whatever module (plain or tensor-parallel) holds the weight, and that the step of
+attention that mixes tokens is a module of its own (``CausalAttention``), which context
+parallelism swaps for ring attention.
 
 LayerNorm, bias + GELU and the loss run on tinymeg's fused ops (tinymeg.ops); parameter names
 and state_dict keys are nn.LayerNorm's and nn.Linear's.
@@ -56,6 +58,20 @@ class GPTConfig:
         return cls(**{**dict(block_size=32, vocab_size=65, n_layer=2, n_head=4, n_embd=32), **kw})
 
 
+class CausalAttention(nn.Module):
+    """softmax(q k^T / sqrt(head_dim), causal) v over (B, heads, T, head_dim): the one step of
+    attention that mixes tokens. A module of its own, with no parameters, so that context
+    parallelism can swap in ring attention from the outside, as tensor parallelism swaps Linears."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -66,7 +82,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_attn.output_chunks = 3
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = config.dropout
+        self.core_attention = CausalAttention(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,8 +91,7 @@ class CausalSelfAttention(nn.Module):
         width = qkv.size(-1) // 3                # all heads, or this rank's heads under TP
         q, k, v = (t.view(B, T, width // self.head_dim, self.head_dim).transpose(1, 2)
                    for t in qkv.split(width, dim=-1))
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = self.core_attention(q, k, v)
         y = y.transpose(1, 2).reshape(B, T, width)
         return self.resid_dropout(self.c_proj(y))
 

@@ -135,7 +135,8 @@ class DataParallelMixin:
 
 def apply_data_parallel(model: nn.Module, ctx: ParallelContext,
                         bucket_mb: float = DEFAULT_BUCKET_MB) -> nn.Module:
-    """Average gradients over ``ctx.mesh["dp"]`` with bucketed, overlapped all-reduces.
+    """Average gradients over ``ctx.dp_cp_mesh`` (dp, and cp: context-parallel ranks hold the
+    same weights and see other tokens) with bucketed, overlapped all-reduces.
 
     Parameters and buffers are broadcast from dp-rank 0 first, so replicas start identical.
     """
@@ -143,16 +144,18 @@ def apply_data_parallel(model: nn.Module, ctx: ParallelContext,
         raise ValueError("data parallelism was already applied to this model; apply it once")
     if bucket_mb <= 0:
         raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
-    group = ctx.mesh["dp"].get_group()
+    # context-par: reduce over dp x cp, not dp alone (branch dp-zero does the same on its rewrite).
+    mesh = ctx.dp_cp_mesh
+    group, size = mesh.get_group(), mesh.size()
     params = [p for p in model.parameters() if p.requires_grad]
-    if ctx.dp_size > 1:
+    if size > 1:
         with torch.no_grad():
             for t in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(_local(t), group=group, group_src=0)
 
-    sync = GradSync(group, ctx.dp_size, _make_buckets(params, int(bucket_mb * 2**20)))
+    sync = GradSync(group, size, _make_buckets(params, int(bucket_mb * 2**20)))
     sync._bucket_of = {id(p): i for i, b in enumerate(sync.buckets) for p in b.params}
-    if ctx.dp_size > 1:
+    if size > 1:
         for p in params:
             p.register_post_accumulate_grad_hook(sync.on_grad_ready)
     model.grad_sync = sync

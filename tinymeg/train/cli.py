@@ -14,7 +14,10 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     p = argparse.ArgumentParser(description="Train a GPT-2 with tinymeg (launch with torchrun).")
     add = p.add_argument
     add("--tp", type=int, default=base.tp, help="tensor-parallel size")
-    add("--dp", type=int, default=base.dp, help="data-parallel size; tp*dp must equal the world size")
+    add("--dp", type=int, default=base.dp, help="data-parallel size; tp*dp*cp must equal the world size")
+    add("--cp", type=int, default=base.cp,
+        help="context-parallel size: each sequence split over cp ranks (--seq-len a multiple of 2*cp); "
+             "tp*dp*cp must equal the world size")
     add("--steps", type=int, default=base.steps)
     add("--micro-batch", type=int, default=base.micro_batch, help="sequences per rank per micro-step")
     add("--grad-accum", type=int, default=base.grad_accum, help="micro-steps per optimizer step")
@@ -61,10 +64,15 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     args = p.parse_args(argv)
 
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.tp * args.dp != world:
-        p.error(f"--tp {args.tp} x --dp {args.dp} = {args.tp * args.dp} ranks, but torchrun started "
-                f"{world} process(es): pass --tp/--dp whose product is {world}, or launch with "
-                f"`torchrun --nproc_per_node={args.tp * args.dp}`")
+    ranks = args.tp * args.dp * args.cp
+    cp = f" x --cp {args.cp}" if args.cp != 1 else ""
+    if ranks != world:
+        p.error(f"--tp {args.tp} x --dp {args.dp}{cp} = {ranks} ranks, but torchrun started "
+                f"{world} process(es): pass --tp/--dp{'/--cp' if cp else ''} whose product is {world}, "
+                f"or launch with `torchrun --nproc_per_node={ranks}`")
+    if args.cp < 1 or args.seq_len % (2 * args.cp):
+        p.error(f"--cp {args.cp} cuts each sequence into 2 x cp chunks: --seq-len {args.seq_len} must be a "
+                f"multiple of {2 * args.cp}")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                          if hasattr(args, f.name)})
     try:

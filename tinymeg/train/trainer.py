@@ -15,7 +15,7 @@ from ..context import ParallelContext
 from ..data import get_batch, load_corpus
 from ..models import GPT2Model, GPTConfig
 from ..ops import synchronized
-from ..parallel import GPT2_TP_CONFIG, apply_data_parallel, apply_tensor_parallel
+from ..parallel import GPT2_TP_CONFIG, parallelize
 from .checkpoint import Checkpointer, maybe_inject_fault
 from .optim import build_optimizer, clip_grad_norm_, lr_at
 
@@ -24,6 +24,7 @@ from .optim import build_optimizer, clip_grad_norm_, lr_at
 class TrainConfig:
     tp: int = 1
     dp: int = 1
+    cp: int = 1                    # context parallel: each sequence split over cp ranks
     steps: int = 200
     micro_batch: int = 8
     grad_accum: int = 1
@@ -72,14 +73,13 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> GPT2Model:
-    """The same seed on every rank builds the same model; then shard it over the mesh."""
+    """The same seed on every rank builds the same model; then shard it over the mesh
+    (tm.parallelize applies every dim that is on, in order)."""
     torch.manual_seed(cfg.seed)
     model = GPT2Model(GPTConfig(block_size=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer,
                                 n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)).to(ctx.device)
-    if ctx.tp_size > 1:  # at tp=1 plain tensors are cheaper than 1-rank DTensors
-        model = apply_tensor_parallel(model, ctx, {**GPT2_TP_CONFIG, "sequence_parallel": cfg.sequence_parallel,
-                                                   "loss_parallel": cfg.loss_parallel})
-    return apply_data_parallel(model, ctx, cfg.bucket_mb)
+    return parallelize(model, ctx, GPT2_TP_CONFIG, sequence_parallel=cfg.sequence_parallel,
+                       loss_parallel=cfg.loss_parallel, bucket_mb=cfg.bucket_mb)
 
 
 @torch.no_grad()
@@ -107,10 +107,10 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     """Train as cfg says (resuming from a checkpoint if cfg says so). Returns the losses of the
     steps run here (from ``start_step``), the last val loss, throughput, the model and optimizer."""
     device_type = None if cfg.device == "auto" else cfg.device
-    ctx = ctx or ParallelContext(tp=cfg.tp, dp=cfg.dp, device_type=device_type, timeout=cfg.timeout_s)
-    if (ctx.tp_size, ctx.dp_size) != (cfg.tp, cfg.dp):
-        raise ValueError(f"config asks for tp={cfg.tp} dp={cfg.dp} but the context has "
-                         f"tp={ctx.tp_size} dp={ctx.dp_size}")
+    ctx = ctx or ParallelContext(tp=cfg.tp, dp=cfg.dp, cp=cfg.cp, device_type=device_type, timeout=cfg.timeout_s)
+    if (ctx.tp_size, ctx.dp_size, ctx.cp_size) != (cfg.tp, cfg.dp, cfg.cp):
+        raise ValueError(f"config asks for tp={cfg.tp} dp={cfg.dp} cp={cfg.cp} but the context has "
+                         f"tp={ctx.tp_size} dp={ctx.dp_size} cp={ctx.cp_size}")
     corpus = load_corpus(cfg.data, cfg.tokenizer)
     model = build_model(cfg, corpus.vocab_size, ctx)
     torch.manual_seed(cfg.seed + 1 + ctx.dp_rank)  # dropout: same on tp ranks, differs across dp

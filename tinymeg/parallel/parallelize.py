@@ -1,0 +1,63 @@
+"""``tm.parallelize``: every parallel dim applied to a plain model, in the one right order.
+
+A recipe builds the plain single-device model and calls ``parallelize(model, ctx)``; the mesh
+(``ctx``) says which dims are on. The order matters and lives only here:
+
+1. **pipeline** (pp): split the model into stages first, so every later step sees only this
+   stage's layers.
+2. **tensor** (tp, + sequence and loss parallel): swap Linears/Embeddings for sharded ones; the
+   parameters become DTensors on the tp mesh.
+3. **context** (cp): swap attention's core for ring attention and split the sequence; it reads
+   the TP model (sequence parallelism splits each cp rank's tokens again over tp).
+4. **experts** (ep): shard the experts over the ep ranks carved out of dp.
+5. **compile**: ``torch.compile`` the forward in place (``fullgraph=True``), after the modules
+   are final and before DP hooks into the parameters.
+6. **data** (dp, and cp for the weights): last, because it hooks the gradients of the final
+   parameters and averages them over dp x cp. Always applied (``no_sync`` then exists on
+   every mesh); with one data-parallel rank it communicates nothing.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..context import ParallelContext
+from .context_parallel import apply_context_parallel
+from .data_parallel import DEFAULT_BUCKET_MB, apply_data_parallel
+from .plan import GPT2_TP_CONFIG
+from .tensor_parallel import apply_tensor_parallel
+
+
+def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None, *,
+                sequence_parallel: bool = False, loss_parallel: bool = False,
+                bucket_mb: float = DEFAULT_BUCKET_MB, compile: bool = False,
+                cp_position_embedding: str | None = "wpe", cp_block: str = "auto") -> nn.Module:
+    """Apply every dim of ``ctx`` that is on to ``model`` (in place) and return it.
+
+    ``plan``: the tensor-parallel plan (either form of ``apply_tensor_parallel``; default
+    GPT-2's); ``sequence_parallel`` / ``loss_parallel`` switch those on in it (both need tp > 1
+    and are ignored at tp = 1, where there is nothing to shard). ``bucket_mb``: DP's all-reduce
+    buckets. ``compile``: ``torch.compile(fullgraph=True)`` the model's forward in place.
+    ``cp_position_embedding``, ``cp_block``: see ``apply_context_parallel``.
+    """
+    # 1. Pipeline parallelism: the lead wires in branch `pipeline`'s stage split here.
+    if ctx.pp_size > 1:
+        raise NotImplementedError(f"pp={ctx.pp_size}: pipeline parallelism is not part of parallelize "
+                                  f"yet on this branch; use pp=1")
+    # 2. Tensor parallelism (+ sequence parallel, loss parallel).
+    if ctx.tp_size > 1:  # at tp=1 plain tensors are cheaper than 1-rank DTensors
+        tp_config = dict(GPT2_TP_CONFIG if plan is None else plan)
+        tp_config["sequence_parallel"] = sequence_parallel or tp_config.get("sequence_parallel", False)
+        tp_config["loss_parallel"] = loss_parallel or tp_config.get("loss_parallel", False)
+        model = apply_tensor_parallel(model, ctx, tp_config)
+    # 3. Context parallelism.
+    if ctx.cp_size > 1:
+        model = apply_context_parallel(model, ctx, cp_position_embedding, cp_block)
+    # 4. Expert parallelism: the lead wires in branch `moe-ep`'s expert sharding here.
+    if ctx.ep_size > 1:
+        raise NotImplementedError(f"ep={ctx.ep_size}: expert parallelism is not part of parallelize "
+                                  f"yet on this branch; use ep=1")
+    # 5. Compile, in place: the module keeps its identity, class and state_dict keys.
+    if compile:
+        model.compile(fullgraph=True)
+    # 6. Data parallelism over dp x cp, last.
+    return apply_data_parallel(model, ctx, bucket_mb)
