@@ -13,10 +13,11 @@ from ..nn.layers import local as _local
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
                     betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with two groups: matrices and embeddings decay, biases and norms do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    """AdamW with two groups: matrices and embeddings decay, biases and norms do not (MoE
+    experts' biases are stacked into matrices: they are told apart by name)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2 and not n.endswith("bias")]
+    no_decay = [p for n, p in named if p.dim() < 2 or n.endswith("bias")]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps,
                              foreach=True)  # torch defaults to a per-tensor loop on CPU: slow with DTensors
