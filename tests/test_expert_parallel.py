@@ -6,8 +6,8 @@ Routing is discrete. Top-k keeps the k largest router probabilities, and another
 sums in another order (float reassociation, ~1e-7), so two probabilities closer than that
 could swap and send a token to another expert: an O(1) difference that is no bug. So every
 test watches, in the one-process model, each token's margin between its k-th and (k+1)-th
-probability; a micro-step with a margin under TIE (1e-5, 100x the noise) is a tie and the
-example is discarded (``hypothesis.assume``) before anything is compared. Above TIE the sharded
+probability (in router logits, which the softmax keeps in order); a micro-step with a margin
+under TIE (1e-5, 100x the noise) is a tie and the example is discarded (``hypothesis.assume``) before anything is compared. Above TIE the sharded
 model must route every token exactly as the reference does, or the outputs would differ by O(1).
 
 The aux losses are statistics of the global batch of one micro-step (every dp rank's tokens):
@@ -49,10 +49,12 @@ def _watch_routing(model) -> list:
 
 
 def _min_margin(router_logits: list, k: int) -> float:
+    """The smallest gap between a token's k-th and (k+1)-th router logit (the softmax keeps
+    their order; float noise on a logit is ~1e-7 of it)."""
     margins = [float("inf")]
     for logits in router_logits:
         if k < logits.shape[-1]:
-            top = logits.softmax(-1).topk(k + 1, dim=-1).values
+            top = logits.topk(k + 1, dim=-1).values
             margins.append((top[:, k - 1] - top[:, k]).min().item())
     return min(margins)
 
@@ -129,3 +131,67 @@ def test_moe_on_any_mesh_equals_one_process(mesh, experts_per_rank, k, moe_every
     out = world(dp * tp).run(_property_body, dp, ep, tp, sp, cfg_kw, accum, micro, seed)
     assume(out[0] != "tie")
     assert out == ["ok"] * (dp * tp)
+
+
+# ---- routing edge cases: steered so that the routing is known ----
+
+def steer(model):
+    """Route token t to expert t % 4 (then to the lowest other expert), by construction: one
+    block, attention's output and the position embedding zeroed, so ln_2 sees wte[t], a spike
+    on dim 8 (t % 4); router row e reads dim 8e (logit ~56 vs ~-1.8), and dim 31 separates the
+    other experts by 0.018 per expert (far above TIE)."""
+    with torch.no_grad():
+        block = model.transformer.h[0]
+        model.transformer.wpe.weight.zero_()
+        block.attn.c_proj.weight.zero_()
+        block.attn.c_proj.bias.zero_()
+        wte, router = model.transformer.wte.weight, block.mlp.router.weight
+        wte.zero_()
+        wte[torch.arange(wte.shape[0]), 8 * (torch.arange(wte.shape[0]) % 4)] = 3.0
+        router.zero_()
+        router[torch.arange(4), 8 * torch.arange(4)] = 10.0
+        router[:, 31] = 0.1 * torch.arange(4.0)
+
+
+def _tokens(classes, n=SEQ, offset=0):
+    """n token ids whose classes (id % 4) cycle through classes."""
+    return torch.tensor([4 * ((i + offset) % 16) + classes[i % len(classes)] for i in range(n)])
+
+
+def _steered_body(dp, ep, tp, sp, top_k, rank_classes):
+    """One step of the steered model; rank r's sequence holds tokens of classes rank_classes[r]."""
+    cfg = tm.models.GPTConfig.tiny(n_layer=1, n_experts=4, top_k=top_k, expert_hidden=32)
+    x = torch.stack([_tokens(c) for c in rank_classes])
+    y = torch.stack([_tokens(c, offset=3) for c in rank_classes])
+    # the steering does what it says: every token's first choice is its class
+    probe = tm.models.GPT2Model(cfg)
+    steer(probe)
+    seen = _watch_routing(probe)
+    probe(x, y)
+    assert torch.equal(seen[0].argmax(-1), x.flatten() % 4), "steering failed"
+    return moe_vs_reference(get_ctx(dp=dp, tp=tp, ep=ep), cfg, sp, accum=1, micro=1, seed=0, steps=1,
+                            steer=steer, batches=[(x, y)])
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_an_expert_that_gets_no_tokens_from_some_ranks(top_k):
+    """dp=4, ep=2 (experts 0,1 on ep rank 0, 2,3 on ep rank 1): rank 0 sends nothing to experts
+    2 and 3 (with k=1), rank 3 sends everything to expert 3."""
+    assert world(4).run(_steered_body, 4, 2, 1, False, top_k, [[0, 1], [0, 1, 2], [0, 1, 2, 3], [3]]) == ["ok"] * 4
+
+
+@pytest.mark.parametrize("mesh", [(4, 2, 1, False), (2, 2, 2, True)])
+def test_all_tokens_to_one_expert(mesh):
+    """Every token of every rank goes to expert 0 (k=1): the ep ranks holding experts 2 and 3
+    receive no token at all (empty all-to-all splits, empty grouped matmuls); their experts'
+    gradients are zeros, as in the one-process model."""
+    dp, ep, tp, sp = mesh
+    assert world(dp * tp).run(_steered_body, dp, ep, tp, sp, 1, [[0]] * dp) == ["ok"] * (dp * tp)
+
+
+@pytest.mark.parametrize("mesh,n_experts", [((4, 4, 1, False), 4), ((2, 2, 2, True), 2)])
+def test_top_k_equal_to_the_number_of_experts(mesh, n_experts):
+    """k = E: every token goes to every expert, weighted by the full softmax."""
+    dp, ep, tp, sp = mesh
+    cfg_kw = dict(n_experts=n_experts, top_k=n_experts, expert_hidden=32)
+    assert world(dp * tp).run(_property_body, dp, ep, tp, sp, cfg_kw, 1, 2, 7) == ["ok"] * (dp * tp)

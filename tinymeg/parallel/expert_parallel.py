@@ -34,7 +34,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..context import ParallelContext
 from ..models.moe import GroupedExperts, MoE, expert_mlp, moe_layers
@@ -62,18 +62,17 @@ def apply_expert_parallel(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     sp = ctx.tp_size > 1 and any(getattr(m, "sequence_parallel", False) for m in model.modules())
     tp_mesh = ctx.tp_mesh if sp else None
     for m in layers:
-        experts = m.experts
-        if ep > 1:
+        experts, router = m.experts, m.router
+        if ep > 1:  # every parameter of the layer on the ep mesh: optimizers see one kind of tensor
             for pname, p in list(experts.named_parameters(recurse=False)):
                 sharded = distribute_parameter(p, ctx.ep_mesh, Shard(0))
                 # EP: DP averages this gradient over the ranks holding the same experts (edp).
                 sharded.data_parallel_mesh = ctx.edp_mesh
                 setattr(experts, pname, sharded)
-        experts.__class__ = ExpertParallelExperts
-        experts.ep_mesh, experts.tp_mesh = ctx.ep_mesh, tp_mesh
-        if sp:  # this rank's tokens only: the router's gradient is summed over tp
-            m.router.__class__ = SequenceParallelRouter
-            m.router.tp_mesh = tp_mesh
+            router.weight = distribute_parameter(router.weight, ctx.ep_mesh, Replicate())
+        experts.__class__, router.__class__ = ExpertParallelExperts, ExpertParallelRouter
+        for module in (experts, router):
+            module.ep_mesh, module.tp_mesh = ctx.ep_mesh, tp_mesh
         meshes = [mesh for mesh in (ctx.dp_cp_mesh, tp_mesh) if mesh is not None and mesh.size() > 1]
         if meshes:
             m.reduce_stats = GlobalBatchSum(meshes, grad_scale=ctx.dp_cp_mesh.size())
@@ -95,25 +94,37 @@ def _named(model: nn.Module, layers: list[MoE]) -> list[tuple[str, MoE]]:
     return [(n, m) for n, m in model.named_modules() if id(m) in ids]
 
 
+def _local(module: nn.Module, p: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's part of a MoE parameter. Under sequence parallelism the layer sees only this
+    rank's tokens, so the gradient is partial: copy_to_tp sums it over tp in backward."""
+    p = local(p)
+    return p if p is None or module.tp_mesh is None else copy_to_tp(p, module.tp_mesh)
+
+
 class ExpertParallelExperts(GroupedExperts):
     """GroupedExperts whose weights hold this ep rank's E/ep experts (DTensor ``Shard(0)`` on
     ``ep_mesh``; plain tensors at ep=1). ``forward(x, counts)`` takes this rank's token slots
     sorted by global expert and returns their experts' outputs, in the same order."""
     ep_mesh: DeviceMesh
-    tp_mesh: DeviceMesh | None  # set under sequence parallelism: gradients are summed over tp
+    tp_mesh: DeviceMesh | None  # set under sequence parallelism
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        weights = [self._local(p) for p in (self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)]
+        weights = [_local(self, p) for p in (self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)]
         if self.ep_mesh.size() == 1:
             return expert_mlp(x, counts, *weights)
         return all_to_all_experts(x, counts, self.ep_mesh, lambda rows, n: expert_mlp(rows, n, *weights))
 
-    def _local(self, p: torch.Tensor | None) -> torch.Tensor | None:
-        p = local(p)
-        return p if p is None or self.tp_mesh is None else copy_to_tp(p, self.tp_mesh)
-
     def extra_repr(self) -> str:
         return super().extra_repr() + f", ep={self.ep_mesh.size()}"
+
+
+class ExpertParallelRouter(nn.Linear):
+    """The router: replicated (a ``Replicate()`` DTensor on ``ep_mesh`` when ep > 1)."""
+    ep_mesh: DeviceMesh
+    tp_mesh: DeviceMesh | None  # set under sequence parallelism
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, _local(self, self.weight), _local(self, self.bias))
 
 
 def all_to_all_experts(x: torch.Tensor, counts: torch.Tensor, mesh: DeviceMesh, compute) -> torch.Tensor:
@@ -138,15 +149,6 @@ def all_to_all_experts(x: torch.Tensor, counts: torch.Tensor, mesh: DeviceMesh, 
     y = compute(received[order], recv_counts.sum(0))[order.argsort()]
     # 4. Back to where each slot came from, in the order it left.
     return _wait(funcol.all_to_all_single_autograd(y, send_splits, recv_splits, mesh))
-
-
-class SequenceParallelRouter(nn.Linear):
-    """The router under sequence parallelism: each tp rank routes its own tokens, so the
-    weight's gradient is partial on each and summed over tp in backward."""
-    tp_mesh: DeviceMesh
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, copy_to_tp(self.weight, self.tp_mesh), self.bias)
 
 
 class GlobalBatchSum:
