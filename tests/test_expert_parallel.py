@@ -195,3 +195,136 @@ def test_top_k_equal_to_the_number_of_experts(mesh, n_experts):
     dp, ep, tp, sp = mesh
     cfg_kw = dict(n_experts=n_experts, top_k=n_experts, expert_hidden=32)
     assert world(dp * tp).run(_property_body, dp, ep, tp, sp, cfg_kw, 1, 2, 7) == ["ok"] * (dp * tp)
+
+
+# ---- torch.compile, checkpoints, the trainer, the recipe ----
+
+def _compile_body():
+    from test_compile import _batch, check_compiled_matches_eager
+    ctx = get_ctx(dp=2, ep=2)
+    torch.manual_seed(0)
+    cfg = tm.models.GPTConfig.tiny(n_layer=1, n_experts=4, top_k=2, expert_hidden=32)
+    model = tm.apply_hybrid_parallel(tm.models.GPT2Model(cfg), ctx, tm.gpt2_tp_config(cfg))
+    check_compiled_matches_eager(model, *_batch(cfg, seed=ctx.dp_rank), return_logits=False)
+
+
+def test_compile_expert_parallel_model(monkeypatch):
+    """fullgraph=True with the all-to-alls' data-dependent splits, the grouped matmul and the
+    global balancing statistics in the graph: same loss and gradients as eager."""
+    monkeypatch.setenv("TINYMEG_AUTOTUNE", "0")
+    world(2).run(_compile_body)
+
+
+MOE_TRAIN = dict(n_experts=4, top_k=2, n_layer=2, n_head=4, n_embd=32, seq_len=16, eval_every=0, eval_iters=2,
+                 sample_tokens=0, progress=False, lr=3e-3, warmup=2)
+
+
+def _trainer_body(**kw):
+    from tinymeg.train import TrainConfig, train
+    cfg = TrainConfig(**{**MOE_TRAIN, **kw})
+    out = train(cfg, ctx=get_ctx(dp=cfg.dp, tp=cfg.tp, ep=cfg.ep))
+    return out["losses"]
+
+
+def test_trainer_losses_equal_one_process_on_any_expert_mesh():
+    """The trainer on 1 process, (dp=2, ep=2), (dp=4, ep=2) and (dp=2, ep=2, tp=2, SP) on the
+    same global batch: the same 6 losses (CE + aux), rel 1e-5; and with 2 accumulation steps."""
+    runs = {"dp1": world(1).run(_trainer_body, steps=6, micro_batch=4)[0],
+            "dp2 ep2": world(2).run(_trainer_body, steps=6, dp=2, ep=2, micro_batch=2)[0],
+            "dp4 ep2": world(4).run(_trainer_body, steps=6, dp=4, ep=2, micro_batch=1)[0],
+            "dp2 ep2 tp2 sp": world(4).run(_trainer_body, steps=6, dp=2, ep=2, tp=2, micro_batch=2,
+                                           sequence_parallel=True)[0]}
+    base = runs["dp1"]
+    assert len(base) == 6 and base[-1] < base[0]
+    for mesh, losses in runs.items():
+        assert losses == pytest.approx(base, rel=1e-5), f"{mesh}: {losses} vs {base}"
+    # accumulation: each micro-step's global batch is dp x micro_batch sequences
+    accum = world(2).run(_trainer_body, steps=3, dp=2, ep=2, micro_batch=1, grad_accum=2)[0]
+    assert accum == pytest.approx(world(1).run(_trainer_body, steps=3, micro_batch=2, grad_accum=2)[0],
+                                  rel=1e-5)
+
+
+def _load_body(path, dp, ep):
+    """A fresh MoE model and optimizer on (dp, ep), loaded from the checkpoint at path."""
+    from test_checkpoint import _full_state
+    from tinymeg.train import TrainConfig, build_model, build_optimizer
+    from tinymeg.train import checkpoint as ckpt
+    cfg, ctx = TrainConfig(**{**MOE_TRAIN, "dp": dp, "ep": ep}), get_ctx(dp=dp, ep=ep)
+    model = build_model(cfg, 65, ctx)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    ckpt.load(path, model, optimizer, ctx, cfg.seed)
+    state = _full_state(model, optimizer)  # a collective: every rank
+    return state if dist.get_rank() == 0 else None
+
+
+def test_checkpoint_saved_with_ep2_resumes_with_ep1_and_ep4(tmp_path):
+    """dp=4: a checkpoint of ep=2 (experts sharded on the expert dim, DCP) loads onto ep=1 and
+    ep=4 with every parameter and optimizer state exactly, exports to one unsharded model, and
+    the resumed runs continue with the straight run's losses (rel 1e-5)."""
+    from test_tensor_parallel import full
+    from tinymeg.train import checkpoint as ckpt
+    from tinymeg.train import TrainConfig
+    kw = dict(steps=6, dp=4, micro_batch=1, ckpt_every=3)
+    straight = world(4).run(_trainer_body, ep=2, ckpt_dir=str(tmp_path / "ep2"), **kw)[0]
+    path = str(tmp_path / "ep2" / ckpt.step_dir_name(3))
+    saved = {ep: world(4).run(_load_body, path, 4, ep)[0] for ep in (2, 1, 4)}
+    for ep in (1, 4):
+        for key, value in saved[2].items():
+            assert torch.equal(saved[ep][key], value), f"{key} loaded with ep={ep}"
+    exported, meta = ckpt.load_model(path)
+    assert meta["mesh"]["ep"] == 2 and TrainConfig(**meta["train_config"]).n_experts == 4
+    for name, p in exported.named_parameters():
+        assert torch.equal(full(p), saved[2][name]), f"exported {name}"
+    for ep in (1, 4):
+        resumed = world(4).run(_trainer_body, ep=ep, resume_from=path, ckpt_dir=str(tmp_path / f"ep{ep}"), **kw)[0]
+        assert resumed == pytest.approx(straight[3:], rel=1e-5), f"resumed on ep={ep}"
+
+
+def test_moe_recipe_trains_under_torchrun_and_logs_routing(tmp_path):
+    from test_train import _torchrun
+    records, stdout = _torchrun("moe.py", 2, "--n-layer", "2", tmp_path=tmp_path)
+    assert [r["step"] for r in records] == list(range(8))
+    for r in records:
+        assert {"loss", "aux_loss", "expert_frac_max", "expert_frac_min"} <= r.keys()
+        assert 0 <= r["expert_frac_min"] <= 0.25 <= r["expert_frac_max"] <= 1  # 4 experts
+        assert 0 < r["aux_loss"] < r["loss"]
+    losses = [r["loss"] for r in records]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    assert "--- sample ---" in stdout
+
+
+# ---- bad input ----
+
+def _raises(fn, match):
+    with pytest.raises(ValueError, match=match):
+        fn()
+
+
+def _ep_errors_body():
+    ctx = get_ctx(dp=2, ep=2)
+    moe = lambda E=2, k=1: tm.models.GPT2Model(tm.models.GPTConfig.tiny(n_experts=E, top_k=k))  # noqa: E731
+    _raises(lambda: tm.apply_expert_parallel(moe(E=3), ctx), r"h.0.mlp has n_experts=3, not divisible by ep=2")
+    _raises(lambda: tm.apply_expert_parallel(tm.models.GPT2Model(tm.models.GPTConfig.tiny()), ctx),
+            r"GPT2Model has no MoE layers")
+    done = tm.apply_expert_parallel(moe(), ctx)
+    _raises(lambda: tm.apply_expert_parallel(done, ctx), r"already applied")
+    _raises(lambda: tm.apply_data_parallel(moe(), ctx),
+            r"transformer.h.0.mlp is a MoE layer: call tm.apply_expert_parallel\(model, ctx\)")
+    _raises(lambda: tm.apply_expert_parallel(moe(), get_ctx(tp=2)), r"apply_tensor_parallel before apply_expert_parallel")
+
+
+def test_expert_parallel_errors():
+    world(2).run(_ep_errors_body)
+
+
+def test_recipe_flags_errors(monkeypatch, capsys):
+    from tinymeg.train.cli import parse_args
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit):
+        parse_args(["--dp", "4", "--ep", "3", "--n-experts", "6"])
+    assert "--ep 3 must divide --dp 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--dp", "4", "--ep", "2", "--n-experts", "3", "--top-k", "1"])
+    assert "--n-experts 3 is not divisible by --ep 2" in capsys.readouterr().err
+    cfg = parse_args(["--dp", "4", "--ep", "2", "--n-experts", "4", "--top-k", "2"])
+    assert (cfg.dp, cfg.ep, cfg.n_experts, cfg.top_k) == (4, 2, 4, 2)

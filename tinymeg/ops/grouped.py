@@ -79,8 +79,9 @@ DEFAULT = "grouped"
 
 
 def _grouped_ok(x: Tensor, w: Tensor) -> bool:
-    """torch._grouped_mm's constraints: these dtypes, and rows of K and N 16-byte aligned."""
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    """torch._grouped_mm's constraints: these dtypes, rows of K and N 16-byte aligned, and
+    (its stride check rejects the zero strides an empty gradient may have) some rows."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.shape[0] == 0:
         return False
     return all(d * x.element_size() % 16 == 0 for d in (w.shape[1], w.shape[2]))
 
