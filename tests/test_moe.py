@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tinymeg as tm
+from rank_pool import get_ctx, world
 from tinymeg.models.moe import MoE, RoutingLog, moe_aux_loss
 from tinymeg.ops import grouped
 from tinymeg.train import build_optimizer
@@ -211,3 +212,33 @@ def test_expert_init_follows_gpt2():
     assert e.fc_weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert e.proj_weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
     assert torch.equal(e.fc_bias, torch.zeros_like(e.fc_bias))
+
+
+def _grouped_mm_sharding_body():
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+    mesh = get_ctx(tp=2).mesh["tp"]
+    torch.manual_seed(0)
+    x, w, dy = torch.randn(7, 8), torch.randn(3, 8, 12), torch.randn(7, 12)
+    offs = torch.tensor([2, 2, 7], dtype=torch.int32)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = tm.ops.grouped_mm(xr, wr, offs)
+    y_ref.backward(dy)
+    # replicated; column-parallel w (Shard(2)) -> y Shard(1); row-parallel x, w (Shard(1)) -> y Partial
+    for px, pw, py in ((Replicate(), Replicate(), Replicate()), (Replicate(), Shard(2), Shard(1)),
+                       (Shard(1), Shard(1), Partial())):
+        xs = distribute_tensor(x, mesh, [px]).requires_grad_()
+        ws = distribute_tensor(w, mesh, [pw]).requires_grad_()
+        os_ = distribute_tensor(offs, mesh, [Replicate()])
+        with CommDebugMode() as comm:
+            y = tm.ops.grouped_mm(xs, ws, os_)
+        assert comm.get_total_counts() == 0 and y.placements == (py,), (y.placements, comm.get_comm_counts())
+        torch.testing.assert_close(y.full_tensor(), y_ref, **TOL)
+        dy_r = distribute_tensor(dy, mesh, [Replicate()])
+        y.backward(dy_r if py == Partial() else dy_r.redistribute(mesh, [py]))
+        torch.testing.assert_close(xs.grad.full_tensor(), xr.grad, **TOL)
+        torch.testing.assert_close(ws.grad.full_tensor(), wr.grad, **TOL)
+
+
+def test_grouped_mm_sharding_rules():
+    world(2).run(_grouped_mm_sharding_body)

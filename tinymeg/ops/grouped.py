@@ -3,7 +3,7 @@
     grouped_mm(x, w, offs) -> y            x (M, K), w (G, K, N), offs (G,) int32 -> y (M, N)
     grouped_mm_backward(grad_y, x, w, offs) -> (grad_x, grad_w)
 
-Rows ``offs[g-1]:offs[g]`` of x (``offs[-1]`` = 0 before the first group) are multiplied by
+Rows ``offs[g-1]:offs[g]`` of x (rows ``0:offs[0]`` for the first group) are multiplied by
 ``w[g]``; ``offs`` is the running sum of the group sizes and must end at M. A mixture of
 experts computes all its experts in one call this way, on tokens sorted by expert, whatever
 the number of tokens each expert got (zero included): dropless routing with no padding.
@@ -14,7 +14,7 @@ in float32; and it needs 16-byte aligned rows. As a tinymeg op it is opaque to t
 (the fake kernel below only says the output is (M, N)), and the autotuner picks between
 
 - ``loop``: the reference, one ``mm`` per group on the split rows (sort-and-split);
-- ``grouped``: ``torch._grouped_mm`` (float32/bfloat16/float16 with 16-byte aligned K and N).
+- ``grouped``: ``torch._grouped_mm`` (16-byte aligned K and N; see ``_grouped_ok``).
 
 Sharding (DTensor): everything replicated; or w sharded on N (``Shard(2)``: a column-parallel
 expert) giving y ``Shard(1)``; or x and w sharded on K (row-parallel) giving a ``Partial`` y.
@@ -73,15 +73,18 @@ def backward_grouped(dy, x, w, offs):
 
 FORWARD = {"loop": forward_loop, "grouped": forward_grouped}
 BACKWARD = {"loop": backward_loop, "grouped": backward_grouped}
-# recipes/bench.py moe: on this project's 2-core CPU the two are within a few percent at
-# GPT-2 widths (see README); grouped is one call, so it is the default where it can run.
+# recipes/bench.py moe: on this project's 2-core CPU the two are within noise of each other
+# (+-8%, widths 128 to 768; README); grouped is one call, so it is the default where it can run.
 DEFAULT = "grouped"
 
 
 def _grouped_ok(x: Tensor, w: Tensor) -> bool:
-    """torch._grouped_mm's constraints: these dtypes, rows of K and N 16-byte aligned, and
-    (its stride check rejects the zero strides an empty gradient may have) some rows."""
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.shape[0] == 0:
+    """torch._grouped_mm's constraints: on the CPU float32/bfloat16/float16, on CUDA bfloat16
+    (the dtype its kernels are documented for; nothing else was tried on a GPU here), rows of K
+    and N 16-byte aligned, and some rows (its stride check rejects the zero strides an empty
+    gradient may have)."""
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
+    if x.dtype not in dtypes or x.shape[0] == 0:
         return False
     return all(d * x.element_size() % 16 == 0 for d in (w.shape[1], w.shape[2]))
 
