@@ -326,5 +326,8 @@ def test_recipe_flags_errors(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--dp", "4", "--ep", "2", "--n-experts", "3", "--top-k", "1"])
     assert "--n-experts 3 is not divisible by --ep 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--dp", "4", "--ep", "2"])
+    assert "--ep 2 shards experts, but the model has none: add --n-experts" in capsys.readouterr().err
     cfg = parse_args(["--dp", "4", "--ep", "2", "--n-experts", "4", "--top-k", "2"])
     assert (cfg.dp, cfg.ep, cfg.n_experts, cfg.top_k) == (4, 2, 4, 2)

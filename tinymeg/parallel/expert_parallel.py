@@ -6,7 +6,8 @@ model for the mesh, after tensor parallelism and before data parallelism:
 - **Experts sharded over ep.** ``ep`` is carved out of the data-parallel ranks (``ctx.ep_mesh``):
   rank r of an ep group holds experts ``[r E/ep, (r+1) E/ep)``, each expert weight a DTensor
   ``Shard(0)`` on ``ctx.ep_mesh`` (the expert dim), so ``state_dict()`` and checkpoints see the
-  global (E, ...) tensors. Each MoE layer routes its own tokens (the router is replicated), sorts
+  global (E, ...) tensors; the router is ``Replicate()`` on the same mesh (so that each of the
+  optimizer's foreach groups holds one kind of tensor). Each rank routes its own tokens, sorts
   the token slots by expert and sends each expert's slots to the rank that holds it with an
   all-to-all of variable splits; the rank computes its experts on everything it received
   (``tinymeg::grouped_mm``) and a second all-to-all brings the results back in the order they
@@ -25,7 +26,10 @@ model for the mesh, after tensor parallelism and before data parallelism:
   the same tokens (the expert compute is repeated on each tp rank); with it each tp rank routes
   its own T/tp tokens, and the router's and experts' gradients are summed over tp (``copy_to_tp``).
 
-At ``ep=1`` the experts stay plain tensors and no all-to-all happens; the rest still applies.
+At ``ep=1`` router and experts stay plain tensors and no all-to-all happens; the rest still
+applies. The all-to-alls are functional collectives (``all_to_all_single_autograd``, which
+works on gloo); their split sizes must be known on the host (``.tolist()``, a device sync on a
+GPU, as in every dropless MoE), which torch.compile captures as symbolic sizes.
 """
 from __future__ import annotations
 

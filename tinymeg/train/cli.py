@@ -71,6 +71,8 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     if args.ep < 1 or args.dp % args.ep:
         p.error(f"--ep {args.ep} must divide --dp {args.dp}: expert parallelism is carved out of the "
                 f"data-parallel ranks. Choose an --ep that divides --dp")
+    if args.ep > 1 and not args.n_experts:
+        p.error(f"--ep {args.ep} shards experts, but the model has none: add --n-experts")
     if args.n_experts and args.n_experts % args.ep:
         p.error(f"--n-experts {args.n_experts} is not divisible by --ep {args.ep}: each ep rank holds "
                 f"n_experts/ep experts")
