@@ -227,13 +227,14 @@ def _trainer_body(**kw):
 
 
 def test_trainer_losses_equal_one_process_on_any_expert_mesh():
-    """The trainer on 1 process, (dp=2, ep=2), (dp=4, ep=2) and (dp=2, ep=2, tp=2, SP) on the
-    same global batch: the same 6 losses (CE + aux), rel 1e-5; and with 2 accumulation steps."""
+    """The trainer (global-norm clipping at 1 is active: the first norms are ~2) on 1 process,
+    (dp=2, ep=2), (dp=4, ep=2) and (dp=2, ep=2, tp=2, SP, loss parallel) on the same global
+    batch: the same 6 losses (CE + aux), rel 1e-5; and with 2 accumulation steps."""
     runs = {"dp1": world(1).run(_trainer_body, steps=6, micro_batch=4)[0],
             "dp2 ep2": world(2).run(_trainer_body, steps=6, dp=2, ep=2, micro_batch=2)[0],
             "dp4 ep2": world(4).run(_trainer_body, steps=6, dp=4, ep=2, micro_batch=1)[0],
-            "dp2 ep2 tp2 sp": world(4).run(_trainer_body, steps=6, dp=2, ep=2, tp=2, micro_batch=2,
-                                           sequence_parallel=True)[0]}
+            "dp2 ep2 tp2 sp lp": world(4).run(_trainer_body, steps=6, dp=2, ep=2, tp=2, micro_batch=2,
+                                              sequence_parallel=True, loss_parallel=True)[0]}
     base = runs["dp1"]
     assert len(base) == 6 and base[-1] < base[0]
     for mesh, losses in runs.items():
@@ -271,6 +272,10 @@ def test_checkpoint_saved_with_ep2_resumes_with_ep1_and_ep4(tmp_path):
     for ep in (1, 4):
         for key, value in saved[2].items():
             assert torch.equal(saved[ep][key], value), f"{key} loaded with ep={ep}"
+    with pytest.raises(ValueError, match=r"fc_weight: checkpoint \(4, 32, 128\), model \(8, 32, 128\)[\s\S]*"
+                                         r"n_experts=4 \(now 8\)"):
+        ckpt.check_compatible(ckpt.verify(path), tm.models.GPT2Model(tm.models.GPTConfig(
+            block_size=16, vocab_size=65, n_layer=2, n_head=4, n_embd=32, n_experts=8)), path)
     exported, meta = ckpt.load_model(path)
     assert meta["mesh"]["ep"] == 2 and TrainConfig(**meta["train_config"]).n_experts == 4
     for name, p in exported.named_parameters():
@@ -291,6 +296,48 @@ def test_moe_recipe_trains_under_torchrun_and_logs_routing(tmp_path):
     losses = [r["loss"] for r in records]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     assert "--- sample ---" in stdout
+
+
+def _comm_body():
+    """Collectives of one forward + backward of a MoE model (dp=4, ep=2), counted."""
+    from tinymeg.parallel.comm import CommCounter
+    ctx = get_ctx(dp=4, ep=2)
+    torch.manual_seed(0)
+    cfg = tm.models.GPTConfig.tiny(n_experts=4, top_k=2, expert_hidden=32)
+    model = tm.apply_hybrid_parallel(tm.models.GPT2Model(cfg), ctx, tm.gpt2_tp_config(cfg))
+    idx = torch.randint(0, 65, (3, SEQ), generator=torch.Generator().manual_seed(ctx.rank))
+    counter = CommCounter({ctx.ep_mesh.get_group().group_name: "ep", ctx.dp_mesh.get_group().group_name: "dp",
+                           ctx.edp_mesh.get_group().group_name: "edp"})
+    with counter:
+        loss = model(idx, idx)[1]
+        counter.phase = "backward"
+        loss.backward()
+    return [(r.phase, r.kind, r.dim, r.nbytes) for r in counter.records]
+
+
+def test_expert_parallel_moves_the_token_slots_and_nothing_more():
+    """Per MoE layer, forward: an all-to-all of the E counts, one of this rank's n k token slots
+    to the experts and one back, one all-reduce of the 2E + 2 balancing sums; backward: the two
+    token all-to-alls reversed; then DP's gradient all-reduces (over dp, and over edp for the
+    experts). Summed over ranks the token bytes
+    are tokens x k x width x 4 per layer and direction (a rank sends back what it received)."""
+    records = world(4).run(_comm_body)
+    L, E, k, C, n = 2, 4, 2, 32, 3 * SEQ
+    for rank in records:
+        kinds = [(phase, kind, dim) for phase, kind, dim, _ in rank]
+        assert kinds.count(("forward", "all_to_all", "ep")) == 3 * L
+        assert kinds.count(("forward", "all_reduce", "dp")) == L
+        assert kinds.count(("backward", "all_to_all", "ep")) == 2 * L
+        # DP: dense gradients over dp, expert gradients over edp (the ranks holding the same experts)
+        assert {x for x in kinds if x[0] == "backward" and x[1] != "all_to_all"} == {
+            ("backward", "all_reduce", "dp"), ("backward", "all_reduce", "edp")}
+        assert len(kinds) == 6 * L + sum(kinds.count(("backward", "all_reduce", d)) for d in ("dp", "edp"))
+        assert [b for p, kind, _, b in rank if p == "forward" and kind == "all_reduce"] == [(2 * E + 2) * 4] * L
+        assert sorted(b for p, kind, _, b in rank if p == "forward" and kind == "all_to_all")[:L] == [E * 8] * L
+    for phase in ("forward", "backward"):
+        moved = sum(b for rank in records for p, kind, _, b in rank if p == phase and kind == "all_to_all"
+                    and b != E * 8)
+        assert moved == len(records) * 2 * L * n * k * C * 4, phase
 
 
 # ---- bad input ----
