@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 import tinymeg as tm
 from rank_pool import get_ctx, world
-from tinymeg.models.moe import MoE, RoutingLog, moe_aux_loss
+from tinymeg.models.moe import MoE, moe_aux_loss
 from tinymeg.ops import grouped
 from tinymeg.train import build_optimizer
+from tinymeg.train.routing import RoutingLog
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

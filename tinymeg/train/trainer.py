@@ -14,11 +14,11 @@ from tqdm import tqdm
 from ..context import ParallelContext
 from ..data import get_batch, load_corpus
 from ..models import GPT2Model, GPTConfig
-from ..models.moe import RoutingLog
 from ..ops import synchronized
 from ..parallel import apply_data_parallel, apply_expert_parallel, apply_tensor_parallel, gpt2_tp_config
 from .checkpoint import Checkpointer, maybe_inject_fault
 from .optim import build_optimizer, clip_grad_norm_, lr_at
+from .routing import RoutingLog
 
 
 @dataclass
@@ -153,7 +153,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
                 loss = step_fn(x.to(ctx.device), y.to(ctx.device), return_logits=False)[1]
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
-            if routing:
+            if routing is not None:
                 routing.add()
         grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
@@ -166,7 +166,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
                   "ms_per_step": 1000 * dt, "peak_mem_mb": _peak_memory_mb(ctx.device)}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm.item()
-        if routing:
+        if routing is not None:
             record.update(routing.summary())
         last_step = step == cfg.steps - 1
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step:
