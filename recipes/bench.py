@@ -475,7 +475,8 @@ SUBCOMMANDS = {
     "ops": (add_ops_arguments, run_ops, "fused ops: every implementation, the tuner's pick, memory, compile"),
     "comm": (add_comm_arguments, run_comm, "collectives of one step vs the theoretical minimum (torchrun)"),
     "tp": (add_tp_arguments, run_tp, "tinymeg TP vs PyTorch's parallelize_module, same model and mesh (torchrun)"),
-    "moe": (add_moe_arguments, run_moe, "MoE: all-to-all bytes vs theory, dense vs MoE step, grouped vs looped experts (torchrun)"),
+    "moe": (add_moe_arguments, run_moe,
+            "MoE: all-to-all bytes vs theory, dense vs MoE step, grouped vs looped experts (torchrun)"),
 }
 
 

@@ -6,9 +6,10 @@ Routing is discrete. Top-k keeps the k largest router probabilities, and another
 sums in another order (float reassociation, ~1e-7), so two probabilities closer than that
 could swap and send a token to another expert: an O(1) difference that is no bug. So every
 test watches, in the one-process model, each token's margin between its k-th and (k+1)-th
-probability (in router logits, which the softmax keeps in order); a micro-step with a margin
-under TIE (1e-5, 100x the noise) is a tie and the example is discarded (``hypothesis.assume``) before anything is compared. Above TIE the sharded
-model must route every token exactly as the reference does, or the outputs would differ by O(1).
+router logit (the softmax keeps their order); a micro-step with a margin under TIE (1e-5, 100x
+the noise) is a tie, and the example is discarded (``hypothesis.assume``) before anything is
+compared. Above TIE the sharded model must route every token as the reference does, or its
+outputs would differ by O(1).
 
 The aux losses are statistics of the global batch of one micro-step (every dp rank's tokens):
 with gradient accumulation the reference runs the same micro-steps on dp x micro_batch
@@ -357,7 +358,8 @@ def _ep_errors_body():
     _raises(lambda: tm.apply_expert_parallel(done, ctx), r"already applied")
     _raises(lambda: tm.apply_data_parallel(moe(), ctx),
             r"transformer.h.0.mlp is a MoE layer: call tm.apply_expert_parallel\(model, ctx\)")
-    _raises(lambda: tm.apply_expert_parallel(moe(), get_ctx(tp=2)), r"apply_tensor_parallel before apply_expert_parallel")
+    _raises(lambda: tm.apply_expert_parallel(moe(), get_ctx(tp=2)),
+            r"apply_tensor_parallel before apply_expert_parallel")
 
 
 def test_expert_parallel_errors():

@@ -88,7 +88,8 @@ def test_grouped_mm_kernels_agree(sizes, K, N, seed):
     """Both kernels, forward and backward, against a matmul per group (empty groups included)."""
     g = torch.Generator().manual_seed(seed)
     M = sum(sizes)
-    x, w, dy = torch.randn(M, K, generator=g), torch.randn(len(sizes), K, N, generator=g), torch.randn(M, N, generator=g)
+    x, dy = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
+    w = torch.randn(len(sizes), K, N, generator=g)
     offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
     parts = x.split(sizes)
     y_ref = torch.cat([p @ w[i] for i, p in enumerate(parts)])
