@@ -7,15 +7,18 @@ sequence lengths down to one token per chunk; targets ignored unevenly across th
 the bytes the ring sends against the theory; compile; checkpoints across cp sizes; sampling;
 the trainer and the recipe; every error.
 
-Tolerance: fp32, atol=rtol=1e-5 as in the TP tests (test_tensor_parallel.py explains the AdamW
-eps=1e-6). The ring merges attention blocks with the online-softmax rule, so outputs differ from
+Tolerance: fp32, atol=rtol=1e-5 as in the TP tests (test_tensor_parallel.py explains why the
+AdamW step uses a large eps). Here eps=1e-4: a bias gradient summed over cp ranks can cancel to
+~1e-7 with ~2e-8 of reassociation noise, which eps=1e-6 turns into a 2e-5 step difference
+(hypothesis found one: seed 12694); eps=1e-4 keeps it below 1e-6.
+The ring merges attention blocks with the online-softmax rule, so outputs differ from
 the one-process kernel by float reassociation only (~1e-7); a wrong chunk, mask or position is
 off by O(1).
 """
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import tinymeg as tm
@@ -141,7 +144,7 @@ def _gpt2_body(dims, sp_lp, chunk, seed, ignored):
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} got no gradient"
         assert_close(p.grad, ref_params[name].grad, f"grad of {name}")
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-6, weight_decay=0.1) for m in (ref, model)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-4, weight_decay=0.1) for m in (ref, model)]
     for opt in opts:
         opt.step()
     for name, p in model.named_parameters():
@@ -149,6 +152,7 @@ def _gpt2_body(dims, sp_lp, chunk, seed, ignored):
 
 
 @given(chunk=st.integers(1, 3), seed=st.integers(0, 2**16), ignored=st.integers(0, 3))
+@example(chunk=1, seed=12694, ignored=1)  # a cancelling bias gradient (see the tolerance note)
 def test_cp2_equals_one_process(chunk, seed, ignored):
     world(2).run(_gpt2_body, {"cp": 2}, False, chunk, seed, ignored)
 
@@ -262,12 +266,12 @@ def test_errors_name_the_problem_and_the_fix():
 
 
 def _pp_ep_body():
-    for dims, dim in (({"pp": 2}, "pp=2: pipeline"), ({"dp": 2, "ep": 2}, "ep=2: expert")):
-        _raises(lambda: tm.parallelize(tm.models.GPT2Model(tm.models.GPTConfig.tiny()), get_ctx(**dims)),
-                NotImplementedError, dim)
+    dense = lambda: tm.models.GPT2Model(tm.models.GPTConfig.tiny())  # noqa: E731
+    _raises(lambda: tm.parallelize(dense(), get_ctx(pp=2)), NotImplementedError, "pp=2: pipeline")
+    _raises(lambda: tm.parallelize(dense(), get_ctx(dp=2, ep=2)), ValueError, "ep=2 shards experts, but GPT2Model has no MoE")
 
 
-def test_parallelize_refuses_dims_not_wired_in_yet():
+def test_parallelize_refuses_what_it_cannot_apply():
     world(2).run(_pp_ep_body)
 
 

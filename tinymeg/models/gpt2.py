@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import LayerNorm, bias_gelu, linear_cross_entropy
+from .moe import MoE, moe_aux_loss
 
 
 @dataclass
@@ -36,12 +37,32 @@ class GPTConfig:
     # that divides it divides the vocabulary (65 chars -> 128 rows, 50257 -> 50304).
     # Padded rows are never looked up, and their logits are cut off before loss and sampling.
     vocab_multiple: int = 64
+    # Mixture of experts (tinymeg/models/moe.py): n_experts > 0 makes every moe_every-th block's
+    # MLP (blocks moe_every-1, 2*moe_every-1, ...) a MoE of n_experts expert MLPs of width
+    # expert_hidden (0: 4 * n_embd, the dense MLP's), each token routed to top_k of them.
+    # 0 experts is the dense GPT-2, bit for bit.
+    n_experts: int = 0
+    top_k: int = 2
+    moe_every: int = 1
+    expert_hidden: int = 0
+    aux_loss_weight: float = 0.01   # load-balancing loss (Switch/GShard form)
+    z_loss_weight: float = 0.001    # router z-loss
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.vocab_multiple < 1:
             raise ValueError(f"vocab_multiple must be >= 1, got {self.vocab_multiple}")
+        if self.n_experts < 0 or self.moe_every < 1 or self.expert_hidden < 0:
+            raise ValueError(f"need n_experts >= 0, moe_every >= 1 and expert_hidden >= 0, got "
+                             f"{self.n_experts}, {self.moe_every} and {self.expert_hidden}")
+        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}: "
+                             f"each token is routed to top_k distinct experts")
+
+    def is_moe_block(self, i: int) -> bool:
+        """Whether block i's MLP is a mixture of experts."""
+        return self.n_experts > 0 and i % self.moe_every == self.moe_every - 1
 
     @property
     def padded_vocab_size(self) -> int:
@@ -129,12 +150,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, moe: bool = False):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if moe else MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -149,7 +170,7 @@ class GPT2Model(nn.Module):
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            h=nn.ModuleList(Block(config, config.is_moe_block(i)) for i in range(config.n_layer)),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
@@ -189,14 +210,18 @@ class GPT2Model(nn.Module):
             x = block(x)
         x = self.transformer.ln_f(x)
         if not return_logits:
-            return None, lm_head_loss(self.lm_head, x, targets, self.config.vocab_size)
+            return None, self._with_aux_loss(lm_head_loss(self.lm_head, x, targets, self.config.vocab_size))
         logits = self.lm_head(x)
         if logits.size(-1) != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # padded rows are not tokens
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+            loss = self._with_aux_loss(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
         return logits, loss
+
+    def _with_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """In training, the MoE layers' balancing and z losses are part of what is optimized."""
+        return loss + moe_aux_loss(self) if self.training and self.config.n_experts else loss
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -25,14 +25,15 @@ _c10d = torch.ops.c10d
 @dataclass(frozen=True, order=True)
 class Collective:
     phase: str      # forward | backward
-    kind: str       # all_reduce | all_gather | reduce_scatter | broadcast
+    kind: str       # all_reduce | all_gather | reduce_scatter | broadcast | all_to_all
     dim: str        # mesh dim name (tp, dp) or the group's name
     ranks: int      # group size
     nbytes: int     # bytes of the full tensor (see module docstring)
 
     @property
     def wire_bytes(self) -> float:
-        """Bytes each rank sends (ring algorithms)."""
+        """Bytes each rank sends (ring algorithms; an all-to-all sends all but its own share,
+        (n-1)/n of its input when the splits are even)."""
         share = (self.ranks - 1) / self.ranks * self.nbytes
         return 2 * share if self.kind == "all_reduce" else share
 
@@ -61,6 +62,8 @@ class CommCounter(TorchDispatchMode):
             record = ("all_reduce", args[1], sum(_nbytes(t) for t in args[0]))
         elif packet is _c10d.broadcast_:
             record = ("broadcast", args[1], sum(_nbytes(t) for t in args[0]))
+        elif packet is _funcol.all_to_all_single:  # EP: input bytes (variable splits)
+            record = ("all_to_all", args[3], _nbytes(args[0]))
         if record is not None:
             kind, group, nbytes = record
             self.records.append(Collective(self.phase, kind, *self._group(group), nbytes))

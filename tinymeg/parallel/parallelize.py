@@ -23,7 +23,9 @@ import torch.nn as nn
 from ..context import ParallelContext
 from .context_parallel import apply_context_parallel
 from .data_parallel import DEFAULT_BUCKET_MB, apply_data_parallel
-from .plan import GPT2_TP_CONFIG
+from ..models.moe import moe_layers
+from .expert_parallel import apply_expert_parallel, unprepared_moe_layers
+from .plan import gpt2_tp_config
 from .tensor_parallel import apply_tensor_parallel
 
 
@@ -45,19 +47,22 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
                                   f"yet on this branch; use pp=1")
     # 2. Tensor parallelism (+ sequence parallel, loss parallel).
     if ctx.tp_size > 1:  # at tp=1 plain tensors are cheaper than 1-rank DTensors
-        tp_config = dict(GPT2_TP_CONFIG if plan is None else plan)
+        tp_config = dict(gpt2_tp_config(getattr(model, "config", None)) if plan is None else plan)
         tp_config["sequence_parallel"] = sequence_parallel or tp_config.get("sequence_parallel", False)
         tp_config["loss_parallel"] = loss_parallel or tp_config.get("loss_parallel", False)
         model = apply_tensor_parallel(model, ctx, tp_config)
     # 3. Context parallelism.
     if ctx.cp_size > 1:
         model = apply_context_parallel(model, ctx, cp_position_embedding, cp_block)
-    # 4. Expert parallelism: the lead wires in branch `moe-ep`'s expert sharding here.
-    if ctx.ep_size > 1:
-        raise NotImplementedError(f"ep={ctx.ep_size}: expert parallelism is not part of parallelize "
-                                  f"yet on this branch; use ep=1")
+    # 4. Expert parallelism (and, on any mesh, the MoE layers' global balancing statistics).
+    if unprepared_moe_layers(model):
+        model = apply_expert_parallel(model, ctx)
+    elif ctx.ep_size > 1 and not moe_layers(model):
+        raise ValueError(f"ep={ctx.ep_size} shards experts, but {type(model).__name__} has no MoE layers: "
+                         f"build it with experts (GPTConfig(n_experts=E)) or leave ep out")
     # 5. Compile, in place: the module keeps its identity, class and state_dict keys.
     if compile:
         model.compile(fullgraph=True)
     # 6. Data parallelism over dp x cp, last.
     return apply_data_parallel(model, ctx, bucket_mb)
+

@@ -47,6 +47,16 @@ GPT2_TP_CONFIG = {
     "row_linear_patterns": ["attn.c_proj", "mlp.c_proj"],
 }
 
+
+def gpt2_tp_config(config=None) -> dict:
+    """GPT-2's plan for a model with this GPTConfig: GPT2_TP_CONFIG, except that a model whose
+    every block's MLP is a mixture of experts has no dense MLP to shard (MoE layers are not
+    tensor-parallel: see tinymeg.parallel.expert_parallel)."""
+    if getattr(config, "n_experts", 0) and config.moe_every == 1:
+        return {"column_linear_patterns": ["attn.c_attn"], "row_linear_patterns": ["attn.c_proj"]}
+    return GPT2_TP_CONFIG
+
+
 _DICT_KEYS = {"column_linear_patterns": ColumnParallel, "row_linear_patterns": RowParallel,
               "vocab_embedding_patterns": VocabParallel}
 # Keys that switch features on and off rather than name modules.

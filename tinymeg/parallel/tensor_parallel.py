@@ -6,10 +6,11 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard
 
 from ..context import ParallelContext
+from ..models.moe import MoE
 from ..nn.functional import split_seq
 from ..nn.layers import (REPLICATED_TYPES, ColumnParallelLinear, LayerNorm, RMSNorm, RowParallelLinear,
                          VocabParallelEmbedding, replicate_module)
-from .plan import GPT2_TP_CONFIG, ColumnParallel, RowParallel, Style, VocabParallel, normalize_plan, resolve_plan
+from .plan import ColumnParallel, RowParallel, Style, VocabParallel, gpt2_tp_config, normalize_plan, resolve_plan
 
 
 def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dict | None = None) -> nn.Module:
@@ -17,7 +18,9 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
 
     Matched Linears become column/row-parallel, matched Embeddings vocab-parallel, a Linear
     tied to a vocab-parallel Embedding shares its sharded weight, and every other parameter
-    becomes a Replicate() DTensor. Without a plan, GPT-2's seed plan is used.
+    becomes a Replicate() DTensor. Without a plan, GPT-2's seed plan is used
+    (``gpt2_tp_config``: without the MLP patterns when every MLP is a MoE). MoE layers are
+    left to ``apply_expert_parallel``.
 
     ``tp_config["sequence_parallel"] = True`` shards activations on the sequence dim from
     the input of the first block (``sequence_parallel_entry``: by default the first element
@@ -26,7 +29,8 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     """
     _check_model(model, ctx)
     mesh, tp = ctx.mesh["tp"], ctx.tp_size
-    plan = resolve_plan(normalize_plan(GPT2_TP_CONFIG if tp_config is None else tp_config, model), model)
+    default = gpt2_tp_config(getattr(model, "config", None))
+    plan = resolve_plan(normalize_plan(default if tp_config is None else tp_config, model), model)
     for name, style in plan.items():
         _check_shardable(name, model.get_submodule(name), style, tp)
     _check_heads(model, plan, tp)
@@ -50,10 +54,11 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
             _set_submodule(model, name, ColumnParallelLinear(tied[id(module.weight)], None, mesh,
                                                              gather_output=True))
 
+    moe = [n + "." for n, m in model.named_modules() if isinstance(m, MoE)]
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if not isinstance(p, DTensor)]
-        if not own:
-            continue
+        if not own or any(name.startswith(prefix) for prefix in moe):
+            continue  # MoE layers (router, experts) are prepared by apply_expert_parallel
         if type(module) not in REPLICATED_TYPES:
             known = list(dict.fromkeys(t.__name__ for t in REPLICATED_TYPES))  # two types are LayerNorms
             raise TypeError(

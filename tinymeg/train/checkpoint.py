@@ -72,7 +72,7 @@ _STEP_DIR = re.compile(r"step_(\d+)$")
 # Training settings that change the run's trajectory: resuming with other values works, but
 # the result is not what the uninterrupted run would have given (warned about, not an error).
 _TRAJECTORY_FIELDS = ("seed", "lr", "min_lr", "warmup", "steps", "weight_decay", "grad_clip",
-                      "data", "tokenizer", "dropout")
+                      "data", "tokenizer", "dropout", "top_k")
 
 
 def step_dir_name(step: int) -> str:

@@ -18,6 +18,7 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     add("--cp", type=int, default=base.cp,
         help="context-parallel size: each sequence split over cp ranks (--seq-len a multiple of 2*cp); "
              "tp*dp*cp must equal the world size")
+    add("--ep", type=int, default=base.ep, help="expert-parallel size, carved out of dp (must divide it)")
     add("--steps", type=int, default=base.steps)
     add("--micro-batch", type=int, default=base.micro_batch, help="sequences per rank per micro-step")
     add("--grad-accum", type=int, default=base.grad_accum, help="micro-steps per optimizer step")
@@ -26,6 +27,8 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     add("--n-head", type=int, default=base.n_head)
     add("--n-embd", type=int, default=base.n_embd)
     add("--dropout", type=float, default=base.dropout)
+    add("--n-experts", type=int, default=base.n_experts, help="> 0: mixture-of-experts MLPs with this many experts")
+    add("--top-k", type=int, default=base.top_k, help="experts per token (with --n-experts)")
     add("--lr", type=float, default=base.lr)
     add("--min-lr", type=float, default=base.min_lr)
     add("--warmup", type=int, default=base.warmup)
@@ -73,6 +76,14 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     if args.cp < 1 or args.seq_len % (2 * args.cp):
         p.error(f"--cp {args.cp} cuts each sequence into 2 x cp chunks: --seq-len {args.seq_len} must be a "
                 f"multiple of {2 * args.cp}")
+    if args.ep < 1 or args.dp % args.ep:
+        p.error(f"--ep {args.ep} must divide --dp {args.dp}: expert parallelism is carved out of the "
+                f"data-parallel ranks. Choose an --ep that divides --dp")
+    if args.ep > 1 and not args.n_experts:
+        p.error(f"--ep {args.ep} shards experts, but the model has none: add --n-experts")
+    if args.n_experts and args.n_experts % args.ep:
+        p.error(f"--n-experts {args.n_experts} is not divisible by --ep {args.ep}: each ep rank holds "
+                f"n_experts/ep experts")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                          if hasattr(args, f.name)})
     try:

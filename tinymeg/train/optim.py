@@ -8,17 +8,26 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Replicate
 
+from ..models.moe import moe_layers
 from ..nn.layers import local as _local
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
                     betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with two groups: matrices and embeddings decay, biases and norms do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps,
+    """AdamW with two groups: matrices and embeddings decay, biases and norms do not.
+
+    MoE layers' parameters get two groups of their own (their experts' biases are stacked
+    into matrices, so biases are told apart by name): under expert parallelism they live on
+    the ep mesh, and one foreach kernel cannot mix them with the other parameters. The groups
+    depend on the model, not the mesh, so a checkpoint's optimizer state loads on any mesh."""
+    in_moe = {id(p) for m in moe_layers(model) for p in m.parameters()}
+    groups = {(moe, decay): [] for moe in (False, True) for decay in (True, False)}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[id(p) in in_moe, p.dim() >= 2 and not name.endswith("bias")].append(p)
+    return torch.optim.AdamW([{"params": params, "weight_decay": weight_decay if decay else 0.0}
+                              for (moe, decay), params in groups.items() if params or not moe],
+                             lr=lr, betas=betas, eps=eps,
                              foreach=True)  # torch defaults to a per-tensor loop on CPU: slow with DTensors
 
 

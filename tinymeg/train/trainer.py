@@ -15,9 +15,10 @@ from ..context import ParallelContext
 from ..data import get_batch, load_corpus
 from ..models import GPT2Model, GPTConfig
 from ..ops import synchronized
-from ..parallel import GPT2_TP_CONFIG, parallelize
+from ..parallel import gpt2_tp_config, parallelize
 from .checkpoint import Checkpointer, maybe_inject_fault
 from .optim import build_optimizer, clip_grad_norm_, lr_at
+from .routing import RoutingLog
 
 
 @dataclass
@@ -25,6 +26,7 @@ class TrainConfig:
     tp: int = 1
     dp: int = 1
     cp: int = 1                    # context parallel: each sequence split over cp ranks
+    ep: int = 1                    # expert parallel: experts sharded over ep of the dp ranks
     steps: int = 200
     micro_batch: int = 8
     grad_accum: int = 1
@@ -33,6 +35,8 @@ class TrainConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    n_experts: int = 0             # > 0: every block's MLP is a mixture of n_experts experts
+    top_k: int = 2                 # experts per token (with n_experts > 0)
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup: int = 20
@@ -77,8 +81,9 @@ def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> GPT2
     (tm.parallelize applies every dim that is on, in order)."""
     torch.manual_seed(cfg.seed)
     model = GPT2Model(GPTConfig(block_size=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                                n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)).to(ctx.device)
-    return parallelize(model, ctx, GPT2_TP_CONFIG, sequence_parallel=cfg.sequence_parallel,
+                                n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
+                                n_experts=cfg.n_experts, top_k=cfg.top_k)).to(ctx.device)
+    return parallelize(model, ctx, gpt2_tp_config(model.config), sequence_parallel=cfg.sequence_parallel,
                        loss_parallel=cfg.loss_parallel, bucket_mb=cfg.bucket_mb)
 
 
@@ -107,10 +112,12 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     """Train as cfg says (resuming from a checkpoint if cfg says so). Returns the losses of the
     steps run here (from ``start_step``), the last val loss, throughput, the model and optimizer."""
     device_type = None if cfg.device == "auto" else cfg.device
-    ctx = ctx or ParallelContext(tp=cfg.tp, dp=cfg.dp, cp=cfg.cp, device_type=device_type, timeout=cfg.timeout_s)
+    ctx = ctx or ParallelContext(tp=cfg.tp, dp=cfg.dp, cp=cfg.cp, ep=cfg.ep, device_type=device_type, timeout=cfg.timeout_s)
     if (ctx.tp_size, ctx.dp_size, ctx.cp_size) != (cfg.tp, cfg.dp, cfg.cp):
         raise ValueError(f"config asks for tp={cfg.tp} dp={cfg.dp} cp={cfg.cp} but the context has "
                          f"tp={ctx.tp_size} dp={ctx.dp_size} cp={ctx.cp_size}")
+    if ctx.ep_size != cfg.ep:
+        raise ValueError(f"config asks for ep={cfg.ep} but the context has ep={ctx.ep_size}")
     corpus = load_corpus(cfg.data, cfg.tokenizer)
     model = build_model(cfg, corpus.vocab_size, ctx)
     torch.manual_seed(cfg.seed + 1 + ctx.dp_rank)  # dropout: same on tp ranks, differs across dp
@@ -122,6 +129,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     log = open(cfg.log_jsonl, "a") if cfg.log_jsonl and ctx.is_main else None
     tokens_per_step = cfg.global_batch * cfg.seq_len
     losses, val_loss, start = [], None, time.perf_counter()
+    routing = RoutingLog(model) if cfg.n_experts else None  # aux_loss, expert token fractions
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
                disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
     for step in bar:
@@ -142,6 +150,8 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
                 loss = step_fn(x.to(ctx.device), y.to(ctx.device), return_logits=False)[1]
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
+            if routing is not None:
+                routing.add()
         grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -153,6 +163,8 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
                   "ms_per_step": 1000 * dt, "peak_mem_mb": _peak_memory_mb(ctx.device)}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm.item()
+        if routing is not None:
+            record.update(routing.summary())
         last_step = step == cfg.steps - 1
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step:
             val_loss = record["val_loss"] = evaluate(model, corpus.val, cfg, ctx)
