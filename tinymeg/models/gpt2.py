@@ -66,7 +66,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_attn.output_chunks = 3
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = config.dropout
+        self.attn_dropout = nn.Dropout(config.dropout)  # on the attention probabilities
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,10 +75,23 @@ class CausalSelfAttention(nn.Module):
         width = qkv.size(-1) // 3                # all heads, or this rank's heads under TP
         q, k, v = (t.view(B, T, width // self.head_dim, self.head_dim).transpose(1, 2)
                    for t in qkv.split(width, dim=-1))
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = causal_attention(q, k, v, self.attn_dropout if self.training else None)
         y = y.transpose(1, 2).reshape(B, T, width)
         return self.resid_dropout(self.c_proj(y))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: nn.Module | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + causal mask) v, with dropout on the probabilities (while training).
+    nn.Dropout runs inside SDPA's fused kernel. A module that stands in for it (tinymeg.nn's
+    ParallelDropout, which gives each tensor-parallel rank's heads their own mask) needs the
+    probabilities, so they are computed explicitly for it."""
+    if dropout is None or dropout.p == 0 or type(dropout) is nn.Dropout:
+        p = 0.0 if dropout is None else dropout.p
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+    T, S = q.size(-2), k.size(-2)
+    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)
+    scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
+    return dropout(scores.masked_fill(future, float("-inf")).softmax(-1)) @ v
 
 
 def linear_pre_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
