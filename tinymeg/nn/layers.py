@@ -285,14 +285,22 @@ def _replicated_class(cls: type) -> type:
     return _replicated_classes[cls]
 
 
-def replicate_module(module: nn.Module, mesh: DeviceMesh, region: Region | None = None) -> nn.Module:
+def replicate_module(module: nn.Module, mesh: DeviceMesh, region: Region | None = None,
+                     done: dict[int, nn.Parameter] | None = None) -> nn.Module:
     """Turn a module with parameters, whatever its class, in place into a replicated one: its
-    twin for the hot classes, else its own class under the Replicated mixin."""
+    twin for the hot classes, else its own class under the Replicated mixin. ``done`` maps
+    id(plain parameter) -> its replicated DTensor, so that a parameter two modules share (a
+    tied embedding and LM head) stays one parameter."""
     twin = REPLICATED_TYPES.get(type(module))
     module.__class__ = twin or _replicated_class(type(module))
     module.mesh, module.region = mesh, region
+    done = {} if done is None else done
     for name, p in list(module.named_parameters(recurse=False)):
-        setattr(module, name, distribute_parameter(p, mesh, Replicate()))
+        if isinstance(p, DTensor):
+            continue
+        if id(p) not in done:
+            done[id(p)] = distribute_parameter(p, mesh, Replicate())
+        setattr(module, name, done[id(p)])
     return module
 
 

@@ -80,13 +80,14 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
             _set_submodule(model, name, ColumnParallelLinear(tied[id(module.weight)], None, mesh,
                                                              gather_output=True))
 
+    replicas = {}  # id(plain parameter) -> its Replicate() DTensor: tied parameters stay tied
     for name, module in model.named_modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             module.region, module.tp_name = region, name
         elif type(module) is nn.Dropout:
             module.__class__, module.region = ParallelDropout, region
         elif any(not isinstance(p, DTensor) for p in module.parameters(recurse=False)):
-            replicate_module(module, mesh, region)
+            replicate_module(module, mesh, region, replicas)
     for module, attr, value in attributes:
         setattr(module, attr, value // tp)
 
