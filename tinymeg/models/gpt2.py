@@ -164,6 +164,20 @@ class GPT2Model(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @classmethod
+    def from_pretrained(cls, path: str, *, dropout: float | None = None, vocab_multiple: int = 64) -> "GPT2Model":
+        """The GPT-2 in a Hugging Face directory (config.json + model.safetensors, as transformers'
+        save_pretrained writes them; any GPT-2 size), as a GPT2Model to train or shard like any
+        other. ``dropout`` None keeps the config's. See tinymeg.models.hf_gpt2."""
+        from .hf_gpt2 import from_pretrained
+        return from_pretrained(path, dropout=dropout, vocab_multiple=vocab_multiple)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write config.json + model.safetensors, which transformers.GPT2LMHeadModel.from_pretrained
+        loads with the same logits. On a sharded model every rank calls it; rank 0 writes."""
+        from .hf_gpt2 import save_pretrained
+        save_pretrained(self, path)
+
     def num_params(self) -> int:
         """Parameters in the global model (tied weights counted once, padding rows included)."""
         return sum(p.numel() for p in self.parameters())

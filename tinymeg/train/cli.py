@@ -58,6 +58,9 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
                              "fresh: use with torchrun --max-restarts for crash recovery")
     ck.add_argument("--resume-from", default=base.resume_from, metavar="PATH",
                     help="resume from this checkpoint (or this directory's latest) on any mesh")
+    add("--init-from", default=base.init_from, metavar="DIR",
+        help="fine-tune: start from the GPT-2 in this Hugging Face directory (config.json + "
+             "model.safetensors, e.g. from recipes/export.py --format hf); its shape replaces --n-layer/--n-head/--n-embd")
     args = p.parse_args(argv)
 
     world = int(os.environ.get("WORLD_SIZE", 1))
