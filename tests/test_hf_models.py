@@ -22,8 +22,8 @@ pytest.importorskip("transformers", reason="transformers is in the [test] extra:
 
 def hf_model(kind: str, tp: int, **overrides):
     """A tiny randomly initialised transformers model: 2 heads per rank; GQA with a kv head
-    per rank for the Llama family; Qwen2 with q/k/v biases and tied embeddings; Mistral with
-    a sliding window shorter than the sequence."""
+    per rank for the Llama family; Llama with a padding_idx; Qwen2 with q/k/v biases and tied
+    embeddings; Mistral with a sliding window shorter than the sequence."""
     import transformers as hf
     heads = 2 * tp
     common = dict(vocab_size=32 * tp, num_hidden_layers=2, num_attention_heads=heads, hidden_size=8 * heads,
@@ -33,8 +33,8 @@ def hf_model(kind: str, tp: int, **overrides):
                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         return hf.GPT2LMHeadModel(hf.GPT2Config(**{**cfg, **overrides}))
     common.update(num_key_value_heads=tp, intermediate_size=12 * tp, max_position_embeddings=32)
-    if kind == "llama":
-        return hf.LlamaForCausalLM(hf.LlamaConfig(**{**common, **overrides}))
+    if kind == "llama":  # with a padding token: its embedding row gets no gradient
+        return hf.LlamaForCausalLM(hf.LlamaConfig(**{**common, "pad_token_id": 1, **overrides}))
     if kind == "qwen2":
         return hf.Qwen2ForCausalLM(hf.Qwen2Config(**{**common, "tie_word_embeddings": True, **overrides}))
     if kind == "mistral":
