@@ -96,12 +96,13 @@ class Model(nn.Module):
     def __init__(self, vocab=32, dim=16, heads=4, hidden=32, layers=2):
         super().__init__()
         self.embed = ScaledEmbedding(vocab, dim)
+        self.embed_norm = OffsetRMSNorm(dim)   # before the SP span: whole tokens, whole gradients
         self.blocks = nn.ModuleList(Block(dim, heads, hidden) for _ in range(layers))
         self.norm = OffsetRMSNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
 
     def forward(self, ids, targets=None, return_logits=True):
-        x = self.embed(ids)
+        x = self.embed_norm(self.embed(ids))
         for block in self.blocks:
             x = block(x)
         logits = self.head(self.norm(x))
@@ -126,7 +127,7 @@ def _any_module_body(tp, sp, sharded_head, seed):
     torch.manual_seed(seed)
     ref = Model(heads=tp, hidden=8 * tp)
     sharded = tm.apply_tensor_parallel(copy.deepcopy(ref), ctx, _plan(sp, sharded_head))
-    for name in ("embed", "blocks.0.norm1", "blocks.0.gate", "blocks.0.attn.q_norm", "norm"):
+    for name in ("embed", "embed_norm", "blocks.0.norm1", "blocks.0.gate", "blocks.0.attn.q_norm", "norm"):
         module = sharded.get_submodule(name)
         assert isinstance(module, Replicated) and isinstance(module, type(ref.get_submodule(name))), name
     g = torch.Generator().manual_seed(seed)

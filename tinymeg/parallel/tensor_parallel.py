@@ -138,8 +138,11 @@ def _apply_sequence_parallel(model: nn.Module, region: Region, span: list[nn.Mod
     for i, block in enumerate(span):
         block.register_forward_pre_hook(lambda m, a, k, first=i == 0: enter_span(m, a, k, first), with_kwargs=True)
         for module in block.modules():
-            # attention, MLP: the modules holding column-parallel layers get the whole sequence
-            if any(isinstance(c, ColumnParallelLinear) and not c.gather_output for c in module.children()):
+            # attention, MLP: the modules holding column-parallel layers get the whole sequence.
+            # Not the block itself (its residual stays on shards): column layers held by the block
+            # directly gather their input each.
+            if module is not block and any(isinstance(c, ColumnParallelLinear) and not c.gather_output
+                                           for c in module.children()):
                 module.register_forward_pre_hook(
                     lambda m, a, k: _map_first_tensor(a, k, region.gather_for_block), with_kwargs=True)
 
