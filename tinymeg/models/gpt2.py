@@ -86,11 +86,10 @@ class CausalAttention(nn.Module):
 
     def __init__(self, dropout: float = 0.0):
         super().__init__()
-        self.dropout = dropout
+        self.dropout = nn.Dropout(dropout)  # on the attention probabilities
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return causal_attention(q, k, v, self.dropout if self.training else None)
 
 
 class CausalSelfAttention(nn.Module):
@@ -115,6 +114,20 @@ class CausalSelfAttention(nn.Module):
         y = self.core_attention(q, k, v)
         y = y.transpose(1, 2).reshape(B, T, width)
         return self.resid_dropout(self.c_proj(y))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: nn.Module | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + causal mask) v, with dropout on the probabilities (while training).
+    nn.Dropout runs inside SDPA's fused kernel. A module that stands in for it (tinymeg.nn's
+    ParallelDropout, which gives each tensor-parallel rank's heads their own mask) needs the
+    probabilities, so they are computed explicitly for it."""
+    if dropout is None or dropout.p == 0 or type(dropout) is nn.Dropout:
+        p = 0.0 if dropout is None else dropout.p
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+    T, S = q.size(-2), k.size(-2)
+    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)
+    scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
+    return dropout(scores.masked_fill(future, float("-inf")).softmax(-1)) @ v
 
 
 def linear_pre_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -186,6 +199,20 @@ class GPT2Model(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dropout: float | None = None, vocab_multiple: int = 64) -> "GPT2Model":
+        """The GPT-2 in a Hugging Face directory (config.json + model.safetensors, as transformers'
+        save_pretrained writes them; any GPT-2 size), as a GPT2Model to train or shard like any
+        other. ``dropout`` None keeps the config's. See tinymeg.models.hf_gpt2."""
+        from .hf_gpt2 import from_pretrained
+        return from_pretrained(path, dropout=dropout, vocab_multiple=vocab_multiple)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write config.json + model.safetensors, which transformers.GPT2LMHeadModel.from_pretrained
+        loads with the same logits. On a sharded model every rank calls it; rank 0 writes."""
+        from .hf_gpt2 import save_pretrained
+        save_pretrained(self, path)
 
     def num_params(self) -> int:
         """Parameters in the global model (tied weights counted once, padding rows included)."""

@@ -1,3 +1,4 @@
+from . import plans
 from .context_parallel import apply_context_parallel
 from .data_parallel import apply_data_parallel, apply_hybrid_parallel
 from .expert_parallel import apply_expert_parallel
@@ -7,4 +8,4 @@ from .tensor_parallel import apply_tensor_parallel
 
 __all__ = ["apply_tensor_parallel", "apply_data_parallel", "apply_hybrid_parallel",
            "ColumnParallel", "RowParallel", "VocabParallel", "GPT2_TP_CONFIG",
-           "apply_context_parallel", "apply_expert_parallel", "gpt2_tp_config", "parallelize"]
+           "apply_context_parallel", "apply_expert_parallel", "gpt2_tp_config", "parallelize", "plans"]

@@ -61,6 +61,7 @@ from ..context import ParallelContext
 from ..models.gpt2 import CausalAttention
 from ..nn.functional import all_gather, all_reduce
 from .plan import matches
+from .tensor_parallel import sequence_parallel_size
 
 # ---- the layout ----
 
@@ -424,8 +425,8 @@ def apply_context_parallel(model: nn.Module, ctx: ParallelContext, position_embe
     _check_attention(model, cores)
     for name in cores:
         core = model.get_submodule(name)
-        if core.dropout > 0:
-            raise ValueError(f"{name!r} has attention dropout {core.dropout}, which ring attention does not "
+        if core.dropout.p > 0:
+            raise ValueError(f"{name!r} has attention dropout {core.dropout.p}, which ring attention does not "
                              f"implement: build the model with dropout=0 (GPTConfig(dropout=0.0)) to use cp")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, RingAttention(state, block))
@@ -440,8 +441,7 @@ def apply_context_parallel(model: nn.Module, ctx: ParallelContext, position_embe
         for emb in hits:
             emb.register_forward_pre_hook(_layout_positions_hook(state))
 
-    state.tp_seq = max([m.mesh.size() for m in model.modules()
-                        if getattr(m, "sequence_parallel", False) and hasattr(m, "mesh")], default=1)
+    state.tp_seq = sequence_parallel_size(model)
     model.context_parallel = state
     model.__class__ = type(f"ContextParallel{type(model).__name__}", (ContextParallelMixin, type(model)), {})
     return model

@@ -45,6 +45,7 @@ from ..context import ParallelContext
 from ..models.moe import GroupedExperts, MoE, expert_mlp, moe_layers
 from ..nn.functional import _wait, all_reduce, copy_to_tp
 from ..nn.layers import distribute_parameter, local
+from .tensor_parallel import sequence_parallel_size
 
 
 def apply_expert_parallel(model: nn.Module, ctx: ParallelContext) -> nn.Module:
@@ -64,7 +65,7 @@ def apply_expert_parallel(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     if ctx.tp_size > 1 and not any(isinstance(p, DTensor) for p in model.parameters()):
         raise ValueError("apply_tensor_parallel before apply_expert_parallel (tp > 1 but the model "
                          "has no tensor-parallel parameters): EP needs to know if sequence parallelism is on")
-    sp = ctx.tp_size > 1 and any(getattr(m, "sequence_parallel", False) for m in model.modules())
+    sp = sequence_parallel_size(model) > 1
     tp_mesh = ctx.tp_mesh if sp else None
     for m in layers:
         experts, router = m.experts, m.router

@@ -64,6 +64,9 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
                              "fresh: use with torchrun --max-restarts for crash recovery")
     ck.add_argument("--resume-from", default=base.resume_from, metavar="PATH",
                     help="resume from this checkpoint (or this directory's latest) on any mesh")
+    add("--init-from", default=base.init_from, metavar="DIR",
+        help="fine-tune: start from the GPT-2 in this Hugging Face directory (config.json + "
+             "model.safetensors, e.g. from recipes/export.py --format hf); its shape replaces --n-layer/--n-head/--n-embd")
     args = p.parse_args(argv)
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -84,6 +87,9 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     if args.n_experts and args.n_experts % args.ep:
         p.error(f"--n-experts {args.n_experts} is not divisible by --ep {args.ep}: each ep rank holds "
                 f"n_experts/ep experts")
+    if args.n_experts and args.init_from:
+        p.error(f"--init-from loads GPT-2's dense weights, and --n-experts {args.n_experts} asks for a "
+                f"mixture-of-experts model: drop one of them")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                          if hasattr(args, f.name)})
     try:

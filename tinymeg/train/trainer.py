@@ -14,6 +14,7 @@ from tqdm import tqdm
 from ..context import ParallelContext
 from ..data import get_batch, load_corpus
 from ..models import GPT2Model, GPTConfig
+from ..models.hf_gpt2 import init_from_pretrained
 from ..ops import synchronized
 from ..parallel import gpt2_tp_config, parallelize
 from .checkpoint import Checkpointer, maybe_inject_fault
@@ -63,6 +64,7 @@ class TrainConfig:
     resume: bool = False           # from ckpt_dir's latest, which must exist
     auto_resume: bool = False      # from ckpt_dir's latest if any (crash recovery)
     resume_from: str | None = None # a checkpoint, or a ckpt dir (its latest)
+    init_from: str | None = None   # start from a Hugging Face GPT-2 directory (its shape, not n_layer...)
 
     @property
     def global_batch(self) -> int:
@@ -80,9 +82,12 @@ def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> GPT2
     """The same seed on every rank builds the same model; then shard it over the mesh
     (tm.parallelize applies every dim that is on, in order)."""
     torch.manual_seed(cfg.seed)
-    model = GPT2Model(GPTConfig(block_size=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                                n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
-                                n_experts=cfg.n_experts, top_k=cfg.top_k)).to(ctx.device)
+    if cfg.init_from:  # GPT-2's published weights: a dense model (checks refuse --n-experts with it)
+        model = init_from_pretrained(cfg.init_from, vocab_size, cfg.seq_len, cfg.dropout).to(ctx.device)
+    else:
+        model = GPT2Model(GPTConfig(block_size=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                                    n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
+                                    n_experts=cfg.n_experts, top_k=cfg.top_k)).to(ctx.device)
     return parallelize(model, ctx, gpt2_tp_config(model.config), sequence_parallel=cfg.sequence_parallel,
                        loss_parallel=cfg.loss_parallel, bucket_mb=cfg.bucket_mb)
 
