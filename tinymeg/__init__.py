@@ -2,8 +2,10 @@
 from . import models
 from .context import ParallelContext
 from .parallel import (GPT2_TP_CONFIG, ColumnParallel, RowParallel, VocabParallel,
-                       apply_data_parallel, apply_hybrid_parallel, apply_tensor_parallel)
+                       apply_data_parallel, apply_hybrid_parallel, apply_tensor_parallel,
+                       shard_optimizer)
 from .parallel.comm import comm_report
 
 __all__ = ["ParallelContext", "apply_tensor_parallel", "apply_data_parallel", "apply_hybrid_parallel",
-           "ColumnParallel", "RowParallel", "VocabParallel", "GPT2_TP_CONFIG", "comm_report", "models"]
+           "ColumnParallel", "RowParallel", "VocabParallel", "GPT2_TP_CONFIG", "comm_report", "models",
+           "shard_optimizer"]

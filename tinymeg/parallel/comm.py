@@ -61,6 +61,10 @@ class CommCounter(TorchDispatchMode):
             record = ("all_reduce", args[1], sum(_nbytes(t) for t in args[0]))
         elif packet is _c10d.broadcast_:
             record = ("broadcast", args[1], sum(_nbytes(t) for t in args[0]))
+        elif packet is _c10d._reduce_scatter_base_:   # ZeRO and FSDP2's gradient reduce-scatter
+            record = ("reduce_scatter", args[2], _nbytes(args[1]))
+        elif packet is _c10d._allgather_base_:        # ZeRO and FSDP2's parameter all-gather
+            record = ("all_gather", args[2], _nbytes(args[0]))
         if record is not None:
             kind, group, nbytes = record
             self.records.append(Collective(self.phase, kind, *self._group(group), nbytes))
@@ -71,16 +75,22 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def comm_report(model, idx: torch.Tensor, targets: torch.Tensor, ctx, **forward_kwargs) -> Counter:
-    """Collectives of one forward + backward (including DP's gradient sync): a Counter of
+def comm_report(model, idx: torch.Tensor, targets: torch.Tensor, ctx, optimizer=None,
+                **forward_kwargs) -> Counter:
+    """Collectives of one forward + backward (including DP's gradient sync) and, given an
+    optimizer, of its step (phase "step": ZeRO's parameter all-gather): a Counter of
     Collective -> count. forward_kwargs go to the model (GPT2Model: return_logits=False is
     the training step's loss path)."""
     dims = {ctx.mesh[d].get_group().group_name: d for d in ("tp", "dp")}
+    dims.setdefault(ctx.dp_cp_mesh.get_group().group_name, "dp_cp")
     counter = CommCounter(dims)
     with counter:
         loss = model(idx, targets, **forward_kwargs)[1]
         counter.phase = "backward"
         loss.backward()
+        if optimizer is not None:
+            counter.phase = "step"
+            optimizer.step()
     return Counter(counter.records)
 
 

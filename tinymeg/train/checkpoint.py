@@ -57,13 +57,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from tqdm import tqdm
 
 from ..data import CharTokenizer, GPT2Tokenizer
 from ..models import GPT2Model, GPTConfig
+# torch's get/set_state_dict, extended to ZeRO shards and fp32 master weights (any stage, any mesh)
+from ..parallel.zero import get_state_dict, set_state_dict
 
 META = "tinymeg.json"
 LATEST = "latest"
