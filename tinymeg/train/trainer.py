@@ -16,6 +16,7 @@ from ..data import get_batch, load_corpus
 from ..models import GPT2Model, GPTConfig
 from ..ops import synchronized
 from ..parallel import GPT2_TP_CONFIG, apply_data_parallel, apply_tensor_parallel
+from ..parallel.zero import memory_mb
 from .checkpoint import Checkpointer, maybe_inject_fault
 from .optim import build_optimizer, clip_grad_norm_, lr_at
 
@@ -47,6 +48,8 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda
     sample_tokens: int = 200       # 0: no sample at the end
     bucket_mb: float = 25.0
+    zero: int = 0                  # ZeRO stage over dp: 0 replicated, 1 optimizer states, 2 + grads, 3 + params
+    dtype: str = "fp32"            # fp32 | bf16 (bf16 compute, fp32 master weights/states/grad reduction)
     sequence_parallel: bool = False  # tp > 1: shard activations on the sequence outside TP regions
     loss_parallel: bool = False      # tp > 1: keep the logits vocab-sharded in the loss
     progress: bool = True          # tqdm bar on rank 0
@@ -79,7 +82,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> GPT2
     if ctx.tp_size > 1:  # at tp=1 plain tensors are cheaper than 1-rank DTensors
         model = apply_tensor_parallel(model, ctx, {**GPT2_TP_CONFIG, "sequence_parallel": cfg.sequence_parallel,
                                                    "loss_parallel": cfg.loss_parallel})
-    return apply_data_parallel(model, ctx, cfg.bucket_mb)
+    return apply_data_parallel(model, ctx, cfg.bucket_mb, zero=cfg.zero, param_dtype=cfg.dtype)
 
 
 @torch.no_grad()
@@ -144,13 +147,14 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
+        memory = memory_mb(model, optimizer)  # after the step, before zero_grad frees the gradients
         optimizer.zero_grad(set_to_none=True)
         train_loss = _dp_mean(loss_sum / cfg.grad_accum, ctx)
         losses.append(train_loss)
         dt = time.perf_counter() - t0
 
         record = {"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_step / dt,
-                  "ms_per_step": 1000 * dt, "peak_mem_mb": _peak_memory_mb(ctx.device)}
+                  "ms_per_step": 1000 * dt, "peak_mem_mb": _peak_memory_mb(ctx.device), **memory}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm.item()
         last_step = step == cfg.steps - 1
