@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from ..context import ParallelContext
 from ..nn.layers import local as _local
 from .grad_sync import GradSync
-from .zero import ZeroState, fully_shard_model, make_holders, shard_dims
+from .zero import ZeroState, fully_shard_model, make_holders, recover_fsdp, shard_dims
 
 DEFAULT_BUCKET_MB = 25.0
 PARAM_DTYPES = {None: None, "fp32": None, "float32": None, torch.float32: None,
@@ -60,6 +60,8 @@ class DataParallelMixin:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """nn.Module.zero_grad, and the gradients accumulated in the data-parallel buckets."""
+        if self.grad_sync is None:
+            recover_fsdp(self)
         super().zero_grad(set_to_none)
         if self.grad_sync is not None:
             self.grad_sync.zero_grad()

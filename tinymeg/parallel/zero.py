@@ -205,9 +205,7 @@ def shard_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch
     can always call this. Call it before the first step.
     """
     state: ZeroState | None = getattr(model, "zero_state", None)
-    if state is None or not state.holders:
-        return optimizer
-    if state.optimizer is optimizer:
+    if state is None or state.optimizer is optimizer or (state.stage != 3 and not state.holders):
         return optimizer
     if state.optimizer is not None:
         raise ValueError("this model already has a sharded optimizer; build one optimizer per model")
@@ -219,21 +217,23 @@ def shard_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch
             f"Use zero=3 (FSDP2 steps DTensor shards with global semantics) or zero=0")
     if optimizer.state:
         raise ValueError("shard_optimizer: the optimizer has already stepped; shard it right after building it")
-    for group in optimizer.param_groups:
-        unknown = [p for p in group["params"] if p not in state.holders]
-        if unknown:
-            raise ValueError(f"shard_optimizer: the optimizer holds {len(unknown)} tensor(s) that are not "
-                             f"parameters of this model (shape {tuple(unknown[0].shape)}); build it on "
-                             f"the wrapped model's parameters")
-        group["params"] = [state.holders[p] for p in group["params"]]
-    optimizer.register_step_post_hook(lambda *_: state.publish())
+    ours = state.holders or {p: p for p in state.model.parameters()}
+    unknown = [p for g in optimizer.param_groups for p in g["params"] if p not in ours]
+    if unknown:
+        raise ValueError(f"shard_optimizer: the optimizer holds {len(unknown)} tensor(s) that are not "
+                         f"parameters of this model (the first has shape {tuple(unknown[0].shape)}); build "
+                         f"it on the wrapped model's parameters")
     zero_grad = optimizer.zero_grad
 
     def zero_grad_everywhere(self, set_to_none: bool = True) -> None:
         zero_grad(set_to_none)
-        state.model.zero_grad(set_to_none)   # the model's local gradients and the buckets
+        state.model.zero_grad(set_to_none)   # the model's local gradients, the buckets, FSDP2's state
     optimizer.zero_grad = types.MethodType(zero_grad_everywhere, optimizer)
     state.optimizer = optimizer
+    if state.holders:   # (stage 3: FSDP2's sharded parameters are the model's own)
+        for group in optimizer.param_groups:
+            group["params"] = [state.holders[p] for p in group["params"]]
+        optimizer.register_step_post_hook(lambda *_: state.publish())
     return optimizer
 
 
@@ -266,6 +266,21 @@ def fully_shard_model(model: nn.Module, default_mesh: DeviceMesh, param_dtype: t
     shard(model, default_mesh)
     # A parameter used on some ranks only must still take part in every rank's reduce-scatter.
     model.set_reduce_scatter_unused_params(True)
+    model.register_forward_pre_hook(lambda module, args: recover_fsdp(module), prepend=True)
+
+
+def recover_fsdp(model: nn.Module) -> None:
+    """After a backward that raised, finish FSDP2's backward bookkeeping (stage 3).
+
+    FSDP2 queues its end-of-backward callback once and only clears that mark in the callback,
+    which a backward that raised never runs: every later backward would then skip it (no
+    reduce-scatter waits, gradients left unsharded). Run it now, outside backward, as the end
+    of the failed backward would have: it reduce-scatters what that backward had accumulated
+    (on every rank that failed at the same point), so zero_grad() after this forgets it.
+    Called by zero_grad() and before each forward."""
+    state = model._get_fsdp_state()
+    if state._state_ctx.post_backward_final_callback_queued and torch._C._current_graph_task_id() == -1:
+        state._root_post_backward_final_callback()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -364,36 +379,39 @@ def _unboxed(model: nn.Module) -> list[tuple[str, nn.Parameter, str]]:
 
 
 def _is_dp_sharded(t: torch.Tensor, group: str) -> bool:
-    """t is a DTensor split on dim 0 over the dp group named group (its mesh dim 0)."""
+    """t is a DTensor split over the dp group named group (its mesh dim 0)."""
     return (isinstance(t, DTensor) and _is_shard(t.placements[0])
             and t.device_mesh.get_group(0).group_name == group)
 
 
+@torch.no_grad()
 def _gather_dp(t: torch.Tensor, group: str, shape: torch.Size) -> torch.Tensor:
-    """t, a DTensor split over dp (mesh dim 0) on dim 0, as a tensor replicated over dp: with its
-    TP placements only (a plain tensor without TP), in the parameter's shape."""
+    """t, a DTensor split over dp (mesh dim 0), as a tensor replicated over dp: with its TP
+    placements only (a plain tensor without TP), in the parameter's shape."""
     if not _is_dp_sharded(t, group):
         return t
     mesh = t.device_mesh
     tp_mesh = mesh[mesh.mesh_dim_names[1:]] if mesh.ndim > 1 else None
     tp_shape = compute_local_shape_and_global_offset(t.shape, tp_mesh, t.placements[1:])[0] \
         if tp_mesh is not None else tuple(t.shape)
-    layout = ShardLayout(tp_shape, 0, mesh.size(0))
+    layout = ShardLayout(tp_shape, t.placements[0].dim, mesh.size(0))
     local = _local(t)
-    padded = local.new_zeros(layout.chunk_shape)
-    padded.narrow(0, 0, local.shape[0]).copy_(local)
-    rows = local.new_empty((layout.parts,) + layout.chunk_shape)
-    dist.all_gather_into_tensor(rows, padded, group=mesh.get_group(0))
-    full = rows.flatten(0, 1)[:layout.n].clone()
+    mine = local.new_zeros(layout.row_numel)
+    layout.own(mine, mesh.get_local_rank(0)).copy_(local)
+    rows = local.new_empty(layout.parts * layout.row_numel)
+    dist.all_gather_into_tensor(rows, mine, group=mesh.get_group(0))
+    full = local.new_empty(layout.shape)
+    layout.copy_from_rows(rows.view(layout.parts, -1), full)
     if tp_mesh is None:
         return full.view(shape)
     return DTensor.from_local(full, tp_mesh, t.placements[1:], shape=t.shape, stride=t.stride(), run_check=False)
 
 
-def _scatter_dp(full: torch.Tensor, target: torch.Tensor) -> None:
+@torch.no_grad()
+def _scatter_dp(full: torch.Tensor, target: DTensor) -> None:
     """The inverse of _gather_dp: this rank's dp chunk of full into target (in place)."""
     mesh = target.device_mesh
-    layout = ShardLayout(_local(full).shape, 0, mesh.size(0))
+    layout = ShardLayout(_local(full).shape, target.placements[0].dim, mesh.size(0))
     _local(target).copy_(layout.chunk(_local(full), mesh.get_local_rank(0)))
 
 
