@@ -131,8 +131,44 @@ def expected_gpt2_comm(model, batch: int, seq: int, ctx, sequence_parallel: bool
             # ln_1, ln_2 per block and ln_f; plus attn.c_proj.bias and mlp.c_proj.bias per block
             want[Collective("backward", "all_reduce", "tp", tp, c)] += per_norm * (2 * L + 1) + (2 * L if cfg.bias else 0)
     if ctx.dp_size > 1:
-        for bucket in model.grad_sync.buckets:
-            want[Collective("backward", "all_reduce", "dp", ctx.dp_size, _nbytes(bucket.buffer))] += 1
+        want += expected_dp_comm(model, ctx)
+    return want
+
+
+def expected_dp_comm(model, ctx, step: bool = True) -> Counter:
+    """The data-parallel collectives of one step (``step``: with the optimizer step's), by stage.
+
+    0: one all-reduce per bucket in backward (the local gradients in the reduction dtype, and one
+    used flag per parameter). 1-2: a reduce-scatter of the same buckets (each chunk padded to the
+    largest) and, after the step, an all-gather of the updated parameters in their own dtype:
+    together the all-reduce's bytes on the wire. 3 (FSDP2): per FSDP group, an all-gather of its
+    parameters (padded, compute dtype) in forward and, except the root's, again in backward, and
+    a reduce-scatter of its gradients (fp32) in backward."""
+    want, n = Counter(), ctx.dp_size
+    sync = getattr(model, "grad_sync", None)
+    if sync is not None:
+        for b in sync.buckets:
+            kind = "all_reduce" if b.parts == 1 else "reduce_scatter"
+            want[Collective("backward", kind, "dp", n, b.nbytes)] += 1
+            if b.parts > 1 and step:
+                itemsize = b.slots[0].param.element_size()
+                want[Collective("step", "all_gather", "dp", n, b.parts * b.grad_numel * itemsize)] += 1
+        return want
+    from torch.distributed.fsdp import FSDPModule
+    root = model
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        group = module._get_fsdp_state()._fsdp_param_group
+        if group is None:
+            continue
+        padded = sum(p.padded_sharded_param_size.numel() for p in group.fsdp_params)
+        dtype = group.mp_policy.param_dtype or group.fsdp_params[0].sharded_param.dtype
+        gathered = n * padded * dtype.itemsize
+        want[Collective("forward", "all_gather", "dp", n, gathered)] += 1
+        if module is not root:
+            want[Collective("backward", "all_gather", "dp", n, gathered)] += 1
+        want[Collective("backward", "reduce_scatter", "dp", n, n * padded * 4)] += 1
     return want
 
 
