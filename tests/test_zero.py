@@ -265,3 +265,41 @@ def test_recipe_flags_reject_a_bad_stage(capsys):
     assert "--dtype: invalid choice: 'fp16'" in capsys.readouterr().err
     cfg = parse_args(["--zero", "2", "--dtype", "bf16"])
     assert (cfg.zero, cfg.dtype) == (2, "bf16")
+
+
+# ---- checkpoints across stages and meshes ----
+
+TINY = dict(n_layer=2, n_head=4, n_embd=32, seq_len=16, eval_every=0, eval_iters=2, sample_tokens=0,
+            progress=False, lr=3e-3, warmup=2, steps=6, ckpt_every=2)
+
+
+def _train_body(tp, dp, zero, dtype="fp32", **kw):
+    from tinymeg.train import TrainConfig, train
+    out = train(TrainConfig(tp=tp, dp=dp, zero=zero, dtype=dtype, micro_batch=4 // dp, **{**TINY, **kw}),
+                ctx=get_ctx(dp=dp, tp=tp))
+    held = (lambda p: p) if dtype == "fp32" else tm.parallel.zero.optimizer_param   # fp32 masters
+    return out["losses"], {n: full_value(held(p)).detach() for n, p in out["model"].named_parameters()}
+
+
+def test_checkpoint_resumes_across_stages_and_meshes(tmp_path):
+    """(dp=4, zero=3) -> (tp=2, dp=2, zero=1) -> one process, zero=0: the losses of the
+    uninterrupted run, and its parameters at the end."""
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    straight, final = world(4).run(_train_body, 1, 4, 3, ckpt_dir=a)[0]
+    resumed, _ = world(4).run(_train_body, 2, 2, 1, ckpt_dir=b, resume_from=f"{a}/step_000002")[0]
+    assert resumed == pytest.approx(straight[2:], rel=1e-5), (resumed, straight)
+    last, params = world(1).run(_train_body, 1, 1, 0, ckpt_dir=c, resume_from=f"{b}/step_000004")[0]
+    assert last == pytest.approx(straight[4:], rel=1e-5), (last, straight)
+    for name, p in params.items():
+        torch.testing.assert_close(p, final[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_bf16_checkpoint_holds_the_fp32_master_weights(tmp_path):
+    """A bf16 run saves its fp32 masters: an fp32 one-process run resumed from it starts from them."""
+    d = str(tmp_path / "bf16")
+    _, masters = world(2).run(_train_body, 1, 2, 2, "bf16", ckpt_dir=d, steps=2)[0]
+    _, loaded = world(1).run(_train_body, 1, 1, 0, ckpt_dir=str(tmp_path / "fp32"),
+                             resume_from=f"{d}/step_000002", steps=2)[0]
+    for name, p in masters.items():
+        assert p.dtype == torch.float32
+        assert torch.equal(loaded[name], p), name

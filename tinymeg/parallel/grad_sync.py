@@ -297,7 +297,7 @@ class GradSync:
             bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True)
         else:
             bucket.output = torch.empty(bucket.row, dtype=bucket.dtype, device=bucket.device)
-            bucket.work = dist.reduce_scatter_tensor(bucket.output, bucket.buffer, group=bucket.group,
+            bucket.work = dist.reduce_scatter_single(bucket.output, bucket.buffer, group=bucket.group,
                                                      async_op=True)
 
     def _finish(self) -> None:

@@ -153,7 +153,7 @@ class ZeroState:
             for (p, layout), off in zip(group, offsets):
                 layout.own(mine[off:off + layout.row_numel], rank).copy_(_local(self.holders[p]))
             everyone = torch.empty(size * offsets[-1], dtype=dtype, device=mine.device)
-            work = dist.all_gather_into_tensor(everyone, mine, group=mesh.get_group(), async_op=True)
+            work = dist.all_gather_single(everyone, mine, group=mesh.get_group(), async_op=True)
             pending.append((group, offsets, everyone, work))
         for group, offsets, everyone, work in pending:
             work.wait()
@@ -310,8 +310,9 @@ def get_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer):
     for name, p, group in _unboxed(model):
         if name in model_sd:
             model_sd[name] = _gather_dp(model_sd[name], group, p.shape)
-        for key, value in optim_sd["state"].get(name, {}).items():
-            optim_sd["state"][name][key] = _gather_dp(value, group, p.shape)
+        if name in optim_sd["state"]:   # a new dict: torch's are the optimizer's own
+            optim_sd["state"][name] = {key: _gather_dp(value, group, p.shape)
+                                       for key, value in optim_sd["state"][name].items()}
     return model_sd, optim_sd
 
 
@@ -399,7 +400,7 @@ def _gather_dp(t: torch.Tensor, group: str, shape: torch.Size) -> torch.Tensor:
     mine = local.new_zeros(layout.row_numel)
     layout.own(mine, mesh.get_local_rank(0)).copy_(local)
     rows = local.new_empty(layout.parts * layout.row_numel)
-    dist.all_gather_into_tensor(rows, mine, group=mesh.get_group(0))
+    dist.all_gather_single(rows, mine, group=mesh.get_group(0))
     full = local.new_empty(layout.shape)
     layout.copy_from_rows(rows.view(layout.parts, -1), full)
     if tp_mesh is None:
