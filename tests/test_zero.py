@@ -303,3 +303,72 @@ def test_bf16_checkpoint_holds_the_fp32_master_weights(tmp_path):
     for name, p in masters.items():
         assert p.dtype == torch.float32
         assert torch.equal(loaded[name], p), name
+
+
+# ---- the trainer: every stage, SP + loss parallel, eval, sampling, compile, memory ----
+
+def _trainer_body(tp, dp, zero, log=None, **kw):
+    from tinymeg.train import TrainConfig, train
+    cfg = TrainConfig(tp=tp, dp=dp, zero=zero, micro_batch=4 // dp, log_jsonl=log,
+                      **{**TINY, "ckpt_every": 0, "steps": 10, "eval_every": 5, "sample_tokens": 24, **kw})
+    out = train(cfg, ctx=get_ctx(dp=dp, tp=tp))
+    return out["losses"], out["val_loss"], out["sample"]
+
+
+def test_trainer_at_every_stage_logs_the_losses_of_zero_0():
+    """The must-show, in-process: tp=2 x dp=2 with sequence and loss parallel, 10 steps: every
+    stage logs zero 0's losses (rel 1e-5), the same val loss and the same sample."""
+    pool = world(4)
+    runs = {z: pool.run(_trainer_body, 2, 2, z, sequence_parallel=True, loss_parallel=True)[0] for z in range(4)}
+    for zero, (losses, val, sample) in runs.items():
+        assert losses == pytest.approx(runs[0][0], rel=1e-5), (zero, losses, runs[0][0])
+        assert val == pytest.approx(runs[0][1], rel=1e-5) and sample == runs[0][2], zero
+    assert runs[0][0][-1] < runs[0][0][0]
+
+
+def test_memory_fields_shrink_with_the_stage_at_dp4(tmp_path):
+    """At dp=4: optimizer states <= 0.3x zero 0 from stage 1, gradients from stage 2, parameters at 3."""
+    import json
+    mem = {}
+    for zero in range(4):
+        log = tmp_path / f"z{zero}.jsonl"
+        world(4).run(_trainer_body, 1, 4, zero, str(log), steps=2, sample_tokens=0)
+        mem[zero] = json.loads(log.read_text().splitlines()[-1])
+    base = mem[0]
+    assert all(base[k] > 0 for k in ("param_mb", "grad_mb", "optim_mb"))
+    assert mem[1]["optim_mb"] <= 0.3 * base["optim_mb"] and mem[1]["grad_mb"] >= base["grad_mb"]
+    assert mem[2]["grad_mb"] <= 0.3 * base["grad_mb"] and mem[2]["optim_mb"] <= 0.3 * base["optim_mb"]
+    assert mem[3]["param_mb"] <= 0.3 * base["param_mb"] and mem[3]["grad_mb"] <= 0.3 * base["grad_mb"]
+    assert mem[2]["param_mb"] == base["param_mb"]
+
+
+def _compile_body(zero):
+    """torch.compile(fullgraph=True) (per block at stage 3) trains like eager, with TP, SP and
+    loss parallel."""
+    ctx = get_ctx(dp=2, tp=2)
+    cfg = tm.models.GPTConfig.tiny(n_layer=1)
+    plan = {**tm.GPT2_TP_CONFIG, "sequence_parallel": True, "loss_parallel": True}
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = tm.apply_hybrid_parallel(tm.models.GPT2Model(cfg), ctx, plan, zero=zero)
+        opt = tm.shard_optimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+        step = tm.parallel.compile_model(model) if compiled else model
+        g = torch.Generator().manual_seed(ctx.dp_rank)
+        losses = []
+        for _ in range(2):
+            x = torch.randint(0, 65, (2, 16), generator=g)
+            loss = step(x, x, return_logits=False)[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        runs.append((losses, {n: full_value(p).detach() for n, p in model.named_parameters()}))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
+    for name, p in runs[0][1].items():
+        assert_close(runs[1][1][name], p, f"{name} compiled vs eager")
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_compiled_model_trains_like_eager(zero):
+    world(4).run(_compile_body, zero)

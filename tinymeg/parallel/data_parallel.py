@@ -135,6 +135,21 @@ def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
                     setattr(module, name, b.to(dtype))
 
 
+def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """torch.compile(fullgraph=True) for a model, whatever its ZeRO stage: the whole model at
+    stages 0-2 (returns the compiled module); at stage 3 each FSDP block's forward, in place (FSDP2's
+    hooks cannot be traced: they run between the compiled blocks, as in torchtitan; the root's
+    embeddings and loss stay eager)."""
+    compile_kwargs = {"fullgraph": True, **compile_kwargs}
+    if getattr(model, "grad_sync", 0) is not None:   # not stage 3
+        return torch.compile(model, **compile_kwargs)
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule) and module is not model:
+            module.forward = torch.compile(module.forward, **compile_kwargs)
+    return model
+
+
 def apply_hybrid_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dict | None = None,
                           bucket_mb: float = DEFAULT_BUCKET_MB, zero: int = 0, param_dtype=None) -> nn.Module:
     """TP over ``ctx.mesh["tp"]``, then DP (ZeRO ``zero``) over the data-parallel ranks, on one mesh."""

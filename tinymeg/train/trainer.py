@@ -15,7 +15,7 @@ from ..context import ParallelContext
 from ..data import get_batch, load_corpus
 from ..models import GPT2Model, GPTConfig
 from ..ops import synchronized
-from ..parallel import GPT2_TP_CONFIG, apply_data_parallel, apply_tensor_parallel
+from ..parallel import GPT2_TP_CONFIG, apply_data_parallel, apply_tensor_parallel, compile_model
 from ..parallel.zero import memory_mb
 from .checkpoint import Checkpointer, maybe_inject_fault
 from .optim import build_optimizer, clip_grad_norm_, lr_at
@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     model = build_model(cfg, corpus.vocab_size, ctx)
     torch.manual_seed(cfg.seed + 1 + ctx.dp_rank)  # dropout: same on tp ranks, differs across dp
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    step_fn = torch.compile(model, fullgraph=True) if cfg.compile else model
+    step_fn = compile_model(model) if cfg.compile else model  # ZeRO-3: per block
     ckpt = Checkpointer(cfg, ctx, model, optimizer, corpus.tokenizer)
     start_step = ckpt.restore()  # 0, or the step of the checkpoint resumed from
 
