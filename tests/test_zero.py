@@ -372,3 +372,43 @@ def _compile_body(zero):
 @pytest.mark.parametrize("zero", [2, 3])
 def test_compiled_model_trains_like_eager(zero):
     world(4).run(_compile_body, zero)
+
+
+# ---- a parameter that declares its own data-parallel mesh (expert parallelism's hook) ----
+
+def _own_mesh_body(zero):
+    """Under dp=4, `extra` declares a 2-rank data-parallel mesh (as expert weights declare the
+    expert-dp ranks): its gradient is the mean over those 2 ranks only, the rest's over all 4.
+    Checked with SGD (lr 1: the step is minus the averaged gradient) against the mean of local
+    gradients computed by a plain copy of the model."""
+    ctx, pairs = get_ctx(dp=4), get_ctx(dp=2, tp=2)   # pairs.mesh["dp"]: ranks {0, 2} and {1, 3}
+
+    def build():
+        torch.manual_seed(0)
+        model = tm.models.GPT2Model(tm.models.GPTConfig.tiny(n_layer=1))
+        model.extra = torch.nn.Linear(32, 32)
+        return model
+
+    def loss(model):
+        x = torch.randint(0, 65, (2, 8), generator=torch.Generator().manual_seed(ctx.rank))
+        return model(x, x, return_logits=False)[1] + model.extra(model.transformer.wte(x)).square().mean()
+    plain, model = build(), build()
+    loss(plain).backward()
+    for p in model.extra.parameters():
+        p.data_parallel_mesh = pairs.mesh["dp"]
+    model = tm.apply_data_parallel(model, ctx, zero=zero, bucket_mb=0.002)
+    opt = tm.shard_optimizer(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    loss(model).backward()
+    opt.step()
+    ours = dict(model.named_parameters())
+    for name, p in plain.named_parameters():
+        group = (pairs.mesh["dp"] if name.startswith("extra") else ctx.mesh["dp"]).get_group()
+        mean = p.grad.clone()
+        torch.distributed.all_reduce(mean, group=group)
+        mean /= torch.distributed.get_world_size(group)
+        assert_close(p.detach() - ours[name].detach(), mean, f"{name}: step vs mean local gradient")
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_a_parameter_averaged_over_its_own_mesh(zero):
+    world(4).run(_own_mesh_body, zero)

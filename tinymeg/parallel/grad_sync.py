@@ -52,6 +52,7 @@ from torch.distributed.tensor import DTensor
 from ..nn.layers import local as _local
 
 DATA_PARALLEL_MESH_ATTR = "data_parallel_mesh"
+MAX_IN_FLIGHT = 2   # ZeRO 2: reduce-scatters in flight before backward waits for the oldest
 
 
 def data_parallel_mesh(p: nn.Parameter, default: DeviceMesh) -> DeviceMesh:
@@ -189,10 +190,13 @@ class GradSync:
         self._trainable: tuple[bool, ...] = ()
         self._task: int | None = None         # the autograd graph task being synced
         self._next = 0                        # buckets launched so far in this backward
+        self._delivered = 0                   # of which reduced and delivered
         self._pending = 0
         self._rebuild()
-        for p in params:
-            _register_hook(p, self._on_grad_ready)
+        # Nothing to do for replicas of one rank (tp only), unless gradients go to holders.
+        if holders is not None or any(data_parallel_mesh(p, default_mesh).size() > 1 for p in params):
+            for p in params:
+                _register_hook(p, self._on_grad_ready)
 
     # ---------------------------------------------------------------- buckets
 
@@ -274,6 +278,16 @@ class GradSync:
             self._launch(self.buckets[self._next])
             self.launch_log.append((self._next, self._pending))
             self._next += 1
+            if not self.keep_buffers:         # ZeRO 2: at most 2 full-size buckets in flight
+                while self._next - self._delivered > MAX_IN_FLIGHT:
+                    self._wait_and_deliver()
+
+    def _wait_and_deliver(self) -> None:
+        bucket = self.buckets[self._delivered]
+        if bucket.work is not None:
+            bucket.work.wait()
+        self._deliver(bucket)
+        self._delivered += 1
 
     def _launch(self, bucket: _Bucket) -> None:
         if self.holders is None:
@@ -292,6 +306,8 @@ class GradSync:
         else:
             rows = bucket.rows(zero=bucket.fresh)   # fresh: no parameter of it was used here
             bucket.fresh = False
+        if bucket.mesh.size() == 1:           # nothing to average with (parts is 1: the row is the result)
+            return
         rows[:, :bucket.grad_numel].div_(bucket.mesh.size())   # gloo has no AVG: pre-divide, then sum
         if bucket.parts == 1:
             bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True)
@@ -304,9 +320,8 @@ class GradSync:
         """End of a synced backward: launch what is left, wait, deliver the averaged gradients."""
         try:
             self._launch_ready(force=True)
-            for bucket in self.buckets:
-                bucket.work.wait()
-                self._deliver(bucket)
+            while self._delivered < len(self.buckets):
+                self._wait_and_deliver()
         finally:
             self._reset()
 
@@ -346,7 +361,7 @@ class GradSync:
     def _reset(self) -> None:
         for bucket in self.buckets:
             bucket.work, bucket.ready = None, 0
-        self._next, self._task = 0, None
+        self._next, self._delivered, self._task = 0, 0, None
 
     def zero_grad(self) -> None:
         """Forget gradients accumulated in the buckets (holders mode): the next backward starts
