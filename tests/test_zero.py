@@ -294,6 +294,15 @@ def test_checkpoint_resumes_across_stages_and_meshes(tmp_path):
         torch.testing.assert_close(p, final[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_zero3_with_tp_checkpoint_resumes_at_stage_2(tmp_path):
+    """FSDP2 x TP shards (a _StridedShard inside each TP shard, c_attn split on dim 1) save and
+    resume like any other: (tp=2, dp=2, zero=3) -> (tp=2, dp=2, zero=2)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    straight, _ = world(4).run(_train_body, 2, 2, 3, ckpt_dir=a, steps=4)[0]
+    resumed, _ = world(4).run(_train_body, 2, 2, 2, ckpt_dir=b, steps=4, resume_from=f"{a}/step_000002")[0]
+    assert resumed == pytest.approx(straight[2:], rel=1e-5), (resumed, straight)
+
+
 def test_bf16_checkpoint_holds_the_fp32_master_weights(tmp_path):
     """A bf16 run saves its fp32 masters: an fp32 one-process run resumed from it starts from them."""
     d = str(tmp_path / "bf16")
@@ -412,3 +421,61 @@ def _own_mesh_body(zero):
 @pytest.mark.parametrize("zero", [0, 2])
 def test_a_parameter_averaged_over_its_own_mesh(zero):
     world(4).run(_own_mesh_body, zero)
+
+
+# ---- any nn.Module: uneven shards, a 0-dim parameter, no ModuleList; a checkpoint round trip ----
+
+class _Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 7)                     # 7 rows: uneven over dp=2 (4 + 3)
+        self.scale = torch.nn.Parameter(torch.tensor(1.5))    # 0-dim
+
+    def forward(self, x):
+        return (self.proj(x) * self.scale).square().mean()
+
+
+def _small_body(zero, path):
+    import torch.distributed.checkpoint as dcp
+    from tinymeg.parallel.zero import get_state_dict, set_state_dict
+    ctx = get_ctx(dp=2)
+    torch.manual_seed(0)
+    ref = _Small()
+    torch.manual_seed(0)
+    model = tm.apply_data_parallel(_Small(), ctx, zero=zero)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = tm.shard_optimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x = torch.randn(4, 6, generator=g)
+        ref(x).backward()   # the mean over 4 rows = the mean of the two ranks' means over 2
+        model(x.chunk(2)[ctx.dp_rank]).backward()
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad()
+    assert_matches_reference(model, ref, f"zero={zero}")
+    dcp.save(dict(zip(("model", "optim"), get_state_dict(model, opt))), checkpoint_id=path)
+    torch.manual_seed(1)   # another init: everything must come from the checkpoint
+    fresh = tm.apply_data_parallel(_Small(), ctx, zero=0)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2, weight_decay=0.1)
+    model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    set_state_dict(fresh, fresh_opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    for name, p in ref.named_parameters():
+        assert torch.equal(dict(fresh.named_parameters())[name], full_value(dict(model.named_parameters())[name]))
+        for key, value in ref_opt.state[p].items():
+            assert_close(fresh_opt.state[dict(fresh.named_parameters())[name]][key], value, f"{name}:{key}")
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_any_module_with_uneven_and_0_dim_parameters_and_its_checkpoint(zero, tmp_path):
+    world(2).run(_small_body, zero, str(tmp_path / "ck"))
+
+
+def _scalar_at_stage_3_body():
+    with pytest.raises(ValueError, match=r"zero=3 \(FSDP2\) cannot shard 0-dim parameters \(scale\).*zero=1 or 2"):
+        tm.apply_data_parallel(_Small(), get_ctx(dp=2), zero=3)
+
+
+def test_a_0_dim_parameter_at_stage_3_is_a_clear_error():
+    world(2).run(_scalar_at_stage_3_body)

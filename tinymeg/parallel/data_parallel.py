@@ -78,7 +78,7 @@ def apply_data_parallel(model: nn.Module, ctx: ParallelContext, bucket_mb: float
     """
     if isinstance(model, DataParallelMixin):
         raise ValueError("data parallelism was already applied to this model; apply it once")
-    if isinstance(zero, bool) or zero not in (0, 1, 2, 3):
+    if type(zero) is not int or zero not in (0, 1, 2, 3):   # (not True, not 1.0)
         raise ValueError(f"zero={zero!r}: ZeRO stages are 0 (replicated), 1 (optimizer states sharded), "
                          f"2 (+ gradients) or 3 (+ parameters, FSDP2); pass one of 0, 1, 2, 3")
     if not isinstance(bucket_mb, (int, float)) or bucket_mb <= 0:
@@ -105,7 +105,7 @@ def apply_data_parallel(model: nn.Module, ctx: ParallelContext, bucket_mb: float
         fully_shard_model(model, mesh, param_dtype, dims)
     else:
         if zero in (1, 2) or param_dtype is not None:
-            holders = make_holders(model, params, mesh, zero, param_dtype, dims)
+            holders = make_holders(params, mesh, zero, param_dtype, dims)
         if param_dtype is not None:
             _cast_parameters(model, param_dtype)
         sync = GradSync(params, mesh, int(bucket_mb * 2**20), shard_dims=dims, sharded=zero in (1, 2),

@@ -211,7 +211,7 @@ class GradSync:
                 bucket.work.wait()
         self._trainable = tuple(p.requires_grad for p in self.params)
         open_buckets: dict = {}   # (mesh, dtype) -> index of the bucket being filled
-        groups: list[tuple[DeviceMesh, torch.dtype, list, int]] = []
+        groups: list[list] = []   # [mesh, dtype, parameters, bytes], in launch order
         for p in reversed(self.params):
             if not p.requires_grad:
                 continue
@@ -221,9 +221,9 @@ class GradSync:
             i = open_buckets.get((mesh, dtype))
             if i is None or (groups[i][3] and groups[i][3] + nbytes > self.bucket_bytes):
                 i = open_buckets[(mesh, dtype)] = len(groups)
-                groups.append((mesh, dtype, [], 0))
-            mesh_, dtype_, ps, size = groups[i]
-            groups[i] = (mesh_, dtype_, ps + [p], size + nbytes)
+                groups.append([mesh, dtype, [], 0])
+            groups[i][2].append(p)
+            groups[i][3] += nbytes
         self.buckets = []
         for mesh, dtype, ps, _ in groups:
             parts = mesh.size() if self.sharded else 1

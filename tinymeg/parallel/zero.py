@@ -66,10 +66,13 @@ def _is_shard(pl) -> bool:
 
 def stacked_count(module: nn.Module, p: nn.Parameter) -> int:
     """How many projections p stacks on dim 0 (GPT-2's c_attn: 3), from the module's
-    ``output_chunks`` or the split factor of a TP placement."""
+    ``output_chunks`` or the split factor of its TP placement (the one on the mesh's "tp" dim:
+    a ZeRO/FSDP2 shard inside a TP shard is a _StridedShard on the dp dim, not a stack)."""
     k = getattr(module, "output_chunks", 1)
     if isinstance(p, DTensor):
-        k = next((pl.split_factor for pl in p.placements if isinstance(pl, _StridedShard)), k)
+        names = p.device_mesh.mesh_dim_names or ("tp",) * p.device_mesh.ndim
+        k = next((pl.split_factor for name, pl in zip(names, p.placements)
+                  if name == "tp" and isinstance(pl, _StridedShard)), k)
     return k
 
 
@@ -162,7 +165,7 @@ class ZeroState:
                 layout.copy_from_rows(rows[:, off:off + layout.row_numel], _local(p))
 
 
-def make_holders(model: nn.Module, params: list[nn.Parameter], default_mesh: DeviceMesh, stage: int,
+def make_holders(params: list[nn.Parameter], default_mesh: DeviceMesh, stage: int,
                  param_dtype: torch.dtype | None, dims: dict[int, int]) -> dict:
     """p -> the tensor its optimizer steps, for every parameter (frozen ones too: they may be
     unfrozen later). Stage 1-2: p's dp shard, a view of p itself in fp32 (no copy) or an fp32
@@ -244,6 +247,10 @@ def fully_shard_model(model: nn.Module, default_mesh: DeviceMesh, param_dtype: t
     """ZeRO-3 with FSDP2: one FSDP group per module holding parameters that declare another
     data-parallel mesh (experts), per element of every ModuleList (the blocks), and the root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    scalars = [name for name, p in model.named_parameters() if p.dim() == 0]
+    if scalars:
+        raise ValueError(f"zero=3 (FSDP2) cannot shard 0-dim parameters ({', '.join(scalars)}): make each a "
+                         f"1-element 1-D tensor, or use zero=1 or 2, which shard them")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) \
         if param_dtype is not None else MixedPrecisionPolicy()
 
