@@ -69,8 +69,9 @@ def peak_memory(fn, device: torch.device) -> int:
     """Peak bytes allocated while fn() runs, above what was allocated before it.
 
     CUDA: the allocator's own peak. CPU has no allocator statistics, so torch.profiler's memory
-    profile is used: it records every tensor allocation and free during fn() (the timeline
-    that ``export_memory_timeline`` plots), and the peak of the running sum is returned."""
+    profile is used: it records every tensor allocation and free during fn() (the events behind
+    ``export_memory_timeline``), and the peak of their running sum is returned. (Read directly from
+    the event tree: the profiler's data-flow analysis on top of it trips on some collectives.)"""
     if device.type == "cuda":
         sync(device)
         before = torch.cuda.memory_allocated(device)
@@ -78,14 +79,19 @@ def peak_memory(fn, device: torch.device) -> int:
         fn()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - before
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.typed[0] == _EventType.Allocation:   # alloc_size < 0 for a free
+            allocations.append((node.start_time_ns, node.typed[1].alloc_size))
+        stack.extend(node.children)
     live = peak = 0
-    for _, action, _, nbytes in prof._memory_profile().timeline:
-        live += nbytes if action == Action.CREATE else -nbytes if action == Action.DESTROY else 0
+    for _, nbytes in sorted(allocations):
+        live += nbytes
         peak = max(peak, live)
     return peak
 
@@ -360,8 +366,8 @@ def _memory_worker(args) -> None:
     rows = []
     for zero in (0, 1, 2, 3):
         torch.manual_seed(0)
-        model = tm.apply_data_parallel(tm.models.GPT2Model(cfg).to(ctx.device), ctx, zero=zero,
-                                       param_dtype=args.dtype)
+        model = tm.apply_data_parallel(tm.models.GPT2Model(cfg).to(ctx.device), ctx, args.bucket_mb,
+                                       zero=zero, param_dtype=args.dtype)
         optimizer = build_optimizer(model, 1e-4, 0.1)
         held = {}
 
@@ -395,7 +401,8 @@ def run_memory(args) -> None:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={dp}",
                    os.path.abspath(__file__), "memory", "--out", out, "--n-layer", str(args.n_layer),
                    "--n-embd", str(args.n_embd), "--seq", str(args.seq), "--micro-batch",
-                   str(args.micro_batch), "--steps", str(args.steps), "--dtype", args.dtype]
+                   str(args.micro_batch), "--steps", str(args.steps), "--dtype", args.dtype,
+                   "--bucket-mb", str(args.bucket_mb)]
             subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             with open(out) as f:
                 rows += json.load(f)
@@ -407,7 +414,8 @@ def run_memory(args) -> None:
     n_params = tm.models.GPT2Model(tm.models.GPTConfig(block_size=args.seq, vocab_size=65, n_layer=args.n_layer,
                                                        n_head=4, n_embd=args.n_embd)).num_params()
     print(f"# MiB per rank after a step (rank 0), GPT-2 {args.n_layer} layers, width {args.n_embd} "
-          f"({n_params / 1e6:.1f}M parameters), AdamW, {args.dtype}, batch {args.micro_batch} x {args.seq} per rank\n")
+          f"({n_params / 1e6:.1f}M parameters), AdamW, {args.dtype}, batch {args.micro_batch} x {args.seq} per rank, "
+          f"{args.bucket_mb:g} MB buckets\n")
     print(format_table(["dp", "zero", "param MiB", "grad MiB", "optim MiB", "peak MiB",
                         "param/z0", "grad/z0", "optim/z0", "peak/z0"], table))
     print("\n(optim: AdamW's two moments, and the fp32 master weights under bf16; grad: the gradients "
@@ -423,6 +431,8 @@ def add_memory_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=2, help="training steps per stage; the last is measured")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--bucket-mb", type=float, default=2.0,
+                   help="DP buckets (stages 0-2); small for this small model, as 25 MB is for GPT-2 small")
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
 
 

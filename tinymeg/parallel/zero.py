@@ -32,6 +32,7 @@ Stage 3 steps FSDP2's sharded DTensor parameters, as any torch optimizer on DTen
 """
 from __future__ import annotations
 
+import collections
 import types
 
 import torch
@@ -46,7 +47,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from ..nn.layers import local as _local
-from .grad_sync import GradSync, ShardLayout, as_like, data_parallel_mesh
+from .grad_sync import MAX_IN_FLIGHT, GradSync, ShardLayout, as_like, data_parallel_mesh
 
 ELEMENTWISE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
                           torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop,
@@ -144,7 +145,9 @@ class ZeroState:
         return data_parallel_mesh(p, self.default_mesh)
 
     def _all_gather(self, groups: list[list]) -> None:
-        pending = []
+        """All-gather each group's updated shards into its parameters, at most MAX_IN_FLIGHT
+        groups' full-size buffers at a time."""
+        pending = collections.deque()
         for group in groups:
             mesh = self._mesh(group[0][0])
             size, rank = mesh.size(), mesh.get_local_rank()
@@ -158,11 +161,18 @@ class ZeroState:
             everyone = torch.empty(size * offsets[-1], dtype=dtype, device=mine.device)
             work = dist.all_gather_single(everyone, mine, group=mesh.get_group(), async_op=True)
             pending.append((group, offsets, everyone, work))
-        for group, offsets, everyone, work in pending:
-            work.wait()
-            rows = everyone.view(-1, offsets[-1])
-            for (p, layout), off in zip(group, offsets):
-                layout.copy_from_rows(rows[:, off:off + layout.row_numel], _local(p))
+            if len(pending) > MAX_IN_FLIGHT:
+                _unpack(*pending.popleft())
+        while pending:
+            _unpack(*pending.popleft())
+
+
+def _unpack(group: list, offsets: list[int], everyone: torch.Tensor, work: dist.Work) -> None:
+    """Every rank's shards, all-gathered into `everyone`, back into the group's parameters."""
+    work.wait()
+    rows = everyone.view(-1, offsets[-1])
+    for (p, layout), off in zip(group, offsets):
+        layout.copy_from_rows(rows[:, off:off + layout.row_numel], _local(p))
 
 
 def make_holders(params: list[nn.Parameter], default_mesh: DeviceMesh, stage: int,
