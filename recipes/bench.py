@@ -7,6 +7,7 @@
     torchrun --nproc_per_node=2 recipes/bench.py tp     # tinymeg TP vs torch's parallelize_module
     torchrun --nproc_per_node=4 recipes/bench.py cp     # context parallel: memory and time vs seq length
     torchrun --nproc_per_node=4 recipes/bench.py moe    # MoE: all-to-all bytes, dense vs MoE, grouped vs looped
+    python recipes/bench.py memory              # ZeRO 0-3 at dp=2 and dp=4: memory per rank (launches torchrun)
 
 Subcommands live in SUBCOMMANDS (name -> (add_arguments, run, help)).
 """
@@ -70,8 +71,9 @@ def peak_memory(fn, device: torch.device) -> int:
     """Peak bytes allocated while fn() runs, above what was allocated before it.
 
     CUDA: the allocator's own peak. CPU has no allocator statistics, so torch.profiler's memory
-    profile is used: it records every tensor allocation and free during fn() (the timeline
-    that ``export_memory_timeline`` plots), and the peak of the running sum is returned."""
+    profile is used: it records every tensor allocation and free during fn() (the events behind
+    ``export_memory_timeline``), and the peak of their running sum is returned. (Read directly from
+    the event tree: the profiler's data-flow analysis on top of it trips on some collectives.)"""
     if device.type == "cuda":
         sync(device)
         before = torch.cuda.memory_allocated(device)
@@ -79,14 +81,19 @@ def peak_memory(fn, device: torch.device) -> int:
         fn()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - before
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.typed[0] == _EventType.Allocation:   # alloc_size < 0 for a free
+            allocations.append((node.start_time_ns, node.typed[1].alloc_size))
+        stack.extend(node.children)
     live = peak = 0
-    for _, action, _, nbytes in prof._memory_profile().timeline:
-        live += nbytes if action == Action.CREATE else -nbytes if action == Action.DESTROY else 0
+    for _, nbytes in sorted(allocations):
+        live += nbytes
         peak = max(peak, live)
     return peak
 
@@ -262,18 +269,22 @@ def _gpt2(args) -> tm.models.GPT2Model:
 def run_comm(args) -> None:
     from tinymeg.parallel.comm import comm_report, expected_gpt2_comm, format_comm_table
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-    configs = [("tp-only", world, 1, False, False), ("tp+sp", world, 1, True, False),
-               ("tp+sp+loss-parallel", world, 1, True, True), ("dp-only", 1, world, False, False)]
+    configs = [("tp-only", world, 1, False, False, 0), ("tp+sp", world, 1, True, False, 0),
+               ("tp+sp+loss-parallel", world, 1, True, True, 0), ("dp-only", 1, world, False, False, 0)]
+    configs += [(f"dp zero={z}", 1, world, False, False, z) for z in (1, 2, 3)]
     if world % 2 == 0 and world > 2:
-        configs.append(("hybrid", 2, world // 2, False, False))
-        configs.append(("hybrid+sp", 2, world // 2, True, False))
+        configs.append(("hybrid", 2, world // 2, False, False, 0))
+        configs.append(("hybrid+sp", 2, world // 2, True, False, 0))
+        configs += [(f"hybrid+sp zero={z}", 2, world // 2, True, False, z) for z in (1, 2, 3)]
     idx = torch.randint(0, 50257, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     summary = []
-    for name, tp, dp, sp, lp in configs:
+    for name, tp, dp, sp, lp, zero in configs:
         ctx = tm.ParallelContext(tp=tp, dp=dp)
         plan = {**tm.GPT2_TP_CONFIG, "sequence_parallel": sp, "loss_parallel": lp}
-        model = tm.apply_hybrid_parallel(_gpt2(args), ctx, plan) if tp > 1 else tm.apply_data_parallel(_gpt2(args), ctx)
-        measured = comm_report(model, idx, idx, ctx, return_logits=False)
+        model = tm.apply_hybrid_parallel(_gpt2(args), ctx, plan, zero=zero) if tp > 1 else \
+            tm.apply_data_parallel(_gpt2(args), ctx, zero=zero)
+        optimizer = tm.shard_optimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+        measured = comm_report(model, idx, idx, ctx, optimizer=optimizer, return_logits=False)  # + the step's
         expected = expected_gpt2_comm(model, args.batch, args.seq, ctx, sp, lp)
         table = format_comm_table(measured, expected)
         wire = [sum(k.wire_bytes * n for k, n in c.items()) for c in (measured, expected)]
@@ -558,6 +569,92 @@ def add_moe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5)
 
 
+# ---- memory: what each rank holds at ZeRO 0-3 (launches torchrun itself, once per dp size) ----
+
+def _memory_worker(args) -> None:
+    """Under torchrun: for each stage, a few training steps of the same model; rank 0 writes
+    each stage's param/grad/optim MiB after the last step and its peak during that step."""
+    import json
+    from tinymeg.parallel.zero import memory_mb
+    from tinymeg.train.optim import build_optimizer, clip_grad_norm_
+    ctx = tm.ParallelContext(dp=-1)
+    cfg = tm.models.GPTConfig(block_size=args.seq, vocab_size=65, n_layer=args.n_layer, n_head=4,
+                              n_embd=args.n_embd)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 65, (args.micro_batch, args.seq), generator=g)
+    rows = []
+    for zero in (0, 1, 2, 3):
+        torch.manual_seed(0)
+        model = tm.apply_data_parallel(tm.models.GPT2Model(cfg).to(ctx.device), ctx, args.bucket_mb,
+                                       zero=zero, param_dtype=args.dtype)
+        optimizer = build_optimizer(model, 1e-4, 0.1)
+        held = {}
+
+        def step():
+            model(idx, idx, return_logits=False)[1].backward()
+            clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            held.update(memory_mb(model, optimizer))   # after the step, before zero_grad
+            optimizer.zero_grad(set_to_none=True)
+        for _ in range(args.steps - 1):
+            step()
+        before = sum(memory_mb(model, optimizer).values()) * 2**20
+        peak = (before + peak_memory(step, ctx.device)) / 2**20
+        rows.append({"dp": ctx.dp_size, "zero": zero, **held, "peak_mb": peak})
+        del model, optimizer
+    if ctx.is_main:
+        with open(args.out, "w") as f:
+            json.dump(rows, f)
+
+
+def run_memory(args) -> None:
+    import json
+    import subprocess
+    import sys
+    if "RANK" in os.environ:
+        return _memory_worker(args)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dp in args.dp:
+            out = os.path.join(tmp, f"dp{dp}.json")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={dp}",
+                   os.path.abspath(__file__), "memory", "--out", out, "--n-layer", str(args.n_layer),
+                   "--n-embd", str(args.n_embd), "--seq", str(args.seq), "--micro-batch",
+                   str(args.micro_batch), "--steps", str(args.steps), "--dtype", args.dtype,
+                   "--bucket-mb", str(args.bucket_mb)]
+            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            with open(out) as f:
+                rows += json.load(f)
+    table = []
+    for r in rows:
+        base = next(b for b in rows if b["dp"] == r["dp"] and b["zero"] == 0)
+        table.append([r["dp"], r["zero"], r["param_mb"], r["grad_mb"], r["optim_mb"], r["peak_mb"],
+                      *(f"{r[k] / base[k]:.2f}" if base[k] else "-" for k in ("param_mb", "grad_mb", "optim_mb", "peak_mb"))])
+    n_params = tm.models.GPT2Model(tm.models.GPTConfig(block_size=args.seq, vocab_size=65, n_layer=args.n_layer,
+                                                       n_head=4, n_embd=args.n_embd)).num_params()
+    print(f"# MiB per rank after a step (rank 0), GPT-2 {args.n_layer} layers, width {args.n_embd} "
+          f"({n_params / 1e6:.1f}M parameters), AdamW, {args.dtype}, batch {args.micro_batch} x {args.seq} per rank, "
+          f"{args.bucket_mb:g} MB buckets\n")
+    print(format_table(["dp", "zero", "param MiB", "grad MiB", "optim MiB", "peak MiB",
+                        "param/z0", "grad/z0", "optim/z0", "peak/z0"], table))
+    print("\n(optim: AdamW's two moments, and the fp32 master weights under bf16; grad: the gradients "
+          "and the data-parallel buckets that hold them; peak: what is live at the top of a training "
+          "step, activations included)")
+
+
+def add_memory_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dp", type=int, nargs="+", default=[2, 4], help="data-parallel sizes (one torchrun each)")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2, help="training steps per stage; the last is measured")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--bucket-mb", type=float, default=2.0,
+                   help="DP buckets (stages 0-2); small for this small model, as 25 MB is for GPT-2 small")
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+
+
 SUBCOMMANDS = {
     "ops": (add_ops_arguments, run_ops, "fused ops: every implementation, the tuner's pick, memory, compile"),
     "comm": (add_comm_arguments, run_comm, "collectives of one step vs the theoretical minimum (torchrun)"),
@@ -565,6 +662,7 @@ SUBCOMMANDS = {
     "cp": (add_cp_arguments, run_cp, "context parallelism: memory, step time, ring bytes vs sequence length (torchrun)"),
     "moe": (add_moe_arguments, run_moe,
             "MoE: all-to-all bytes vs theory, dense vs MoE step, grouped vs looped experts (torchrun)"),
+    "memory": (add_memory_arguments, run_memory, "ZeRO 0-3: parameter, gradient, optimizer and peak memory per rank"),
 }
 
 

@@ -11,10 +11,12 @@ A recipe builds the plain single-device model and calls ``parallelize(model, ctx
    the TP model (sequence parallelism splits each cp rank's tokens again over tp).
 4. **experts** (ep): shard the experts over the ep ranks carved out of dp.
 5. **compile**: ``torch.compile`` the forward in place (``fullgraph=True``), after the modules
-   are final and before DP hooks into the parameters.
-6. **data** (dp, and cp for the weights): last, because it hooks the gradients of the final
-   parameters and averages them over dp x cp. Always applied (``no_sync`` then exists on
-   every mesh); with one data-parallel rank it communicates nothing.
+   are final and before DP hooks into the parameters (ZeRO-3: after DP, block by block, since
+   FSDP2's hooks run between compiled blocks).
+6. **data** (dp, and cp for the weights; ZeRO stage ``zero``, mixed precision ``param_dtype``):
+   last, because it hooks the gradients of the final parameters and averages them over dp x cp.
+   Always applied (``no_sync`` then exists on every mesh); with one data-parallel rank it
+   communicates nothing.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch.nn as nn
 
 from ..context import ParallelContext
 from .context_parallel import apply_context_parallel
-from .data_parallel import DEFAULT_BUCKET_MB, apply_data_parallel
+from .data_parallel import DEFAULT_BUCKET_MB, apply_data_parallel, compile_model
 from ..models.moe import moe_layers
 from .expert_parallel import apply_expert_parallel, unprepared_moe_layers
 from .plan import gpt2_tp_config
@@ -31,14 +33,14 @@ from .tensor_parallel import apply_tensor_parallel
 
 def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None, *,
                 sequence_parallel: bool = False, loss_parallel: bool = False,
-                bucket_mb: float = DEFAULT_BUCKET_MB, compile: bool = False,
+                bucket_mb: float = DEFAULT_BUCKET_MB, zero: int = 0, param_dtype=None, compile: bool = False,
                 cp_position_embedding: str | None = "wpe", cp_block: str = "auto") -> nn.Module:
     """Apply every dim of ``ctx`` that is on to ``model`` (in place) and return it.
 
     ``plan``: the tensor-parallel plan (either form of ``apply_tensor_parallel``; default
     GPT-2's); ``sequence_parallel`` / ``loss_parallel`` switch those on in it (both need tp > 1
-    and are ignored at tp = 1, where there is nothing to shard). ``bucket_mb``: DP's all-reduce
-    buckets. ``compile``: ``torch.compile(fullgraph=True)`` the model's forward in place.
+    and are ignored at tp = 1, where there is nothing to shard). ``bucket_mb``, ``zero``,
+    ``param_dtype``: see ``apply_data_parallel``. ``compile``: ``torch.compile(fullgraph=True)`` the model's forward in place.
     ``cp_position_embedding``, ``cp_block``: see ``apply_context_parallel``.
     """
     # 1. Pipeline parallelism: the lead wires in branch `pipeline`'s stage split here.
@@ -61,8 +63,11 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
         raise ValueError(f"ep={ctx.ep_size} shards experts, but {type(model).__name__} has no MoE layers: "
                          f"build it with experts (GPTConfig(n_experts=E)) or leave ep out")
     # 5. Compile, in place: the module keeps its identity, class and state_dict keys.
-    if compile:
+    if compile and zero != 3:
         model.compile(fullgraph=True)
     # 6. Data parallelism over dp x cp, last.
-    return apply_data_parallel(model, ctx, bucket_mb)
+    model = apply_data_parallel(model, ctx, bucket_mb, zero=zero, param_dtype=param_dtype)
+    if compile and zero == 3:
+        compile_model(model)  # each FSDP block's forward, in place
+    return model
 

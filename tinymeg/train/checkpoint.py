@@ -57,13 +57,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from tqdm import tqdm
 
 from ..data import CharTokenizer, GPT2Tokenizer
 from ..models import GPT2Model, GPTConfig
+# torch's get/set_state_dict, extended to ZeRO shards and fp32 master weights (any stage, any mesh)
+from ..parallel.zero import get_state_dict, set_state_dict, stacked_count
 
 META = "tinymeg.json"
 LATEST = "latest"
@@ -173,9 +174,7 @@ def _stacked_counts(model: nn.Module) -> dict[str, int]:
     counts = {}
     for mod_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
-            k = getattr(module, "output_chunks", 1)
-            if isinstance(p, DTensor):
-                k = next((pl.split_factor for pl in p.placements if isinstance(pl, _StridedShard)), k)
+            k = stacked_count(module, p)   # (not fooled by ZeRO-3's dp _StridedShard)
             if k > 1:
                 counts[f"{mod_name}.{name}" if mod_name else name] = k
     return counts

@@ -48,6 +48,10 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     add("--loss-parallel", action=argparse.BooleanOptionalAction, default=base.loss_parallel,
         help="with --tp > 1: compute the loss from vocab-sharded logits")
     add("--bucket-mb", type=float, default=base.bucket_mb, help="DP all-reduce bucket size")
+    add("--zero", type=int, default=base.zero, choices=[0, 1, 2, 3],
+        help="ZeRO stage over dp: 0 replicated, 1 optimizer states sharded, 2 + gradients, 3 + parameters (FSDP2)")
+    add("--dtype", default=base.dtype, choices=["fp32", "bf16"],
+        help="bf16: bf16 parameters and compute, fp32 master weights, optimizer states and gradient reduction")
     add("--timeout-s", type=float, default=base.timeout_s,
         help="collective timeout in seconds: a dead or stuck peer becomes an error after this long")
     ck = p.add_argument_group("checkpoints (see README: Checkpoints and restarts)")

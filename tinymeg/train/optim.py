@@ -6,15 +6,18 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from ..models.moe import moe_layers
 from ..nn.layers import local as _local
+from ..parallel.zero import optimizer_param, shard_optimizer
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
                     betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with two groups: matrices and embeddings decay, biases and norms do not.
+    """AdamW with two groups: matrices and embeddings decay, biases and norms do not. Under ZeRO
+    1-2 or mixed precision it steps this rank's shards / fp32 masters (``shard_optimizer``).
 
     MoE layers' parameters get two groups of their own (their experts' biases are stacked
     into matrices, so biases are told apart by name): under expert parallelism they live on
@@ -25,10 +28,11 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups[id(p) in in_moe, p.dim() >= 2 and not name.endswith("bias")].append(p)
-    return torch.optim.AdamW([{"params": params, "weight_decay": weight_decay if decay else 0.0}
-                              for (moe, decay), params in groups.items() if params or not moe],
-                             lr=lr, betas=betas, eps=eps,
-                             foreach=True)  # torch defaults to a per-tensor loop on CPU: slow with DTensors
+    optimizer = torch.optim.AdamW([{"params": params, "weight_decay": weight_decay if decay else 0.0}
+                                   for (moe, decay), params in groups.items() if params or not moe],
+                                  lr=lr, betas=betas, eps=eps,
+                                  foreach=True)  # torch defaults to a per-tensor loop on CPU: slow with DTensors
+    return shard_optimizer(model, optimizer)
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
@@ -45,24 +49,27 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> fl
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     """Clip gradients by their global L2 norm and return that norm (before clipping).
 
-    The norm is the unsharded model's: squares of sharded gradients are summed over their
-    mesh (each rank holds different elements), replicated ones are counted once. DP
-    replicas hold identical gradients after the all-reduce, so no dp reduction is needed.
+    The norm is the unsharded model's. A parameter's gradient is read where data parallelism
+    left it (``optimizer_param``: its dp shard or fp32 master under ZeRO/mixed precision, the
+    parameter itself otherwise). Squares of a sharded gradient are summed over every mesh dim
+    that shards it (tp, dp, or both: each rank holds different elements); replicated ones are
+    counted once. Gradients are averaged over dp before this, so whether a gradient exists is
+    the same on every rank, and so are the collectives below.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [g for p in dict.fromkeys(params) if (g := optimizer_param(p).grad) is not None]
     if not grads:
         return torch.zeros(())
-    replicated = torch.zeros((), dtype=torch.float32, device=_local(grads[0]).device)
-    sharded: dict = {}  # mesh -> sum of squares of this rank's shards
+    device = _local(grads[0]).device
+    sums: dict[tuple, torch.Tensor] = {}  # the groups that shard a gradient -> sum of its squares
     for g in grads:
-        sq = _local(g).float().pow(2).sum()
-        if isinstance(g, DTensor) and any(not isinstance(pl, Replicate) for pl in g.placements):
-            sharded[g.device_mesh] = sharded.get(g.device_mesh, 0) + sq
-        else:
-            replicated += sq
-    total = replicated
-    for mesh, sq in sharded.items():
-        dist.all_reduce(sq, group=mesh.get_group())
+        groups = tuple(g.device_mesh.get_group(i) for i, pl in enumerate(g.placements)
+                       if isinstance(pl, (Shard, _StridedShard))) if isinstance(g, DTensor) else ()
+        sums[groups] = sums.get(groups, torch.zeros((), dtype=torch.float32, device=device)) \
+            + _local(g).float().pow(2).sum()
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for groups, sq in sums.items():
+        for group in groups:
+            dist.all_reduce(sq, group=group)
         total = total + sq
     norm = total.sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)

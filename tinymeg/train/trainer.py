@@ -16,7 +16,8 @@ from ..data import get_batch, load_corpus
 from ..models import GPT2Model, GPTConfig
 from ..models.hf_gpt2 import init_from_pretrained
 from ..ops import synchronized
-from ..parallel import gpt2_tp_config, parallelize
+from ..parallel import compile_model, gpt2_tp_config, parallelize
+from ..parallel.zero import memory_mb
 from .checkpoint import Checkpointer, maybe_inject_fault
 from .optim import build_optimizer, clip_grad_norm_, lr_at
 from .routing import RoutingLog
@@ -53,6 +54,8 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda
     sample_tokens: int = 200       # 0: no sample at the end
     bucket_mb: float = 25.0
+    zero: int = 0                  # ZeRO stage over dp: 0 replicated, 1 optimizer states, 2 + grads, 3 + params
+    dtype: str = "fp32"            # fp32 | bf16 (bf16 compute, fp32 master weights/states/grad reduction)
     sequence_parallel: bool = False  # tp > 1: shard activations on the sequence outside TP regions
     loss_parallel: bool = False      # tp > 1: keep the logits vocab-sharded in the loss
     progress: bool = True          # tqdm bar on rank 0
@@ -89,7 +92,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> GPT2
                                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
                                     n_experts=cfg.n_experts, top_k=cfg.top_k)).to(ctx.device)
     return parallelize(model, ctx, gpt2_tp_config(model.config), sequence_parallel=cfg.sequence_parallel,
-                       loss_parallel=cfg.loss_parallel, bucket_mb=cfg.bucket_mb)
+                       loss_parallel=cfg.loss_parallel, bucket_mb=cfg.bucket_mb, zero=cfg.zero,
+                       param_dtype=cfg.dtype)
 
 
 @torch.no_grad()
@@ -127,7 +131,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     model = build_model(cfg, corpus.vocab_size, ctx)
     torch.manual_seed(cfg.seed + 1 + ctx.dp_rank)  # dropout: same on tp ranks, differs across dp
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    step_fn = torch.compile(model, fullgraph=True) if cfg.compile else model
+    step_fn = compile_model(model) if cfg.compile else model  # ZeRO-3: per block
     ckpt = Checkpointer(cfg, ctx, model, optimizer, corpus.tokenizer)
     start_step = ckpt.restore()  # 0, or the step of the checkpoint resumed from
 
@@ -159,13 +163,14 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
                 routing.add()
         grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
+        memory = memory_mb(model, optimizer)  # after the step, before zero_grad frees the gradients
         optimizer.zero_grad(set_to_none=True)
         train_loss = _dp_mean(loss_sum / cfg.grad_accum, ctx)
         losses.append(train_loss)
         dt = time.perf_counter() - t0
 
         record = {"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_step / dt,
-                  "ms_per_step": 1000 * dt, "peak_mem_mb": _peak_memory_mb(ctx.device)}
+                  "ms_per_step": 1000 * dt, "peak_mem_mb": _peak_memory_mb(ctx.device), **memory}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm.item()
         if routing is not None:
