@@ -13,13 +13,21 @@ from ..nn.layers import local as _local
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
                     betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with two groups: matrices and embeddings decay, biases and norms do not."""
+    """AdamW with two groups: matrices and embeddings decay (group 0), biases and norms do
+    not (group 1)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps,
                              foreach=True)  # torch defaults to a per-tensor loop on CPU: slow with DTensors
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Give build_optimizer's decay group (group 0) this weight decay. Loading a checkpoint
+    restores the groups as the saving run had them; the run's own setting applies after it
+    (as the LR does: the trainer sets it every step)."""
+    optimizer.param_groups[0]["weight_decay"] = weight_decay
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:

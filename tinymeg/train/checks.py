@@ -1,0 +1,130 @@
+"""Checks of a training config that need no process group: run by the command line before
+any rank starts work, and by ``train()`` for API users. Each error names the value and the fix.
+
+``check_config(cfg, world_size)`` returns the config with the mesh resolved (``dp=-1``
+becomes the ranks the other dims leave). ``run_checked(ctx, fn)`` runs a setup step that
+every rank does on its own (reading files) and makes all ranks agree on its outcome, so a
+failure on some ranks is an error on all of them, printed once, instead of a hang.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..context import resolve_sizes
+from ..models import GPTConfig
+
+
+class ConfigError(ValueError):
+    """A bad flag or config value: the message names it and the fix."""
+
+
+class PeerError(RuntimeError):
+    """Another rank failed a check that all ranks run (``run_checked``); it reports it."""
+
+
+def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
+    """Raise ConfigError for a config that cannot run on ``world_size`` processes; return cfg
+    with dp resolved. ``mesh``: the dims the config asks for (trainer.mesh_sizes(cfg))."""
+    from .checkpoint import check_flags  # checkpoint imports data, which is light; no cycle at runtime
+    mesh = mesh if mesh is not None else {"tp": cfg.tp, "dp": cfg.dp}
+    try:
+        sizes = resolve_sizes(mesh, world_size)
+    except ValueError as e:
+        raise ConfigError(f"{e} (flags {_flags(mesh)})") from None
+    cfg = dataclasses.replace(cfg, dp=sizes["dp"])
+    tp = sizes["tp"]
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    for name in ("steps", "micro_batch", "grad_accum", "seq_len", "n_layer", "n_head", "n_embd", "eval_iters"):
+        value = getattr(cfg, name)
+        need(isinstance(value, int) and value >= 1, f"--{_flag(name)} must be an integer >= 1, got {value!r}")
+    for name in ("eval_every", "sample_tokens", "warmup"):
+        value = getattr(cfg, name)
+        need(isinstance(value, int) and value >= 0, f"--{_flag(name)} must be an integer >= 0, got {value!r}")
+    need(cfg.warmup <= cfg.steps,
+         f"--warmup {cfg.warmup} is longer than --steps {cfg.steps}: the learning rate would never reach "
+         f"--lr {cfg.lr}. Pass --warmup {max(1, cfg.steps // 10)} (a tenth of the steps) or fewer")
+    need(cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr,
+         f"the learning rate must satisfy 0 < --lr and 0 <= --min-lr <= --lr, got --lr {cfg.lr} --min-lr "
+         f"{cfg.min_lr}: pass e.g. --lr 1e-3 --min-lr 1e-4")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables clipping), got {cfg.grad_clip}")
+    need(0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")
+    need(cfg.timeout_s > 0, f"--timeout-s must be > 0 seconds, got {cfg.timeout_s}")
+    need(cfg.bucket_mb > 0, f"--bucket-mb must be > 0, got {cfg.bucket_mb}")
+    need(cfg.peak_tflops >= 0, f"--peak-tflops must be >= 0 (0: from the device), got {cfg.peak_tflops}")
+    try:
+        GPTConfig(block_size=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    except ValueError as e:
+        raise ConfigError(f"{e}: pass an --n-head that divides --n-embd {cfg.n_embd} "
+                          f"(e.g. --n-head {_divisor_near(cfg.n_embd, cfg.n_head)})") from None
+    need(cfg.n_head % tp == 0,
+         f"--n-head {cfg.n_head} is not divisible by tp={tp}: tensor parallelism splits attention by "
+         f"whole heads. Pass an --n-head that is a multiple of {tp}, or a --tp that divides {cfg.n_head}")
+    for flag, on in (("--sequence-parallel", cfg.sequence_parallel), ("--loss-parallel", cfg.loss_parallel)):
+        need(not on or tp > 1, f"{flag} shards over the tensor-parallel ranks, but tp=1: pass --tp 2 (or "
+                               f"more), or drop {flag}")
+    need(not cfg.sequence_parallel or cfg.seq_len % tp == 0,
+         f"--sequence-parallel splits each sequence over the tp={tp} ranks, but --seq-len {cfg.seq_len} is "
+         f"not divisible by {tp}: pass --seq-len {cfg.seq_len - cfg.seq_len % tp or tp}")
+    check_device(cfg.device)
+    try:
+        check_flags(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
+def check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device {device!r} is not one of auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        why = ("this torch is built without CUDA" if torch.version.cuda is None
+               else "torch sees no CUDA device")
+        raise ConfigError(f"--device cuda, but {why} (torch {torch.__version__}): pass --device cpu, or "
+                          f"--device auto (cuda when there is one)")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_checked(ctx, fn):
+    """fn() on every rank, then agree: if it raised on any rank, every rank raises, the failing
+    ones their own error and the others PeerError. Use around work that touches no collective
+    (reading files, checking a checkpoint), so a failure on one rank cannot leave the others
+    waiting in a collective until the timeout."""
+    error = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, on this rank
+        error = e
+    failed = torch.tensor([ctx.rank if error is not None else ctx.world_size])
+    if ctx.world_size > 1:
+        dist.all_reduce(failed, op=dist.ReduceOp.MIN)
+    first = int(failed)
+    if error is not None:
+        error.first_failed_rank = first
+        raise error
+    if first < ctx.world_size:
+        raise PeerError(f"rank {first} failed a setup check (it printed why)")
+    return result
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _flags(mesh: dict) -> str:
+    return " ".join(f"--{d} {s}" for d, s in mesh.items())
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
