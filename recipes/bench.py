@@ -5,8 +5,6 @@
     python recipes/bench.py ops --batch 8 --seq 1024 --dtype bfloat16   (on a GPU)
     torchrun --nproc_per_node=4 recipes/bench.py comm   # collectives per step vs the theory
     torchrun --nproc_per_node=2 recipes/bench.py tp     # tinymeg TP vs torch's parallelize_module
-
-Subcommands live in SUBCOMMANDS (name -> (add_arguments, run, help)).
 """
 from __future__ import annotations
 
@@ -339,6 +337,7 @@ def add_tp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5)
 
 
+# Subcommands: name -> (add_arguments, run, help). (A comment, not the docstring: --help prints that.)
 SUBCOMMANDS = {
     "ops": (add_ops_arguments, run_ops, "fused ops: every implementation, the tuner's pick, memory, compile"),
     "comm": (add_comm_arguments, run_comm, "collectives of one step vs the theoretical minimum (torchrun)"),

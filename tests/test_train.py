@@ -43,12 +43,19 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert lr_at(55, **kw) == pytest.approx(0.55) and lr_at(100, **kw) == pytest.approx(0.1)
 
 
-def test_recipe_rejects_a_mesh_that_does_not_match_the_world(monkeypatch, capsys):
+def test_recipe_infers_dp_and_rejects_a_mesh_that_does_not_fit(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(SystemExit):
-        parse_args([])
-    assert "--tp 1 x --dp 1 = 1 ranks, but torchrun started 4 process(es)" in capsys.readouterr().err
-    assert parse_args(["--dp", "2"], tp=2).dp == 2
+    assert (parse_args([]).tp, parse_args([]).dp) == (1, 4)            # dp: world / tp
+    assert (parse_args(["--tp", "2"]).dp, parse_args([], tp=2, dp=2).dp) == (2, 2)
+    for argv, message in [(["--tp", "3"], "cannot infer dp: the world has 4 processes, which pp=1 x cp=1 x "
+                                          "tp=3 = 3 does not divide"),
+                          (["--tp", "2", "--dp", "1"], "= 2 ranks, but the world has 4 processes: launch with "
+                                                       "`torchrun --nproc_per_node=2`")]:
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err    # one line, no usage block
 
 
 def _torchrun(recipe, nproc, *flags, tmp_path):
@@ -67,10 +74,11 @@ def _torchrun(recipe, nproc, *flags, tmp_path):
                                                  ("tp.py", 2, ["--sequence-parallel", "--loss-parallel"])])
 def test_recipe_trains_end_to_end_under_torchrun(recipe, nproc, flags, tmp_path):
     records, stdout = _torchrun(recipe, nproc, *flags, tmp_path=tmp_path)
-    assert [r["step"] for r in records] == list(range(8))
+    assert [r["step"] for r in records] == list(range(1, 9))   # steps done, as the console counts
     for r in records:
         assert {"step", "loss", "lr", "tokens_per_s", "ms_per_step", "peak_mem_mb", "grad_norm"} <= r.keys()
-    assert [r["step"] for r in records if "val_loss" in r] == [3, 7]
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    assert "step 4/8: train loss" in stdout and "step 8/8: train loss" in stdout
     losses = [r["loss"] for r in records]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     assert "--- sample ---" in stdout

@@ -73,7 +73,17 @@ class GPT2Tokenizer:
             raise ImportError("the 'gpt2' tokenizer needs tiktoken, which is not installed: "
                               "pip install tiktoken (or pip install -e '.[bpe]'), "
                               "or use tokenizer='char'") from e
-        self._enc = tiktoken.get_encoding("gpt2")
+        try:
+            self._enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # noqa: BLE001 - tiktoken raises whatever its download raised
+            raise RuntimeError(
+                f"GPT-2 BPE needs its encoding files (vocab.bpe, encoder.json; 1.5 MB), which tiktoken "
+                f"downloads on first use from openaipublic.blob.core.windows.net and caches in "
+                f"$TIKTOKEN_CACHE_DIR ({os.environ.get('TIKTOKEN_CACHE_DIR') or 'unset: a temporary directory'}); "
+                f"that failed ({type(e).__name__}: {e}). Offline: on a machine with network run "
+                f"`TIKTOKEN_CACHE_DIR=bpe python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"`, copy "
+                f"the directory bpe here and set TIKTOKEN_CACHE_DIR to it; or train on a .bin of GPT-2 "
+                f"tokens made elsewhere (--data x.bin), or use --tokenizer char") from e
 
     def encode(self, s: str) -> list[int]:
         # encode_ordinary: a literal "<|endoftext|>" in a corpus is text, not a special token

@@ -3,7 +3,7 @@
 Every rank of a torchrun job parses the same flags and runs the same checks
 (``checks.check_config``) before any process group exists, so a bad flag is found at once and
 everywhere; only rank 0 prints it (one line and the fix), the others exit quietly with the
-same status. ``main`` also makes the process exit cleanly (``shutdown``).
+same status. ``main`` ends the process cleanly (``exit_process``).
 """
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import argparse
 import dataclasses
 import os
 import sys
+import traceback
+
+import torch.distributed as dist
 
 from .checks import ConfigError, PeerError, check_config, world_size_from_env
-from .trainer import TrainConfig, mesh_sizes, shutdown, train
+from .trainer import TrainConfig, mesh_sizes, train
 
 USAGE_ERROR, SETUP_ERROR = 2, 1  # exit statuses: a bad flag (as argparse), a failed setup check
 
@@ -119,27 +122,50 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
         p.error(str(e))
 
 
-def main(argv=None, **defaults) -> dict:
-    """Parse, train, exit cleanly. An error that a user can fix is one line on stderr (from
-    rank 0, or from the first rank that failed a setup check), and every rank exits with the
-    same status: 2 for a bad flag, 1 for a failed setup check (files, checkpoints)."""
-    cfg = parse_args(argv, **defaults)   # exits 2 on a bad flag, printed by rank 0 only
+def main(argv=None, **defaults) -> None:
+    """The recipes' entry point: parse, train, and end the process (``exit_process``), with
+    status 0 on success. An error that a user can fix is one line on stderr (from rank 0, or
+    from the first rank that failed a setup check), and every rank exits with the same status:
+    2 for a bad flag, 1 for a failed setup check (files, checkpoints). Anything else prints
+    its traceback and exits 1. (In Python code, call ``train(parse_args(argv))`` instead.)"""
     try:
-        result = train(cfg)
+        cfg = parse_args(argv, **defaults)   # a bad flag: SystemExit(2), printed by rank 0 only
+        train(cfg)
+    except SystemExit as e:
+        exit_process(e.code if isinstance(e.code, int) else 1)
     except (ConfigError, PeerError) as e:
         _exit_with(e, USAGE_ERROR if isinstance(e, ConfigError) else SETUP_ERROR)
-    except Exception as e:  # noqa: BLE001 - a setup check's error; anything else keeps its traceback
-        if not hasattr(e, "first_failed_rank"):
-            shutdown()
-            raise
-        _exit_with(e, SETUP_ERROR)
-    shutdown()
-    return result
+    except Exception as e:  # noqa: BLE001
+        if hasattr(e, "first_failed_rank"):  # a setup check's error: the user's to fix
+            _exit_with(e, SETUP_ERROR)
+        traceback.print_exc()
+        exit_process(1)
+    exit_process(0, barrier=True)
 
 
 def _exit_with(error: Exception, status: int) -> None:
     rank = int(os.environ.get("RANK", 0))
     if not isinstance(error, PeerError) and getattr(error, "first_failed_rank", 0) == rank:
         print(f"error: {error}", file=sys.stderr, flush=True)
-    shutdown()
-    sys.exit(status)
+    exit_process(status)
+
+
+def exit_process(status: int = 0, barrier: bool = False) -> None:
+    """End the process now with ``status``, skipping the interpreter's teardown.
+
+    Why: torch's gloo process groups run worker threads that may still be dropping the last
+    reference to a finished collective's tensors when Python shuts down; that needs the GIL,
+    which a finalizing interpreter no longer hands out, and the thread's unwinding calls
+    std::terminate: "terminate called without an active exception", SIGABRT, status -6, in
+    about one run in ten (more sub-groups, more often; destroy_process_group() does not
+    prevent it). ``os._exit`` ends the process without that teardown, after flushing what
+    Python buffers. ``barrier``: first wait for every rank (success path), so that no peer is
+    still talking to this one."""
+    if barrier and dist.is_initialized():
+        dist.barrier()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing left to save
+            pass
+    os._exit(status)

@@ -278,9 +278,3 @@ def generate_sample(model, tokenizer, cfg: TrainConfig, ctx: ParallelContext) ->
     finally:
         model.train(was_training)
     return tokenizer.decode(out[0].tolist())
-
-
-def shutdown() -> None:
-    """Leave the process group so that the process exits cleanly. TODO"""
-    if dist.is_initialized():
-        dist.destroy_process_group()
