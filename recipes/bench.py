@@ -5,6 +5,7 @@
     python recipes/bench.py ops --batch 8 --seq 1024 --dtype bfloat16   (on a GPU)
     torchrun --nproc_per_node=4 recipes/bench.py comm   # collectives per step vs the theory
     torchrun --nproc_per_node=2 recipes/bench.py tp     # tinymeg TP vs torch's parallelize_module
+    torchrun --nproc_per_node=2 recipes/bench.py sample # generation with and without the KV cache
 """
 from __future__ import annotations
 
@@ -337,11 +338,52 @@ def add_tp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5)
 
 
+# ---- sample: generation with and without the KV cache (torchrun for TP) ----
+
+def run_sample(args) -> None:
+    """The trainer's end sample (the main job's model, --tokens tokens after a newline) timed with
+    and without the KV cache, under the launch's TP size (and SP), with every rank generating."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    ctx = tm.ParallelContext(tp=world)
+    torch.manual_seed(0)
+    model = tm.models.GPT2Model(tm.models.GPTConfig(block_size=args.context, vocab_size=65, n_layer=args.n_layer,
+                                                    n_head=args.n_head, n_embd=args.n_embd))
+    if world > 1:
+        model = tm.apply_tensor_parallel(model, ctx, {**tm.GPT2_TP_CONFIG, "sequence_parallel": args.sp})
+    model.eval()
+    multiple = world if args.sp else 1
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=ctx.device)
+
+    def sample(kv_cache):
+        gen = torch.Generator(device=ctx.device).manual_seed(0)
+        return lambda: model.generate(prompt, args.tokens, temperature=0.8, top_k=50, generator=gen,
+                                      context_multiple=multiple, kv_cache=kv_cache)
+    times = time_side_by_side({"no cache": sample(False), "KV cache": sample(True)}, ctx.device,
+                              repeats=args.repeats, warmup=1)
+    if ctx.is_main:
+        base = times["no cache"]
+        rows = [[name, f"{t:.2f}", f"{1000 * t / args.tokens:.1f}", f"{t / base:.2f}"] for name, t in times.items()]
+        print(f"# {args.tokens} tokens, {args.n_layer} layers x {args.n_embd} wide, context {args.context}, "
+              f"tp={world}{' + SP' if args.sp else ''}, {ctx.device}, median of {args.repeats}\n")
+        print(format_table(["generation", "s", "ms/token", "x no cache"], rows))
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--context", type=int, default=64, help="block size (the main job: --seq-len 64)")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--sp", action="store_true", help="sequence parallel (inputs padded to a multiple of tp)")
+    p.add_argument("--repeats", type=int, default=3)
+
+
 # Subcommands: name -> (add_arguments, run, help). (A comment, not the docstring: --help prints that.)
 SUBCOMMANDS = {
     "ops": (add_ops_arguments, run_ops, "fused ops: every implementation, the tuner's pick, memory, compile"),
     "comm": (add_comm_arguments, run_comm, "collectives of one step vs the theoretical minimum (torchrun)"),
     "tp": (add_tp_arguments, run_tp, "tinymeg TP vs PyTorch's parallelize_module, same model and mesh (torchrun)"),
+    "sample": (add_sample_arguments, run_sample, "generation with and without the KV cache (torchrun for TP)"),
 }
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rank_pool import get_ctx, world
 from tinymeg.train import TrainConfig, lr_at, train
@@ -35,6 +36,22 @@ def test_first_ten_losses_agree_across_meshes():
     assert len(base) == 10 and base[-1] < base[0]
     for mesh, losses in runs.items():
         assert losses == pytest.approx(base, rel=1e-4), f"{mesh}: {losses} vs {base}"
+
+
+def _replicas_body():
+    """Train tp=2 with dropout: the replicated parameters (norms, row biases, wpe) must stay
+    identical on both TP ranks, which needs the same dropout masks in replicated regions."""
+    from torch.distributed.tensor import DTensor, Replicate
+    out = train(TrainConfig(tp=2, dp=1, micro_batch=2, dropout=0.2, **{**TINY, "steps": 3}), ctx=get_ctx(tp=2))
+    return {n: p.to_local().detach().clone() for n, p in out["model"].named_parameters()
+            if isinstance(p, DTensor) and all(isinstance(pl, Replicate) for pl in p.placements)}
+
+
+def test_replicated_parameters_stay_identical_across_tp_ranks_with_dropout():
+    a, b = world(2).run(_replicas_body)
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
