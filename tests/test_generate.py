@@ -120,3 +120,15 @@ def test_tp_generation_with_kv_cache_equals_the_unsharded_model(sequence_paralle
         assert torch.equal(r["out"]["cached"], r["reference"]), rank
         assert r["cached_heads"] == GPTConfig.tiny().n_head // 2   # this rank's heads only
         assert r["leftover"] == {None}
+
+
+@pytest.mark.parametrize("multiple,want", [(1, [14, 1, 1, 16, 16, 16]), (2, [14, 2, 2, 16, 16, 16])])
+def test_kv_cache_feeds_one_token_per_step_until_the_window_slides(multiple, want):
+    """Block 16, a 14-token prompt, 6 new tokens: the prompt once, then one token per step (padded
+    to the multiple), until the text is longer than the block: then the whole window each step."""
+    model = _model(block_size=16)
+    fed = []
+    hook = model.transformer.wte.register_forward_pre_hook(lambda m, args: fed.append(args[0].size(1)))
+    model.generate(torch.zeros(1, 14, dtype=torch.long), 6, context_multiple=multiple)
+    hook.remove()
+    assert fed == want

@@ -11,6 +11,7 @@ at start-up (all ranks at once, so that they contend for cores as they do in tra
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -54,6 +55,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, configu
         f"measured: {torch.get_num_threads()}-thread {str(dtype).removeprefix('torch.')} matmul on each rank")
 
 
+@functools.lru_cache(maxsize=None)  # once per process: a pool of test ranks trains many times
 def _measured_matmul_flops(dtype: torch.dtype, seconds: float, n: int = 256) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm up
