@@ -198,9 +198,9 @@ class GPT2Model(nn.Module):
         if not return_logits and targets is None:
             raise ValueError("return_logits=False returns only the loss, so it needs targets")
         B, T = idx.shape
-        if pos is None and T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         if pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:

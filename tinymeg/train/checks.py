@@ -96,6 +96,10 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def rank_from_env() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
 def run_checked(ctx, fn):
     """fn() on every rank, then agree: if it raised on any rank, every rank raises, the failing
     ones their own error and the others PeerError. Use around work that touches no collective

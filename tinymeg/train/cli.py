@@ -15,21 +15,17 @@ import traceback
 
 import torch.distributed as dist
 
-from .checks import ConfigError, PeerError, check_config, world_size_from_env
+from .checks import ConfigError, PeerError, check_config, rank_from_env, world_size_from_env
 from .trainer import TrainConfig, mesh_sizes, train
 
 USAGE_ERROR, SETUP_ERROR = 2, 1  # exit statuses: a bad flag (as argparse), a failed setup check
-
-
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose messages (help, errors) come from rank 0 only, errors in one line."""
 
     def _print_message(self, message, file=None):
-        if _is_rank0():
+        if rank_from_env() == 0:
             super()._print_message(message, file)
 
     def error(self, message):
@@ -144,8 +140,7 @@ def main(argv=None, **defaults) -> None:
 
 
 def _exit_with(error: Exception, status: int) -> None:
-    rank = int(os.environ.get("RANK", 0))
-    if not isinstance(error, PeerError) and getattr(error, "first_failed_rank", 0) == rank:
+    if not isinstance(error, PeerError) and getattr(error, "first_failed_rank", 0) == rank_from_env():
         print(f"error: {error}", file=sys.stderr, flush=True)
     exit_process(status)
 

@@ -15,7 +15,6 @@ Steps are counted as optimizer steps done: step 1 is the first; the console, the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import resource
 import time
@@ -32,7 +31,7 @@ from ..ops import synchronized
 from ..parallel import GPT2_TP_CONFIG, apply_data_parallel, apply_tensor_parallel
 from . import report
 from .checkpoint import Checkpointer, maybe_inject_fault
-from .checks import ConfigError, check_config, run_checked, world_size_from_env
+from .checks import ConfigError, check_config, rank_from_env, run_checked, world_size_from_env
 from .optim import build_optimizer, clip_grad_norm_, lr_at
 
 
@@ -159,26 +158,24 @@ def evaluate(model, tokens: torch.Tensor, cfg: TrainConfig, ctx: ParallelContext
             total += loss * len(xb)  # every sequence has seq_len targets: weight by rows
     finally:
         model.train(was_training)
-    return _dp_mean(total, ctx) * ctx.dp_size / n
+    return _dp_sum(total, ctx) / n
 
 
-def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
+def _dp_sum(value: torch.Tensor, ctx: ParallelContext) -> float:
     if ctx.dp_size > 1:
         value = value.clone()
         dist.all_reduce(value, group=ctx.mesh["dp"].get_group())
-        value /= ctx.dp_size
     return value.item()
+
+
+def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
+    return _dp_sum(value, ctx) / ctx.dp_size
 
 
 def _say(ctx: ParallelContext | None, message: str) -> None:
     """Print on rank 0 (above the progress bar, if there is one)."""
-    if ctx.is_main if ctx is not None else world_rank_from_env() == 0:
+    if ctx.is_main if ctx is not None else rank_from_env() == 0:
         tqdm.write(message)
-
-
-def world_rank_from_env() -> int:
-    import os
-    return int(os.environ.get("RANK", 0))
 
 
 def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
