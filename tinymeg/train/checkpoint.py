@@ -64,6 +64,7 @@ from tqdm import tqdm
 
 from ..data import CharTokenizer, GPT2Tokenizer
 from ..models import GPT2Model, GPTConfig
+from .checks import check_flags, run_checked
 from .optim import set_weight_decay
 
 META = "tinymeg.json"
@@ -478,7 +479,6 @@ class Checkpointer:
         """Load the checkpoint the flags name, if any, and return its step (0: a fresh start).
         Every check that reads files runs on every rank before any collective, and all ranks
         agree on the outcome (checks.run_checked): a bad checkpoint is one error, not a hang."""
-        from .checks import run_checked
         cfg = self.cfg
         path = run_checked(self.ctx, self._checked_source)
         if path is None:
@@ -566,18 +566,6 @@ class Checkpointer:
                 size = _mib(json.load(f))
             tqdm.write(f"saved {path} ({size:.1f} MiB) in {time.perf_counter() - t0:.2f} s")
         return path
-
-
-def check_flags(cfg) -> None:
-    """Contradictory or incomplete checkpoint settings, as errors that name the flags."""
-    if (cfg.resume or cfg.auto_resume or cfg.ckpt_every) and not cfg.ckpt_dir:
-        flag = "--resume" if cfg.resume else "--auto-resume" if cfg.auto_resume else "--ckpt-every"
-        raise ValueError(f"{flag} needs --ckpt-dir (where checkpoints are saved and found)")
-    if cfg.resume and (cfg.auto_resume or cfg.resume_from):
-        raise ValueError("--resume (the latest in --ckpt-dir, which must exist) cannot be combined with "
-                         "--auto-resume or --resume-from")
-    if cfg.ckpt_every < 0 or cfg.keep_last < 0:
-        raise ValueError(f"--ckpt-every and --keep-last must be >= 0, got {cfg.ckpt_every}, {cfg.keep_last}")
 
 
 def maybe_inject_fault(step: int, ctx) -> None:

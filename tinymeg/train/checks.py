@@ -29,7 +29,6 @@ class PeerError(RuntimeError):
 def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
     """Raise ConfigError for a config that cannot run on ``world_size`` processes; return cfg
     with dp resolved. ``mesh``: the dims the config asks for (trainer.mesh_sizes(cfg))."""
-    from .checkpoint import check_flags  # checkpoint imports data, which is light; no cycle at runtime
     mesh = mesh if mesh is not None else {"tp": cfg.tp, "dp": cfg.dp}
     try:
         sizes = resolve_sizes(mesh, world_size)
@@ -75,11 +74,20 @@ def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
          f"--sequence-parallel splits each sequence over the tp={tp} ranks, but --seq-len {cfg.seq_len} is "
          f"not divisible by {tp}: pass --seq-len {cfg.seq_len - cfg.seq_len % tp or tp}")
     check_device(cfg.device)
-    try:
-        check_flags(cfg)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_flags(cfg)
     return cfg
+
+
+def check_flags(cfg) -> None:
+    """Contradictory or incomplete checkpoint settings, as errors that name the flags."""
+    if (cfg.resume or cfg.auto_resume or cfg.ckpt_every) and not cfg.ckpt_dir:
+        flag = "--resume" if cfg.resume else "--auto-resume" if cfg.auto_resume else "--ckpt-every"
+        raise ConfigError(f"{flag} needs --ckpt-dir (where checkpoints are saved and found)")
+    if cfg.resume and (cfg.auto_resume or cfg.resume_from):
+        raise ConfigError("--resume (the latest in --ckpt-dir, which must exist) cannot be combined with "
+                          "--auto-resume or --resume-from")
+    if cfg.ckpt_every < 0 or cfg.keep_last < 0:
+        raise ConfigError(f"--ckpt-every and --keep-last must be >= 0, got {cfg.ckpt_every}, {cfg.keep_last}")
 
 
 def check_device(device: str) -> None:
