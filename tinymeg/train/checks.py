@@ -33,7 +33,7 @@ def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
     try:
         sizes = resolve_sizes(mesh, world_size)
     except ValueError as e:
-        raise ConfigError(f"{e} (flags {_flags(mesh)})") from None
+        raise ConfigError(f"{e} (asked: {_flags(mesh)})") from None
     cfg = dataclasses.replace(cfg, dp=sizes["dp"])
     tp = sizes["tp"]
 
@@ -135,7 +135,7 @@ def _flag(name: str) -> str:
 
 
 def _flags(mesh: dict) -> str:
-    return " ".join(f"--{d} {s}" for d, s in mesh.items())
+    return " ".join(f"--{d} {s}" if s not in (None, -1) else f"{d} inferred" for d, s in mesh.items())
 
 
 def _divisor_near(n: int, k: int) -> int:
