@@ -8,8 +8,7 @@
     torchrun --nproc_per_node=4 recipes/bench.py cp     # context parallel: memory and time vs seq length
     torchrun --nproc_per_node=4 recipes/bench.py moe    # MoE: all-to-all bytes, dense vs MoE, grouped vs looped
     python recipes/bench.py memory              # ZeRO 0-3 at dp=2 and dp=4: memory per rank (launches torchrun)
-
-Subcommands live in SUBCOMMANDS (name -> (add_arguments, run, help)).
+    torchrun --nproc_per_node=2 recipes/bench.py sample # generation with and without the KV cache
 """
 from __future__ import annotations
 
@@ -438,6 +437,8 @@ def add_cp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+
+
 # ---- moe: all-to-all bytes vs theory, dense vs MoE at equal active parameters, grouped vs looped (torchrun) ----
 
 def _moe_model(args, n_experts: int) -> tm.models.GPT2Model:
@@ -655,6 +656,47 @@ def add_memory_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
 
 
+# ---- sample: generation with and without the KV cache (torchrun for TP) ----
+
+def run_sample(args) -> None:
+    """The trainer's end sample (the main job's model, --tokens tokens after a newline) timed with
+    and without the KV cache, under the launch's TP size (and SP), with every rank generating."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    ctx = tm.ParallelContext(tp=world)
+    torch.manual_seed(0)
+    model = tm.models.GPT2Model(tm.models.GPTConfig(block_size=args.context, vocab_size=65, n_layer=args.n_layer,
+                                                    n_head=args.n_head, n_embd=args.n_embd))
+    if world > 1:
+        model = tm.apply_tensor_parallel(model, ctx, {**tm.GPT2_TP_CONFIG, "sequence_parallel": args.sp})
+    model.eval()
+    multiple = world if args.sp else 1
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=ctx.device)
+
+    def sample(kv_cache):
+        gen = torch.Generator(device=ctx.device).manual_seed(0)
+        return lambda: model.generate(prompt, args.tokens, temperature=0.8, top_k=50, generator=gen,
+                                      context_multiple=multiple, kv_cache=kv_cache)
+    times = time_side_by_side({"no cache": sample(False), "KV cache": sample(True)}, ctx.device,
+                              repeats=args.repeats, warmup=1)
+    if ctx.is_main:
+        base = times["no cache"]
+        rows = [[name, f"{t:.2f}", f"{1000 * t / args.tokens:.1f}", f"{t / base:.2f}"] for name, t in times.items()]
+        print(f"# {args.tokens} tokens, {args.n_layer} layers x {args.n_embd} wide, context {args.context}, "
+              f"tp={world}{' + SP' if args.sp else ''}, {ctx.device}, median of {args.repeats}\n")
+        print(format_table(["generation", "s", "ms/token", "x no cache"], rows))
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--context", type=int, default=64, help="block size (the main job: --seq-len 64)")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--sp", action="store_true", help="sequence parallel (inputs padded to a multiple of tp)")
+    p.add_argument("--repeats", type=int, default=3)
+
+
+# Subcommands: name -> (add_arguments, run, help). (A comment, not the docstring: --help prints that.)
 SUBCOMMANDS = {
     "ops": (add_ops_arguments, run_ops, "fused ops: every implementation, the tuner's pick, memory, compile"),
     "comm": (add_comm_arguments, run_comm, "collectives of one step vs the theoretical minimum (torchrun)"),
@@ -663,6 +705,7 @@ SUBCOMMANDS = {
     "moe": (add_moe_arguments, run_moe,
             "MoE: all-to-all bytes vs theory, dense vs MoE step, grouped vs looped experts (torchrun)"),
     "memory": (add_memory_arguments, run_memory, "ZeRO 0-3: parameter, gradient, optimizer and peak memory per rank"),
+    "sample": (add_sample_arguments, run_sample, "generation with and without the KV cache (torchrun for TP)"),
 }
 
 

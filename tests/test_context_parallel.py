@@ -316,9 +316,10 @@ def test_cp2_checkpoint_resumes_with_cp1(one_process, tmp_path):
 def test_recipe_flags_for_cp(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert parse_args(["--cp", "2", "--tp", "2", "--seq-len", "128"]).cp == 2
+    assert parse_args(["--cp", "2"]).dp == 2   # dp inferred: the ranks cp leaves
     with pytest.raises(SystemExit):
-        parse_args(["--cp", "2"])
-    assert "--tp 1 x --dp 1 x --cp 2 = 2 ranks, but torchrun started 4 process(es)" in capsys.readouterr().err
+        parse_args(["--cp", "2", "--dp", "1"])
+    assert "cp=2 x tp=1 = 2 ranks, but the world has 4 processes" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--cp", "4", "--seq-len", "20"])
-    assert "--cp 4 cuts each sequence into 2 x cp chunks: --seq-len 20 must be a multiple of 8" in capsys.readouterr().err
+    assert "--seq-len 20: context parallelism cuts each sequence into 2 x cp = 8 equal chunks" in capsys.readouterr().err

@@ -88,8 +88,39 @@ class CausalAttention(nn.Module):
         super().__init__()
         self.dropout = nn.Dropout(dropout)  # on the attention probabilities
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: (T, S) bool, True where a query may attend (generation with a KV cache,
+        in eval: no dropout); None: causal over q's and k's own positions."""
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return causal_attention(q, k, v, self.dropout if self.training else None)
+
+
+class KVCache:
+    """The keys and values of one attention layer during generation (``GPT2Model.generate``).
+
+    Positions ``[0, start)`` hold the tokens already seen; a forward writes its T new tokens at
+    ``[start, start + T)`` and attends over ``[0, start + T)``, causally. Under tensor
+    parallelism each rank caches only its own heads (attention sees only those)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.start = capacity, 0
+        self.k = self.v = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, heads, T, head_dim) at [start, start + T); return the keys and values
+        of [0, start + T) and the attention mask (None: plain causal, when nothing is cached)."""
+        T, end = k.size(2), self.start + k.size(2)
+        if end > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions cannot hold {end}")
+        if self.k is None:
+            self.k = k.new_empty(*k.shape[:2], self.capacity, k.size(3))
+            self.v = v.new_empty(*v.shape[:2], self.capacity, v.size(3))
+        self.k[:, :, self.start:end], self.v[:, :, self.start:end] = k, v
+        # Query i (position start + i) sees keys 0 .. start + i.
+        mask = None if self.start == 0 else torch.ones(T, end, dtype=torch.bool, device=k.device).tril(self.start)
+        return self.k[:, :, :end], self.v[:, :, :end], mask
 
 
 class CausalSelfAttention(nn.Module):
@@ -104,6 +135,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.core_attention = CausalAttention(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.kv_cache: KVCache | None = None  # set by GPT2Model.generate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.c_attn(x)
@@ -111,7 +143,10 @@ class CausalSelfAttention(nn.Module):
         width = qkv.size(-1) // 3                # all heads, or this rank's heads under TP
         q, k, v = (t.view(B, T, width // self.head_dim, self.head_dim).transpose(1, 2)
                    for t in qkv.split(width, dim=-1))
-        y = self.core_attention(q, k, v)
+        mask = None
+        if self.kv_cache is not None:  # generating: attend to the tokens seen before too
+            k, v, mask = self.kv_cache.update(k, v)
+        y = self.core_attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, width)
         return self.resid_dropout(self.c_proj(y))
 
@@ -218,20 +253,23 @@ class GPT2Model(nn.Module):
         """Parameters in the global model (tied weights counted once, padding rows included)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True,
+                pos: torch.Tensor | None = None):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
 
         Targets equal to -1 are ignored in the loss. ``return_logits=False`` (with targets)
         returns ``(None, loss)`` computed by ``lm_head_loss``, which never holds the
         (B*T, vocab) logits at once (the training step's memory peak) and gives 0, not NaN,
-        when every target is ignored.
+        when every target is ignored. ``pos`` (T,): the tokens' positions, 0..T-1 by default
+        (generate passes later ones when earlier tokens are in the KV cache).
         """
         if not return_logits and targets is None:
             raise ValueError("return_logits=False returns only the loss, so it needs targets")
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        if pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+            pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
@@ -253,20 +291,52 @@ class GPT2Model(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 context_multiple: int = 1) -> torch.Tensor:
-        """Sample max_new_tokens after idx (B, T). Pass the same generator state on every
-        rank of a TP group so that all ranks draw the same tokens. The context fed to the
-        model is cropped to a multiple of context_multiple tokens (sequence parallelism needs
-        a length divisible by the TP size); idx must hold at least that many."""
-        if idx.size(1) < context_multiple:
-            raise ValueError(f"the prompt needs at least {context_multiple} tokens, got {idx.size(1)}")
-        for _ in range(max_new_tokens):
-            n = min(idx.size(1), self.config.block_size)
-            logits, _ = self(idx[:, -(n - n % context_multiple):])
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = F.softmax(logits, dim=-1)
-            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+                 context_multiple: int = 1, kv_cache: bool = True) -> torch.Tensor:
+        """Sample max_new_tokens after idx (B, T), each conditioned on the last block_size
+        tokens (the context the model was trained on). Pass the same generator state on every
+        rank of a TP group so that all ranks draw the same tokens.
+
+        ``kv_cache``: keep each layer's keys and values (under TP, each rank its own heads) and
+        feed only the new token; the result is the no-cache one (up to float reassociation).
+        Once the context slides past block_size every position changes, so each later step
+        recomputes the window. ``context_multiple``: the model needs sequence lengths that are
+        multiples of it (sequence parallelism: the TP size); what is fed is right-padded with
+        token 0, which changes nothing: causal attention never lets a token see those to its
+        right, and the logits are read at the last real token.
+        """
+        if idx.size(1) < 1:
+            raise ValueError("generate needs a prompt of at least one token")
+        block = self.config.block_size
+        attention = [m for m in self.modules() if isinstance(m, CausalSelfAttention)]
+        caches = [KVCache(block + context_multiple) for _ in attention] if kv_cache else []
+        for module, cache in zip(attention, caches):
+            module.kv_cache = cache
+        try:
+            cached = 0  # idx[:, :cached] are in the caches (while the window has not slid)
+            for _ in range(max_new_tokens):
+                if not caches or idx.size(1) > block:  # no cache, or every position moved
+                    cached = 0
+                chunk = idx[:, cached:][:, -block:]
+                logits = self._last_logits(chunk, cached, caches, context_multiple)
+                cached += chunk.size(1)
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        finally:
+            for module in attention:
+                module.kv_cache = None
         return idx
+
+    def _last_logits(self, chunk: torch.Tensor, start: int, caches: list[KVCache], multiple: int) -> torch.Tensor:
+        """Logits (B, vocab_size) after the last token of chunk, whose first token is at
+        position start (the caches hold positions 0..start-1), right-padded to a multiple."""
+        T = chunk.size(1)
+        pad = -T % multiple
+        pos = torch.arange(start, start + T + pad, device=chunk.device).clamp(max=self.config.block_size - 1)
+        for cache in caches:
+            cache.start = start
+        logits, _ = self(F.pad(chunk, (0, pad)), pos=pos)  # padding positions are never attended to
+        return logits[:, T - 1]

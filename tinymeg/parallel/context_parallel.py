@@ -325,9 +325,12 @@ class RingAttention(nn.Module):
         super().__init__()
         self.state, self.block = state, block
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if not self.state.enabled:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        if not self.state.enabled:   # generation: the whole sequence (and a KV cache's mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if mask is not None:
+            raise ValueError("ring attention takes no mask: a KV cache works with CP turned off "
+                             "(model.generate does that)")
         return ring_attention(q, k, v, self.state.mesh, self.block)
 
     def extra_repr(self) -> str:

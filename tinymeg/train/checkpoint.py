@@ -65,6 +65,8 @@ from ..data import CharTokenizer, GPT2Tokenizer
 from ..models import GPT2Model, GPTConfig
 # torch's get/set_state_dict, extended to ZeRO shards and fp32 master weights (any stage, any mesh)
 from ..parallel.zero import get_state_dict, set_state_dict, stacked_count
+from .checks import check_flags, run_checked
+from .optim import set_weight_decay
 
 META = "tinymeg.json"
 LATEST = "latest"
@@ -74,6 +76,9 @@ _STEP_DIR = re.compile(r"step_(\d+)$")
 # the result is not what the uninterrupted run would have given (warned about, not an error).
 _TRAJECTORY_FIELDS = ("seed", "lr", "min_lr", "warmup", "steps", "weight_decay", "grad_clip",
                       "data", "tokenizer", "dropout", "top_k")
+# Model config fields that do not change which weights there are or what they mean: dropout and
+# the MoE routing's k and loss weights (a change is a trajectory change, warned about above).
+_TRAINING_ONLY_MODEL_FIELDS = ("dropout", "top_k", "aux_loss_weight", "z_loss_weight")
 
 
 def step_dir_name(step: int) -> str:
@@ -239,12 +244,23 @@ def _shapes(model: nn.Module) -> dict[str, list[int]]:
 
 
 def check_compatible(meta: dict, model: nn.Module, path: str) -> None:
-    """Parameter names and global shapes must match; name every one that does not."""
+    """Parameter names and global shapes must match, and so must every model config field
+    that changes what the model computes (n_head, vocab_size, ...: parameters of the same
+    shapes can mean another model); name every one that does not."""
     saved, now = meta["param_shapes"], _shapes(model)
     bad = [f"{k}: checkpoint {tuple(saved[k]) if k in saved else 'absent'}, model "
            f"{tuple(now[k]) if k in now else 'absent'}"
            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if not bad:
+        ours, theirs = _model_config(model) or {}, meta.get("model_config") or {}
+        # A field the checkpoint lacks is one added since: the saving run had its default.
+        diff = [f"{f}={theirs[f]!r} (now {v!r})" for f, v in ours.items()
+                if f not in _TRAINING_ONLY_MODEL_FIELDS and f in theirs and theirs[f] != v]
+        if diff:
+            raise ValueError(
+                f"checkpoint {path!r} holds a model with other settings: {', '.join(diff)}. Its parameters "
+                f"have the shapes of this model's but compute something else. Pass the settings of the run "
+                f"that saved it (--n-head, --data/--tokenizer for the vocabulary, ...), or start a fresh run")
         return
     ours, fields = _model_config(model), ""
     if ours and meta.get("model_config"):
@@ -314,13 +330,29 @@ def _commit(tmp: str, final: str, ckpt_dir: str) -> None:
     _fsync_dir(ckpt_dir)
 
 
-def _prune(ckpt_dir: str, keep_last: int) -> None:
-    """Rank 0, after a commit: drop unfinished saves and all but the keep_last newest checkpoints."""
+def _step_of(path: str) -> int:
+    return int(_STEP_DIR.match(os.path.basename(path)).group(1))
+
+
+def _prune(ckpt_dir: str, latest: str, keep_last: int) -> None:
+    """Rank 0, after committing `latest`: drop unfinished saves, checkpoints numbered after
+    `latest`, and all but the keep_last newest up to `latest`.
+
+    A checkpoint numbered after the one just committed was renamed by an attempt that died
+    before naming it `latest`; this run resumed from an older one and went on without it, so
+    it is not part of this run's history (and would count as the newest: keep_last would
+    then delete `latest` itself)."""
     for name in os.listdir(ckpt_dir):
         if name.endswith(".tmp") and _STEP_DIR.match(name[:-4]):
             shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+    history = []
+    for path in list_checkpoints(ckpt_dir):
+        if _step_of(path) > _step_of(latest):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            history.append(path)
     if keep_last > 0:
-        for path in list_checkpoints(ckpt_dir)[:-keep_last]:
+        for path in history[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -355,7 +387,7 @@ def save(ckpt_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Opti
                   "files": files}
         _write(os.path.join(tmp, META), json.dumps(record, indent=1).encode())
         _commit(tmp, final, ckpt_dir)
-        _prune(ckpt_dir, keep_last)
+        _prune(ckpt_dir, final, keep_last)
     dist.barrier()                                      # nobody runs ahead of `latest`
     return final
 
@@ -440,24 +472,36 @@ class Checkpointer:
         self.cfg, self.ctx, self.model, self.optimizer = cfg, ctx, model, optimizer
         self.tokenizer = tokenizer
         self.start_step = 0
+        self.resumed_from: str | None = None   # the checkpoint restore() loaded
+        self.last_saved: str | None = None     # the checkpoint after_step() saved last
 
     def restore(self) -> int:
+        """Load the checkpoint the flags name, if any, and return its step (0: a fresh start).
+        Every check that reads files runs on every rank before any collective, and all ranks
+        agree on the outcome (checks.run_checked): a bad checkpoint is one error, not a hang."""
         cfg = self.cfg
-        check_flags(cfg)
-        if cfg.ckpt_dir:
-            check_writable(cfg.ckpt_dir)
-        path = self._source()
+        path = run_checked(self.ctx, self._checked_source)
         if path is None:
             return 0
         t0 = time.perf_counter()
         meta = load(path, self.model, self.optimizer, self.ctx, cfg.seed)
-        self.start_step = meta["step"]
+        set_weight_decay(self.optimizer, cfg.weight_decay)  # the restored groups carry the saving run's
+        self.start_step, self.resumed_from = meta["step"], path
         if self.ctx.is_main:
             self._warn_changes(meta, path)
-            if cfg.progress:
-                tqdm.write(f"resumed from {path} at step {self.start_step} ({_mib(meta):.1f} MiB "
-                           f"loaded in {time.perf_counter() - t0:.2f} s)")
+            tqdm.write(f"resumed from {path} at step {self.start_step} ({_mib(meta):.1f} MiB "
+                       f"loaded in {time.perf_counter() - t0:.2f} s)")
         return self.start_step
+
+    def _checked_source(self) -> str | None:
+        """The checkpoint to load (None: start fresh), verified to be complete and to fit the model."""
+        check_flags(self.cfg)
+        if self.cfg.ckpt_dir:
+            check_writable(self.cfg.ckpt_dir)
+        path = self._source()
+        if path is not None:
+            check_compatible(verify(path), self.model, path)
+        return path
 
     def _source(self) -> str | None:
         cfg = self.cfg
@@ -499,8 +543,8 @@ class Checkpointer:
             changed.append(f"global batch (dp x micro_batch x grad_accum): {old_batch} -> {self.cfg.global_batch}")
         if changed:
             print(f"warning: resuming {path} with other settings than the run that saved it "
-                  f"({'; '.join(changed)}): training continues, but not as that run would have",
-                  file=sys.stderr, flush=True)
+                  f"({'; '.join(changed)}): the new values apply from step {meta['step'] + 1}, so training "
+                  f"continues, but not as that run would have", file=sys.stderr, flush=True)
 
     def due(self, step_done: int) -> bool:
         cfg = self.cfg
@@ -515,25 +559,13 @@ class Checkpointer:
             return None
         t0 = time.perf_counter()
         meta = {"train_config": dataclasses.asdict(self.cfg), "tokenizer": tokenizer_meta(self.tokenizer)}
-        path = save(self.cfg.ckpt_dir, step_done, self.model, self.optimizer, self.ctx, meta,
-                    self.cfg.keep_last)
-        if self.ctx.is_main and self.cfg.progress:
+        path = self.last_saved = save(self.cfg.ckpt_dir, step_done, self.model, self.optimizer, self.ctx,
+                                      meta, self.cfg.keep_last)
+        if self.ctx.is_main:
             with open(os.path.join(path, META)) as f:
                 size = _mib(json.load(f))
             tqdm.write(f"saved {path} ({size:.1f} MiB) in {time.perf_counter() - t0:.2f} s")
         return path
-
-
-def check_flags(cfg) -> None:
-    """Contradictory or incomplete checkpoint settings, as errors that name the flags."""
-    if (cfg.resume or cfg.auto_resume or cfg.ckpt_every) and not cfg.ckpt_dir:
-        flag = "--resume" if cfg.resume else "--auto-resume" if cfg.auto_resume else "--ckpt-every"
-        raise ValueError(f"{flag} needs --ckpt-dir (where checkpoints are saved and found)")
-    if cfg.resume and (cfg.auto_resume or cfg.resume_from):
-        raise ValueError("--resume (the latest in --ckpt-dir, which must exist) cannot be combined with "
-                         "--auto-resume or --resume-from")
-    if cfg.ckpt_every < 0 or cfg.keep_last < 0:
-        raise ValueError(f"--ckpt-every and --keep-last must be >= 0, got {cfg.ckpt_every}, {cfg.keep_last}")
 
 
 def maybe_inject_fault(step: int, ctx) -> None:

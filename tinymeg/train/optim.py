@@ -16,7 +16,8 @@ from ..parallel.zero import optimizer_param, shard_optimizer
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
                     betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with two groups: matrices and embeddings decay, biases and norms do not. Under ZeRO
+    """AdamW with two groups: matrices and embeddings decay (``"decays": True``), biases and
+    norms do not. Under ZeRO
     1-2 or mixed precision it steps this rank's shards / fp32 masters (``shard_optimizer``).
 
     MoE layers' parameters get two groups of their own (their experts' biases are stacked
@@ -28,11 +29,20 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups[id(p) in in_moe, p.dim() >= 2 and not name.endswith("bias")].append(p)
-    optimizer = torch.optim.AdamW([{"params": params, "weight_decay": weight_decay if decay else 0.0}
+    optimizer = torch.optim.AdamW([{"params": params, "weight_decay": weight_decay if decay else 0.0, "decays": decay}
                                    for (moe, decay), params in groups.items() if params or not moe],
                                   lr=lr, betas=betas, eps=eps,
                                   foreach=True)  # torch defaults to a per-tensor loop on CPU: slow with DTensors
     return shard_optimizer(model, optimizer)
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Give build_optimizer's decaying groups this weight decay. Loading a checkpoint restores
+    the groups as the saving run had them; the run's own setting applies after it (as the LR
+    does: the trainer sets it every step)."""
+    for group in optimizer.param_groups:
+        if group.get("decays"):
+            group["weight_decay"] = weight_decay
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
