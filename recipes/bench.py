@@ -5,6 +5,7 @@
     python recipes/bench.py ops --batch 8 --seq 1024 --dtype bfloat16   (on a GPU)
     torchrun --nproc_per_node=4 recipes/bench.py comm   # collectives per step vs the theory
     torchrun --nproc_per_node=2 recipes/bench.py tp     # tinymeg TP vs torch's parallelize_module
+    python recipes/bench.py e2e                 # a training step vs plain PyTorch and parallelize_module
 
 Subcommands live in SUBCOMMANDS (name -> (add_arguments, run, help)).
 """
@@ -339,10 +340,211 @@ def add_tp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5)
 
 
+# ---- e2e: one training step, tinymeg vs plain PyTorch, and tinymeg TP vs parallelize_module ----
+
+class PlainGPT(torch.nn.Module):
+    """GPT-2 as a PyTorch user writes it: nn.Embedding, nn.LayerNorm, nn.Linear, F.gelu,
+    F.scaled_dot_product_attention, F.cross_entropy. tinymeg GPT2Model's module names and
+    padded, tied embedding, so it loads that model's state_dict: the same weights, the same loss.
+    Attention reads its head count from the projection's width, so parallelize_module can shard it."""
+
+    def __init__(self, cfg: tm.models.GPTConfig):
+        super().__init__()
+        nn, C = torch.nn, cfg.n_embd
+        self.vocab_size, self.head_dim = cfg.vocab_size, C // cfg.n_head
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.padded_vocab_size, C), wpe=nn.Embedding(cfg.block_size, C),
+            h=nn.ModuleList(nn.ModuleDict(dict(
+                ln_1=nn.LayerNorm(C), ln_2=nn.LayerNorm(C),
+                attn=nn.ModuleDict(dict(c_attn=nn.Linear(C, 3 * C), c_proj=nn.Linear(C, C))),
+                mlp=nn.ModuleDict(dict(c_fc=nn.Linear(C, 4 * C), c_proj=nn.Linear(4 * C, C)))))
+                for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(C)))
+        self.lm_head = nn.Linear(C, cfg.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def attention(self, attn, x):
+        B, T, _ = x.shape
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in attn.c_attn(x).chunk(3, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attn.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, idx, targets):
+        t = self.transformer
+        x = t.wte(idx) + t.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in t.h:
+            x = x + self.attention(block.attn, block.ln_1(x))
+            x = x + block.mlp.c_proj(F.gelu(block.mlp.c_fc(block.ln_2(x)), approximate="tanh"))
+        logits = self.lm_head(t.ln_f(x))[..., :self.vocab_size]
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
+E2E_SIZES = {  # name: (GPTConfig fields, batch, seq)
+    "main job": (dict(n_layer=4, n_embd=128, n_head=4, vocab_size=65), 16, 64),
+    "width 256": (dict(n_layer=4, n_embd=256, n_head=4, vocab_size=512), 4, 128),
+    "GPT-2 small width": (dict(n_layer=2, n_embd=768, n_head=12, vocab_size=50257), 4, 128),
+}
+
+
+def _e2e_models(name: str, seed: int = 0):
+    """tinymeg's GPT-2 and PlainGPT with the same weights, and one batch."""
+    fields, B, T = E2E_SIZES[name]
+    cfg = tm.models.GPTConfig(block_size=T, **fields)
+    torch.manual_seed(seed)
+    model = tm.models.GPT2Model(cfg)
+    plain = PlainGPT(cfg)
+    plain.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    return model, plain, idx, torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+
+
+def _training_step(loss_fn, optimizer, compile_optimizer: bool = False):
+    """fn() = one step: loss, backward, AdamW, zero_grad (the optimizer step compiled or not)."""
+    opt_step = torch.compile(optimizer.step) if compile_optimizer else optimizer.step
+
+    def step():
+        loss_fn().backward()
+        opt_step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _time_wall_and_cpu(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median ms of one call of each fn, by the wall clock and by this thread's CPU time (which
+    leaves out the time the OS gave to other processes: on a shared machine, most of the noise).
+    Calls are interleaved (a, b, a, b, ...), as in time_side_by_side."""
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            cpu[name].append(time.thread_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    return {k: (1e3 * statistics.median(wall[k]), 1e3 * statistics.median(cpu[k])) for k in fns}
+
+
+def _warm(steps: dict, n: int = 2) -> float:
+    """Run every step n times (compiles, and tunes the ops on every rank alike); seconds taken."""
+    t0 = time.perf_counter()
+    with tm.ops.synchronized():
+        for fn in steps.values():
+            fn()
+    for _ in range(n - 1):
+        for fn in steps.values():
+            fn()
+    return time.perf_counter() - t0
+
+
+def e2e_one_process(name: str, args) -> list:
+    """One row: tinymeg vs plain, eager and compiled (model fullgraph; optimizer if asked)."""
+    from tinymeg.train.optim import build_optimizer
+    steps = {}
+    for compiled in (False, True):
+        model, plain, idx, targets = _e2e_models(name)
+        for who, m, loss in (("tinymeg", model, lambda m: m(idx, targets, return_logits=False)[1]),
+                             ("plain", plain, lambda m: m(idx, targets))):
+            fn = torch.compile(m, fullgraph=True) if compiled else m
+            opt = build_optimizer(m, 1e-4, 0.1)
+            steps[who, compiled] = _training_step(lambda fn=fn, loss=loss: loss(fn), opt,
+                                                  compiled and args.compile_optimizer)
+    warm_s = _warm(steps)
+    ms = _time_wall_and_cpu({k: v for k, v in steps.items()}, args.repeats_for(name))
+    (te, pe, tc, pc) = (ms["tinymeg", False], ms["plain", False], ms["tinymeg", True], ms["plain", True])
+    return [name, te[0], pe[0], te[0] / pe[0], te[1] / pe[1], tc[0], pc[0], tc[0] / pc[0], tc[1] / pc[1],
+            tc[0] / te[0], pc[0] / pe[0], f"{warm_s:.0f}"]
+
+
+def native_tensor_parallel_plain(model: PlainGPT, mesh) -> PlainGPT:
+    """PyTorch's own TP on PlainGPT, with the plan equivalent to tinymeg's: Colwise c_attn/c_fc,
+    Rowwise c_proj, a vocab-parallel wte (Rowwise on an Embedding) and a Colwise lm_head whose
+    logits are replicated; the lm_head/wte tie is restored after sharding (both Shard(0)), so
+    the optimizer steps the same parameters as tinymeg's. Colwise shards the fused q|k|v by plain
+    rows (heads mixed up: same FLOPs and bytes, fine for timing, wrong for training)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    plan = {"transformer.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "lm_head": ColwiseParallel(output_layouts=Replicate())}
+    for i in range(len(model.transformer.h)):
+        plan |= {f"transformer.h.{i}.attn.c_attn": ColwiseParallel(), f"transformer.h.{i}.attn.c_proj": RowwiseParallel(),
+                 f"transformer.h.{i}.mlp.c_fc": ColwiseParallel(), f"transformer.h.{i}.mlp.c_proj": RowwiseParallel()}
+    model = parallelize_module(model, mesh, plan)
+    model.lm_head.weight = model.transformer.wte.weight
+    return model
+
+
+def e2e_tensor_parallel(name: str, args, ctx) -> list:
+    """One row: tinymeg TP vs parallelize_module on PlainGPT, eager and compiled, tp = world."""
+    from tinymeg.train.optim import build_optimizer
+    steps = {}
+    for compiled in (False, True):
+        model, plain, idx, targets = _e2e_models(name)
+        model = tm.apply_tensor_parallel(model, ctx)
+        plain = native_tensor_parallel_plain(plain, ctx.mesh["tp"])
+        for who, m, loss in (("tinymeg", model, lambda m: m(idx, targets, return_logits=False)[1]),
+                             ("native", plain, lambda m: m(idx, targets))):
+            fn = torch.compile(m, fullgraph=True) if compiled else m
+            opt = build_optimizer(m, 1e-4, 0.1)
+            steps[who, compiled] = _training_step(lambda fn=fn, loss=loss: loss(fn), opt,
+                                                  compiled and args.compile_optimizer)
+    warm_s = _warm(steps)
+    ms = _time_wall_and_cpu(steps, args.repeats_for(name))
+    (te, ne, tc, nc) = (ms["tinymeg", False], ms["native", False], ms["tinymeg", True], ms["native", True])
+    return [name, te[0], ne[0], te[0] / ne[0], te[1] / ne[1], tc[0], nc[0], tc[0] / nc[0], tc[1] / nc[1],
+            f"{warm_s:.0f}"]
+
+
+E2E_HEADERS = ["size", "tinymeg ms", "plain ms", "tinymeg/plain", "(cpu)", "compiled: tinymeg ms",
+               "plain ms", "tinymeg/plain", "(cpu)", "tinymeg compiled/eager", "plain compiled/eager", "warm-up s"]
+E2E_TP_HEADERS = ["size", "tinymeg TP ms", "native ms", "tinymeg/native", "(cpu)", "compiled: tinymeg TP ms",
+                  "native ms", "tinymeg/native", "(cpu)", "warm-up s"]
+
+
+def run_e2e(args) -> None:
+    torch.set_num_threads(1)  # steadier on a shared machine; torchrun does the same for its ranks
+    sizes = [s for s in E2E_SIZES if s in args.sizes]
+    args.repeats_for = lambda name: args.repeats if name != "GPT-2 small width" else max(3, args.repeats // 4)
+    os.environ.setdefault("TINYMEG_CACHE_DIR", tempfile.mkdtemp())  # a fresh cache: tuned in this run
+    if args.part == "tp":  # the tp=2 half, under torchrun (launched by the one-process half)
+        ctx = tm.ParallelContext(tp=int(os.environ["WORLD_SIZE"]))
+        rows = [e2e_tensor_parallel(name, args, ctx) for name in sizes]
+        if ctx.is_main:
+            print(format_table(E2E_TP_HEADERS, rows), flush=True)
+        return
+    started = time.perf_counter()
+    opt = " and the AdamW step" if args.compile_optimizer else ""
+    print(f"# one training step (forward, backward, AdamW), fp32, CPU, 1 thread, torch {torch.__version__}; "
+          f"median of {args.repeats} interleaved steps (GPT-2 small width: {args.repeats_for('GPT-2 small width')})\n")
+    print(f"## tinymeg's GPT-2 vs the same model in plain PyTorch, one process "
+          f"(compiled: the model with fullgraph=True{opt})\n", flush=True)
+    rows = [e2e_one_process(name, args) for name in sizes]
+    print(format_table(E2E_HEADERS, rows), flush=True)
+    if args.tp > 1:
+        import subprocess
+        import sys
+        print(f"\n## tinymeg TP vs parallelize_module, tp={args.tp} (torchrun, gloo)\n", flush=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.tp}", __file__, "e2e",
+               "--part", "tp", "--repeats", str(args.repeats), "--sizes", *sizes]
+        cmd += ["--compile-optimizer"] if args.compile_optimizer else []
+        subprocess.run(cmd, check=True)
+    print(f"\n(ms: wall-clock medians; (cpu): the same ratio by the process's CPU time, which the load "
+          f"of other processes barely moves; total {time.perf_counter() - started:.0f} s)")
+
+
+def add_e2e_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", nargs="+", default=list(E2E_SIZES), choices=list(E2E_SIZES), metavar="SIZE",
+                   help=f"any of {list(E2E_SIZES)}")
+    p.add_argument("--repeats", type=int, default=20, help="timed steps per variant (a quarter at GPT-2 small width)")
+    p.add_argument("--tp", type=int, default=2, help="ranks of the TP comparison (0: skip it)")
+    p.add_argument("--compile-optimizer", action="store_true", help="also compile the AdamW step")
+    p.add_argument("--part", default="all", choices=["all", "tp"], help=argparse.SUPPRESS)
+
+
 SUBCOMMANDS = {
     "ops": (add_ops_arguments, run_ops, "fused ops: every implementation, the tuner's pick, memory, compile"),
     "comm": (add_comm_arguments, run_comm, "collectives of one step vs the theoretical minimum (torchrun)"),
     "tp": (add_tp_arguments, run_tp, "tinymeg TP vs PyTorch's parallelize_module, same model and mesh (torchrun)"),
+    "e2e": (add_e2e_arguments, run_e2e, "one training step: tinymeg vs plain PyTorch, TP vs parallelize_module"),
 }
 
 

@@ -33,10 +33,14 @@ HAS_CUDA_TRITON = torch.cuda.is_available() and tm.ops._triton.AVAILABLE
 
 @pytest.fixture(autouse=True)
 def _hermetic_env(monkeypatch, tmp_path):
-    """No tuning, no forcing, and a private cache, whatever the caller's environment says."""
+    """No tuning, no forcing, a private cache, whatever the caller's environment says, and a
+    fresh default tuner (one that has made no choice yet, so it reads this environment)."""
     monkeypatch.setenv("TINYMEG_AUTOTUNE", "0")
     monkeypatch.delenv("TINYMEG_OP_IMPL", raising=False)
     monkeypatch.setenv("TINYMEG_CACHE_DIR", str(tmp_path / "cache"))
+    previous = tm.ops.set_default_tuner(RuntimeAutoTuner())
+    yield
+    tm.ops.set_default_tuner(previous)
 
 
 def cpu_impls(table):
@@ -326,13 +330,16 @@ def test_bad_input_errors(monkeypatch):
     with pytest.raises(RuntimeError, match="compute_grad=False"):
         loss.backward()
     monkeypatch.setenv("TINYMEG_OP_IMPL", "layer_norm=nope")
+    tm.ops.get_default_tuner().forget()  # the environment is read when a choice is made
     with pytest.raises(ValueError, match=r"forces layer_norm='nope'.*\['fast', 'ref'\]"):
         tm.ops.layer_norm(x)
     monkeypatch.setenv("TINYMEG_OP_IMPL", "layer_norm")
+    tm.ops.get_default_tuner().forget()  # the environment is read when a choice is made
     with pytest.raises(ValueError, match="expected 'op=impl,op=impl'"):
         tm.ops.layer_norm(x)
     monkeypatch.delenv("TINYMEG_OP_IMPL")
     monkeypatch.setenv("TINYMEG_AUTOTUNE", "yes")
+    tm.ops.get_default_tuner().forget()  # the environment is read when a choice is made
     with pytest.raises(ValueError, match="TINYMEG_AUTOTUNE must be 0 or 1"):
         tm.ops.layer_norm(x)
     with pytest.raises(ValueError, match="measure_iterations >= 1"):
@@ -486,6 +493,7 @@ def test_autotuner_never_times_untuned_candidates(tmp_path, monkeypatch, tuning_
     assert tuner.choose("op", cands, (x,), default="chunked", untuned=("ref",)) == "chunked"
     assert clock.calls == [], "ref is never run, and one candidate left is not timed"
     monkeypatch.setenv("TINYMEG_OP_IMPL", "op=ref")
+    tuner.forget()
     assert tuner.choose("op", cands, (x,), default="chunked", untuned=("ref",)) == "ref", "forcing still works"
 
 
@@ -507,7 +515,9 @@ def test_autotuner_environment(tmp_path, monkeypatch, tuning_on):
     assert tuner.choose("op", cands, (x,), default="b") == "a"
     assert tuner.choose("op_backward", cands, (x,), default="b") == "a", "op=... also forces op_backward"
     monkeypatch.setenv("TINYMEG_OP_IMPL", "op=a,op_backward=b")
-    assert tuner.choose("op_backward", cands, (x,), default="a") == "b"
+    assert tuner.choose("op_backward", cands, (x,), default="a") == "a", "read when the choice was made..."
+    tuner.forget()
+    assert tuner.choose("op_backward", cands, (x,), default="a") == "b", "...and again after forget()"
     assert clock.calls == []
     # TINYMEG_CACHE_DIR moves the default cache
     monkeypatch.setenv("TINYMEG_CACHE_DIR", str(tmp_path / "elsewhere"))

@@ -9,11 +9,11 @@ in ``FORWARD`` and ``BACKWARD``. The functions below are the friendly wrappers.
 from . import autotune, cross_entropy, gelu, norm
 from .autotune import RuntimeAutoTuner, get_default_tuner, set_default_tuner, synchronized
 from .cross_entropy import linear_cross_entropy
-from .gelu import bias_gelu
+from .gelu import bias_gelu, bias_gelu_path
 from .norm import LayerNorm, layer_norm
 
 # op name -> the module that defines it
 OPS = {"layer_norm": norm, "bias_gelu": gelu, "linear_cross_entropy": cross_entropy}
 
 __all__ = ["LayerNorm", "RuntimeAutoTuner", "get_default_tuner", "set_default_tuner", "synchronized",
-           "layer_norm", "bias_gelu", "linear_cross_entropy", "autotune", "OPS"]
+           "layer_norm", "bias_gelu", "bias_gelu_path", "linear_cross_entropy", "autotune", "OPS"]

@@ -16,6 +16,10 @@ is rounded up to a power of two (a "shape class"), so that a sequence growing by
 
 Policy, in order:
 
+The environment variables below are read when a choice is first made in a process (a choice
+made is a dict lookup, not an environment read, on every later call): set them before the first
+step, or call ``get_default_tuner().forget()`` after changing them.
+
 1. ``TINYMEG_OP_IMPL=layer_norm=ref,bias_gelu=plain`` forces choices. An op's name forces its
    path (``plain``, or ``op`` = the custom op with its kernel tuned) or its kernel (any other
    name, which implies the op path). ``layer_norm=ref`` also forces ``layer_norm_backward`` where
@@ -129,14 +133,18 @@ def _describe(a: Any) -> str:
 
 
 def _signature(args: tuple) -> tuple | None:
-    """Exact shapes, dtypes, devices, contiguity and values of args: the in-memory lookup key,
-    cheap to build (about a microsecond). None for DTensor arguments (the slow key handles them)."""
-    sig = []
+    """Everything a key is made of, exactly, cheap to build (a microsecond or two): the thread
+    count, the device (of the first tensor: an op's tensors share one), each tensor's shape, dtype
+    and contiguity, the other values. None for DTensor arguments (only the slow key knows them)."""
+    sig, device = [torch.get_num_threads()], None
     for a in args:
         if isinstance(a, torch.Tensor):
-            if type(a) not in (torch.Tensor, torch.nn.Parameter):
+            if type(a) is not torch.Tensor and type(a) is not torch.nn.Parameter:
                 return None
-            sig.append((a.shape, a.dtype, a.device, a.is_contiguous()))
+            if device is None:
+                device = a.device
+                sig.append(device)
+            sig.append((a.shape, a.dtype, a.is_contiguous()))
         else:
             sig.append(a)
     return tuple(sig)
@@ -224,7 +232,7 @@ class RuntimeAutoTuner:
         self.tuning_s = 0.0                               # wall seconds spent timing, all keys
         self._synchronized = 0
         self._depth = 0                                   # keys being timed (nested: a path's op)
-        self._memo: dict[tuple, str] = {}                 # (op, exact signature, env) -> choice
+        self._memo: dict[tuple, str] = {}                 # (op, exact signature) -> choice
         self._fresh: dict[str, str] | None = None         # rank 0: choices made while timing
         self._disk: dict[str, str] | None = None          # the disk cache, read once
 
@@ -245,15 +253,25 @@ class RuntimeAutoTuner:
 
     def cached(self, op: str, args: tuple) -> str | None:
         """The choice for op on args if this process made it already (no timing, no collective)."""
-        memo_key = self.memo_key(op, args)
-        return None if memo_key is None else self._memo.get(memo_key)
+        sig = _signature(args)
+        return None if sig is None else self._memo.get((op, sig))
+
+    def remember(self, op: str, args: tuple, choice: str) -> None:
+        """Make ``choice`` the answer for op on args from now on (paths.py: a forced path)."""
+        sig = _signature(args)
+        if sig is not None:
+            self._memo[op, sig] = choice
 
     def memo_key(self, op: str, args: tuple) -> tuple | None:
         sig = _signature(args)
-        if sig is None:
-            return None
-        env = os.environ.get("TINYMEG_OP_IMPL"), os.environ.get("TINYMEG_AUTOTUNE")
-        return op, sig, env, torch.get_num_threads()
+        return None if sig is None else (op, sig)
+
+    def forget(self) -> None:
+        """Forget this process's choices (the disk cache stays): the next call of each op decides
+        again, reading TINYMEG_OP_IMPL and TINYMEG_AUTOTUNE again."""
+        self._memo.clear()
+        self.choices.clear()
+        self._disk = None
 
     def _choose(self, op, candidates, args, default, untuned) -> tuple[str, bool]:
         """(choice, whether it is final for these inputs: then it is remembered)."""

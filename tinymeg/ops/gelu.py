@@ -189,10 +189,14 @@ PATHS = {"plain": plain_bias_gelu, "op": _op_bias_gelu}
 DEFAULT_PATH = "plain"
 
 
+def bias_gelu_path(x: Tensor, bias: Tensor) -> str:
+    """The path bias_gelu(x, bias) takes: "plain" or "op" (decided on the first call, then a lookup)."""
+    return paths.choose("bias_gelu", PATHS, (x, bias), DEFAULT_PATH)
+
+
 def bias_gelu(x: Tensor, bias: Tensor | None) -> Tensor:
     """gelu(x + bias, approximate="tanh"), by the plain path or tinymeg::bias_gelu (one pass),
     whichever the tuner finds faster (see paths.py); plain GELU when bias is None."""
     if bias is None:
         return F.gelu(x, approximate="tanh")
-    args = (x, bias)
-    return PATHS[paths.choose("bias_gelu", PATHS, args, DEFAULT_PATH)](*args)
+    return PATHS[bias_gelu_path(x, bias)](x, bias)

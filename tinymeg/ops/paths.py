@@ -46,17 +46,27 @@ def choose(op: str, paths: Mapping[str, Callable], args: tuple, default: str,
     names a path that may run only when forced (the loss's plain path, where its logits are big)."""
     if torch.compiler.is_compiling():
         return forced_path(op) or default
-    grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    name = _NAMES[op, grad]
+    name = _NAMES[op, torch.is_grad_enabled() and _requires_grad(args)]
     tuner = get_default_tuner()
     choice = tuner.cached(name, args)  # the hot path: about a microsecond once decided
     if choice is not None:
         return choice
     forced = forced_path(op)
-    if forced is not None or any(isinstance(a, DTensor) for a in args):
-        return forced or "op"
+    if forced is not None:
+        tuner.remember(name, args, forced)
+        return forced
+    if any(isinstance(a, DTensor) for a in args):
+        return "op"
+    grad = name.endswith("fwd+bwd")
     candidates = {k: (_forward_backward(f) if grad else f) for k, f in paths.items()}
     return tuner.choose(name, candidates, args, default, untuned)
+
+
+def _requires_grad(args: tuple) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+    return False
 
 
 class _Names(dict):
