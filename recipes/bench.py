@@ -473,6 +473,20 @@ def native_tensor_parallel_plain(model: PlainGPT, mesh) -> PlainGPT:
     return model
 
 
+def native_optimizer(model, lr: float = 1e-4, weight_decay: float = 0.1) -> torch.optim.AdamW:
+    """build_optimizer's AdamW for a model that parallelize_module left with both DTensor and
+    plain parameters (the norms, wpe): a foreach step cannot mix them, so each kind gets its own
+    groups (what a PyTorch user has to do), with the same decay rule."""
+    from torch.distributed.tensor import DTensor
+    groups = []
+    for decay in (True, False):
+        for dtensor in (True, False):
+            ps = [p for p in model.parameters() if (p.dim() >= 2) == decay and isinstance(p, DTensor) == dtensor]
+            if ps:
+                groups.append({"params": ps, "weight_decay": weight_decay if decay else 0.0})
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+
+
 def e2e_tensor_parallel(name: str, args, ctx) -> list:
     """One row: tinymeg TP vs parallelize_module on PlainGPT, eager and compiled, tp = world."""
     from tinymeg.train.optim import build_optimizer
@@ -484,7 +498,7 @@ def e2e_tensor_parallel(name: str, args, ctx) -> list:
         for who, m, loss in (("tinymeg", model, lambda m: m(idx, targets, return_logits=False)[1]),
                              ("native", plain, lambda m: m(idx, targets))):
             fn = torch.compile(m, fullgraph=True) if compiled else m
-            opt = build_optimizer(m, 1e-4, 0.1)
+            opt = build_optimizer(m, 1e-4, 0.1) if who == "tinymeg" else native_optimizer(m)
             steps[who, compiled] = _training_step(lambda fn=fn, loss=loss: loss(fn), opt,
                                                   compiled and args.compile_optimizer)
     warm_s = _warm(steps)

@@ -302,3 +302,72 @@ def test_every_rank_takes_rank0s_decisions(tmp_path):
     assert paths_chosen["layer_norm:fwd+bwd"] == "plain" and paths_chosen["bias_gelu:fwd+bwd"] == "op"
     assert any(k.startswith("bias_gelu_backward|") for k in choices1), "kernels rank 0 tuned inside the path"
     assert timed0 > 0 and timed1 == 0, "rank 0 timed every candidate, rank 1 none"
+
+
+# ---------------------------------------------------------------- torch.compile: plain paths, one graph, no recompile
+
+def test_compiled_steps_take_the_plain_paths_in_one_graph_without_recompiles(monkeypatch):
+    """Three training steps of a compiled GPT-2 and its compiled optimizer step (the learning rate
+    changing every step, as the schedule does): one graph each, no graph break (fullgraph=True),
+    no recompile; the model's graph holds aten's layer_norm and gelu, which inductor fuses, and no
+    tinymeg op; the parameters equal eager training's. The dynamo graphs run eagerly here
+    (CompileCounter): what is tested is tracing, the compile tests run inductor."""
+    from torch._dynamo.testing import CompileCounter
+
+    from tinymeg.train.optim import build_optimizer, compile_step
+    torch._dynamo.reset()
+    cfg = tm.models.GPTConfig.tiny()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 65, (2, 16), generator=g), torch.randint(0, 65, (2, 16), generator=g))
+               for _ in range(3)]
+    models, optimizers = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(tm.models.GPT2Model(cfg))
+        optimizers.append(build_optimizer(models[-1], 1e-3, 0.1))
+    graphs, model_counter, opt_counter = [], CompileCounter(), CompileCounter()
+
+    def capture(gm, example_inputs):  # counts the graph and keeps it
+        graphs.append(gm)
+        return model_counter(gm, example_inputs)
+    compiled = torch.compile(models[1], fullgraph=True, backend=capture)
+    steps = (lambda i, x, y: models[0](x, y, return_logits=False)[1],
+             lambda i, x, y: compiled(x, y, return_logits=False)[1])
+    opt_steps = (optimizers[0].step, compile_step(optimizers[1], backend=opt_counter))
+    for i, (x, y) in enumerate(batches):
+        for model, opt, loss_fn, opt_step in zip(models, optimizers, steps, opt_steps):
+            for group in opt.param_groups:
+                group["lr"] = 1e-3 * (i + 1)
+            loss_fn(i, x, y).backward()
+            opt_step()
+            opt.zero_grad(set_to_none=True)
+    assert model_counter.frame_count == 1 and opt_counter.frame_count == 1, "one graph each, no recompile"
+    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert any("layer_norm" in t for t in targets) and any("gelu" in t for t in targets), targets
+    assert not any("tinymeg" in t for t in targets), f"custom ops in the graph: {targets}"
+    assert isinstance(optimizers[1].param_groups[0]["lr"], float), "groups keep a float lr between steps"
+    for (n, p0), p1 in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(p1, p0, **TOL[torch.float32], msg=lambda m: f"{n} after 3 steps: {m}")
+
+
+def test_compiled_loss_keeps_the_op_where_the_logits_are_big(monkeypatch):
+    """Past PLAIN_MAX_LOGITS the compiled graph calls tinymeg::linear_cross_entropy (it never
+    holds the logits; inductor would); a forced path is taken under compile too."""
+    monkeypatch.setattr(cross_entropy, "PLAIN_MAX_LOGITS", 16)
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+    h, w, t = torch.randn(4, 8, requires_grad=True), torch.randn(12, 8, requires_grad=True), torch.tensor([1, 2, 3, -1])
+    fn = torch.compile(tm.ops.linear_cross_entropy, fullgraph=True, backend=capture)
+    eager = tm.ops.linear_cross_entropy(h, w, t, 10)
+    torch.testing.assert_close(fn(h, w, t, 10), eager)  # 40 logits > 16: the op
+    assert any("tinymeg.linear_cross_entropy" in target for target in graphs[-1]), graphs[-1]
+    monkeypatch.setenv("TINYMEG_OP_IMPL", "linear_cross_entropy=plain,layer_norm=op")
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(tm.ops.linear_cross_entropy, fullgraph=True, backend=capture)(h, w, t, 10), eager)
+    assert not any("tinymeg" in target for target in graphs[-1]), graphs[-1]
+    torch.compile(tm.ops.layer_norm, fullgraph=True, backend=capture)(h)
+    assert any("tinymeg.layer_norm" in target for target in graphs[-1]), graphs[-1]

@@ -34,7 +34,7 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     add("--data", default=base.data, metavar="PATH", help=".txt or nanoGPT/llm.c uint16 .bin; default: shipped Shakespeare")
     add("--tokenizer", default=base.tokenizer, choices=["char", "gpt2"])
     add("--log-jsonl", default=base.log_jsonl, metavar="PATH", help="append one JSON line of metrics per step")
-    add("--compile", action=argparse.BooleanOptionalAction, default=base.compile, help="torch.compile the model")
+    add("--compile", action=argparse.BooleanOptionalAction, default=base.compile, help="torch.compile the model (fullgraph) and the optimizer step")
     add("--device", default=base.device, choices=["auto", "cpu", "cuda"])
     add("--sample-tokens", type=int, default=base.sample_tokens)
     add("--sequence-parallel", action=argparse.BooleanOptionalAction, default=base.sequence_parallel,

@@ -17,7 +17,7 @@ from ..models import GPT2Model, GPTConfig
 from ..ops import synchronized
 from ..parallel import GPT2_TP_CONFIG, apply_data_parallel, apply_tensor_parallel
 from .checkpoint import Checkpointer, maybe_inject_fault
-from .optim import build_optimizer, clip_grad_norm_, lr_at
+from .optim import build_optimizer, clip_grad_norm_, compile_step, lr_at
 
 
 @dataclass
@@ -116,6 +116,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     torch.manual_seed(cfg.seed + 1 + ctx.dp_rank)  # dropout: same on tp ranks, differs across dp
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     step_fn = torch.compile(model, fullgraph=True) if cfg.compile else model
+    optimizer_step = compile_step(optimizer) if cfg.compile else optimizer.step
     ckpt = Checkpointer(cfg, ctx, model, optimizer, corpus.tokenizer)
     start_step = ckpt.restore()  # 0, or the step of the checkpoint resumed from
 
@@ -143,7 +144,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        optimizer.step()
+        optimizer_step()
         optimizer.zero_grad(set_to_none=True)
         train_loss = _dp_mean(loss_sum / cfg.grad_accum, ctx)
         losses.append(train_loss)
