@@ -48,9 +48,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_side_by_side(fns: dict, device: torch.device, repeats: int, warmup: int = 1) -> dict[str, float]:
+def time_side_by_side(fns: dict, device: torch.device, repeats: int, warmup: int = 1,
+                      clock=time.perf_counter) -> dict[str, float]:
     """Median seconds of one call of each fn. Calls are interleaved (a, b, c, a, b, c, ...), so
-    that a machine whose load changes during the run slows every candidate alike."""
+    that a machine whose load changes during the run slows every candidate alike. ``clock``:
+    the wall clock, or e.g. time.thread_time (CPU time of one thread, which other processes'
+    load barely moves: the autotuner's clock on a CPU with one torch thread)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -58,10 +61,10 @@ def time_side_by_side(fns: dict, device: torch.device, repeats: int, warmup: int
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -119,7 +122,7 @@ def _op_cases(B, T, C, V, vocab, dtype, device):
            (torch.tensor(0.5, device=device), gh, gw), cross_entropy.DEFAULT_BACKWARD, ())
 
 
-def bench_op_implementations(args, device, dtype) -> str:
+def bench_op_implementations(args, device, dtype, clock=time.perf_counter) -> str:
     names = ["ref", "fast", "chunked", "triton"]
     rows = []
     with tempfile.TemporaryDirectory() as cache:  # a fresh cache: the pick is decided now
@@ -130,13 +133,55 @@ def bench_op_implementations(args, device, dtype) -> str:
             tuner = RuntimeAutoTuner(warmup_iterations=1, measure_iterations=2 if heavy else args.tune_iterations,
                                      enabled=True, cache_dir=cache)
             fns = {k: (lambda f=f: f(*op_args)) for k, f in cands.items()}
-            ms = {k: 1e3 * t for k, t in time_side_by_side(fns, device, repeats).items()}
+            ms = {k: 1e3 * t for k, t in time_side_by_side(fns, device, repeats, clock=clock).items()}
             pick = tuner.choose(op, cands, op_args, default, untuned)
             best = min(t for k, t in ms.items() if k not in untuned)  # among what the tuner may pick
             rows.append([op, shape, *(ms.get(n) for n in names), pick, ms[pick] / best, ms[default] / best])
     headers = ["op", "shape", *(f"{n} ms" for n in names), "tuner pick", "pick/best", "default/best"]
     return (format_table(headers, rows) + "\n(best: the fastest implementation the tuner may pick; the loss's ref "
             "holds the whole logits, so it is timed here but never picked)")
+
+
+def _path_cases(B, T, C, vocab, dtype, device):
+    """(op, shape label, module, wrapper args) as a GPT-2 of this shape calls each op in training."""
+    g = torch.Generator(device).manual_seed(0)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype).requires_grad_()
+    padded = tm.models.GPTConfig(vocab_size=vocab).padded_vocab_size
+    targets = torch.randint(0, vocab, (B * T,), generator=g, device=device)
+    yield "layer_norm", f"{(B, T, C)}", norm, (leaf(B, T, C), leaf(C), leaf(C), 1e-5)
+    yield "bias_gelu", f"{(B, T, 4 * C)}", gelu, (leaf(B, T, 4 * C), leaf(4 * C))
+    yield ("linear_cross_entropy", f"N={B * T} C={C} V={padded}", cross_entropy,
+           (leaf(B * T, C), leaf(padded, C, scale=0.02), targets, vocab, -1, "mean"))
+
+
+def bench_paths(args, device, dtype, clock) -> str:
+    """Each op's plain path against its custom op, forward + backward as a training step runs
+    them (the op's dispatch included), and the path the tuner picks, at the main job's shapes
+    (per rank: micro-batch 8 x 64, width 128, tp=2 halves the MLP) and at GPT-2 small's."""
+    from tinymeg.ops import paths
+    shapes = [("main job", 8, 64, 128, 65), ("GPT-2 small", args.batch, args.seq, args.n_embd, args.vocab)]
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        previous = tm.ops.set_default_tuner(RuntimeAutoTuner(enabled=True, cache_dir=cache))
+        try:
+            for label, B, T, C, vocab in shapes:
+                for op, shape, module, op_args in _path_cases(B, T, C, vocab, dtype, device):
+                    default = module.DEFAULT_PATH if op != "linear_cross_entropy" else module.default_path(B * T, vocab)
+                    untuned = ("plain",) if default == "op" else ()  # the loss's plain path, where its logits are big
+                    heavy = B * T * vocab > 1 << 24
+                    fns = {k: (lambda f=f: paths.forward_backward(f)(*op_args)) for k, f in module.PATHS.items()}
+                    ms = {k: 1e3 * t for k, t in time_side_by_side(
+                        fns, device, max(1, args.repeats // 3) if heavy else args.repeats, clock=clock).items()}
+                    pick = paths.choose(op, module.PATHS, op_args, default, untuned)
+                    best = min(t for k, t in ms.items() if k not in untuned)
+                    rows.append([label, op, shape, ms["plain"], ms["op"], pick, ms[pick] / best])
+        finally:
+            tm.ops.set_default_tuner(previous)
+    return (format_table(["shapes", "op", "shape", "plain ms", "op ms", "tuner pick", "pick/best"], rows)
+            + "\n(forward + backward; best: the faster of the paths the tuner may pick: the loss's plain path "
+              "holds the whole logits, so past 2^23 of them it is timed here but never picked)")
 
 
 def bench_loss_memory(args, device, dtype) -> str:
@@ -208,8 +253,12 @@ def run_ops(args) -> None:
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"# tinymeg ops bench on {device}{threads}, {args.dtype}, torch {torch.__version__}\n")
     started = time.perf_counter()
-    print("## every implementation (median ms), the autotuner's pick, pick/best\n")
-    print(bench_op_implementations(args, device, dtype), "\n", flush=True)
+    clock = time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+    print(f"(median ms by {clock.__name__}: the tuner's clock here)\n")
+    print("## the plain path or the custom op: the tuner's pick, pick/best\n")
+    print(bench_paths(args, device, dtype, clock), "\n", flush=True)
+    print("## every kernel of the custom ops (median ms), the autotuner's pick, pick/best\n")
+    print(bench_op_implementations(args, device, dtype, clock), "\n", flush=True)
     print("## peak memory of the LM loss\n")
     print(bench_loss_memory(args, device, dtype), "\n", flush=True)
     print("## training step\n")
@@ -380,9 +429,9 @@ class PlainGPT(torch.nn.Module):
 
 
 E2E_SIZES = {  # name: (GPTConfig fields, batch, seq)
-    "main job": (dict(n_layer=4, n_embd=128, n_head=4, vocab_size=65), 16, 64),
-    "width 256": (dict(n_layer=4, n_embd=256, n_head=4, vocab_size=512), 4, 128),
-    "GPT-2 small width": (dict(n_layer=2, n_embd=768, n_head=12, vocab_size=50257), 4, 128),
+    "main": (dict(n_layer=4, n_embd=128, n_head=4, vocab_size=65), 16, 64),           # the main job's model
+    "w256": (dict(n_layer=4, n_embd=256, n_head=4, vocab_size=512), 4, 128),
+    "gpt2-width": (dict(n_layer=2, n_embd=768, n_head=12, vocab_size=50257), 4, 128),  # GPT-2 small's width
 }
 
 
@@ -399,9 +448,11 @@ def _e2e_models(name: str, seed: int = 0):
     return model, plain, idx, torch.randint(0, cfg.vocab_size, (B, T), generator=g)
 
 
-def _training_step(loss_fn, optimizer, compile_optimizer: bool = False):
-    """fn() = one step: loss, backward, AdamW, zero_grad (the optimizer step compiled or not)."""
-    opt_step = torch.compile(optimizer.step) if compile_optimizer else optimizer.step
+def _training_step(loss_fn, optimizer, compiled: bool = False):
+    """fn() = one step: loss, backward, AdamW, zero_grad; compiled: the optimizer step compiled
+    as the recipes' --compile does (tinymeg.train.optim.compile_step)."""
+    from tinymeg.train.optim import compile_step
+    opt_step = compile_step(optimizer) if compiled else optimizer.step
 
     def step():
         loss_fn().backward()
@@ -437,7 +488,8 @@ def _warm(steps: dict, n: int = 2) -> float:
 
 
 def e2e_one_process(name: str, args) -> list:
-    """One row: tinymeg vs plain, eager and compiled (model fullgraph; optimizer if asked)."""
+    """One row: tinymeg vs plain, eager and compiled (the model with fullgraph=True, and the
+    optimizer step), the same weights and batch."""
     from tinymeg.train.optim import build_optimizer
     steps = {}
     for compiled in (False, True):
@@ -446,8 +498,7 @@ def e2e_one_process(name: str, args) -> list:
                              ("plain", plain, lambda m: m(idx, targets))):
             fn = torch.compile(m, fullgraph=True) if compiled else m
             opt = build_optimizer(m, 1e-4, 0.1)
-            steps[who, compiled] = _training_step(lambda fn=fn, loss=loss: loss(fn), opt,
-                                                  compiled and args.compile_optimizer)
+            steps[who, compiled] = _training_step(lambda fn=fn, loss=loss: loss(fn), opt, compiled)
     warm_s = _warm(steps)
     ms = _time_wall_and_cpu({k: v for k, v in steps.items()}, args.repeats_for(name))
     (te, pe, tc, pc) = (ms["tinymeg", False], ms["plain", False], ms["tinymeg", True], ms["plain", True])
@@ -499,8 +550,7 @@ def e2e_tensor_parallel(name: str, args, ctx) -> list:
                              ("native", plain, lambda m: m(idx, targets))):
             fn = torch.compile(m, fullgraph=True) if compiled else m
             opt = build_optimizer(m, 1e-4, 0.1) if who == "tinymeg" else native_optimizer(m)
-            steps[who, compiled] = _training_step(lambda fn=fn, loss=loss: loss(fn), opt,
-                                                  compiled and args.compile_optimizer)
+            steps[who, compiled] = _training_step(lambda fn=fn, loss=loss: loss(fn), opt, compiled)
     warm_s = _warm(steps)
     ms = _time_wall_and_cpu(steps, args.repeats_for(name))
     (te, ne, tc, nc) = (ms["tinymeg", False], ms["native", False], ms["tinymeg", True], ms["native", True])
@@ -517,29 +567,34 @@ E2E_TP_HEADERS = ["size", "tinymeg TP ms", "native ms", "tinymeg/native", "(cpu)
 def run_e2e(args) -> None:
     torch.set_num_threads(1)  # steadier on a shared machine; torchrun does the same for its ranks
     sizes = [s for s in E2E_SIZES if s in args.sizes]
-    args.repeats_for = lambda name: args.repeats if name != "GPT-2 small width" else max(3, args.repeats // 4)
+    args.repeats_for = lambda name: args.repeats if name != "gpt2-width" else max(3, args.repeats // 4)
     os.environ.setdefault("TINYMEG_CACHE_DIR", tempfile.mkdtemp())  # a fresh cache: tuned in this run
     if args.part == "tp":  # the tp=2 half, under torchrun (launched by the one-process half)
         ctx = tm.ParallelContext(tp=int(os.environ["WORLD_SIZE"]))
         rows = [e2e_tensor_parallel(name, args, ctx) for name in sizes]
         if ctx.is_main:
             print(format_table(E2E_TP_HEADERS, rows), flush=True)
+            print(f"(the ops' tuning took {tm.ops.get_default_tuner().tuning_s:.1f} s on rank 0, cold cache)")
         return
     started = time.perf_counter()
-    opt = " and the AdamW step" if args.compile_optimizer else ""
     print(f"# one training step (forward, backward, AdamW), fp32, CPU, 1 thread, torch {torch.__version__}; "
-          f"median of {args.repeats} interleaved steps (GPT-2 small width: {args.repeats_for('GPT-2 small width')})\n")
+          f"median of {args.repeats} interleaved steps (gpt2-width: {args.repeats_for('gpt2-width')})\n")
+    for name in sizes:
+        fields, B, T = E2E_SIZES[name]
+        print(f"- {name}: {fields['n_layer']} layers, width {fields['n_embd']}, {fields['n_head']} heads, "
+              f"vocab {fields['vocab_size']}, batch {B} x {T}")
+    print()
     print(f"## tinymeg's GPT-2 vs the same model in plain PyTorch, one process "
-          f"(compiled: the model with fullgraph=True{opt})\n", flush=True)
+          f"(compiled: the model with fullgraph=True and the AdamW step, as --compile does)\n", flush=True)
     rows = [e2e_one_process(name, args) for name in sizes]
     print(format_table(E2E_HEADERS, rows), flush=True)
+    print(f"(the ops' tuning took {tm.ops.get_default_tuner().tuning_s:.1f} s of the warm-up, cold cache)")
     if args.tp > 1:
         import subprocess
         import sys
         print(f"\n## tinymeg TP vs parallelize_module, tp={args.tp} (torchrun, gloo)\n", flush=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.tp}", __file__, "e2e",
                "--part", "tp", "--repeats", str(args.repeats), "--sizes", *sizes]
-        cmd += ["--compile-optimizer"] if args.compile_optimizer else []
         subprocess.run(cmd, check=True)
     print(f"\n(ms: wall-clock medians; (cpu): the same ratio by the process's CPU time, which the load "
           f"of other processes barely moves; total {time.perf_counter() - started:.0f} s)")
@@ -550,7 +605,6 @@ def add_e2e_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"any of {list(E2E_SIZES)}")
     p.add_argument("--repeats", type=int, default=20, help="timed steps per variant (a quarter at GPT-2 small width)")
     p.add_argument("--tp", type=int, default=2, help="ranks of the TP comparison (0: skip it)")
-    p.add_argument("--compile-optimizer", action="store_true", help="also compile the AdamW step")
     p.add_argument("--part", default="all", choices=["all", "tp"], help=argparse.SUPPRESS)
 
 

@@ -27,6 +27,8 @@ step, or call ``get_default_tuner().forget()`` after changing them.
 2. ``TINYMEG_AUTOTUNE=0`` turns tuning off (each op's default), ``=1`` on. Unset, the tuner's
    ``enabled`` argument decides; its default ``None`` means on, on CPU as on CUDA: a budget
    (``budget_s`` per key) bounds what timing costs, and the disk cache makes it a one-off.
+   (``TINYMEG_AUTOTUNE_VERBOSE=1`` prints each choice timed, with its timings and the seconds
+   spent tuning so far, to stderr.)
 3. A key decided before in this process: the same choice (a dict lookup on exact shapes first,
    so a decided op costs about a microsecond per call).
 4. Inside a ``torch.compile`` trace or a CUDA-graph capture: never time; the default is used.
@@ -68,6 +70,7 @@ import functools
 import json
 import os
 import statistics
+import sys
 import time
 import uuid
 import warnings
@@ -360,6 +363,10 @@ class RuntimeAutoTuner:
             return next(iter(candidates))
         choice = self._tune(key, op, candidates, args, default)
         self._save(key, choice)
+        if os.environ.get("TINYMEG_AUTOTUNE_VERBOSE", "") == "1":
+            ms = ", ".join(f"{k} {1e3 * t:.3g} ms" for k, t in self.timings[key].items())
+            print(f"tinymeg autotune: {key} -> {choice} ({ms}); {self.tuning_s:.2f} s of tuning in this "
+                  f"process so far", file=sys.stderr, flush=True)
         return choice
 
     # ---- timing ----

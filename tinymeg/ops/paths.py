@@ -58,7 +58,7 @@ def choose(op: str, paths: Mapping[str, Callable], args: tuple, default: str,
     if any(isinstance(a, DTensor) for a in args):
         return "op"
     grad = name.endswith("fwd+bwd")
-    candidates = {k: (_forward_backward(f) if grad else f) for k, f in paths.items()}
+    candidates = {k: (forward_backward(f) if grad else f) for k, f in paths.items()}
     return tuner.choose(name, candidates, args, default, untuned)
 
 
@@ -81,7 +81,7 @@ class _Names(dict):
 _NAMES = _Names()
 
 
-def _forward_backward(fn: Callable) -> Callable:
+def forward_backward(fn: Callable) -> Callable:
     """fn as a training step runs it: forward, then backward from a fixed output gradient (the
     output itself: deterministic, no random numbers drawn). Returns the outputs and gradients, so
     that the tuner checks both paths agree on all of them."""
@@ -96,4 +96,4 @@ def _forward_backward(fn: Callable) -> Callable:
     return run
 
 
-__all__ = ["PATHS", "choose", "forced_path"]
+__all__ = ["PATHS", "choose", "forced_path", "forward_backward"]
