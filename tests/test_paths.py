@@ -135,6 +135,26 @@ def test_model_on_the_plain_path_equals_the_model_on_the_ops(monkeypatch):
         torch.testing.assert_close(g_p, grads_o[n], **TOL[torch.float32], msg=lambda m: f"grad of {n}: {m}")
 
 
+def test_mlp_adds_its_bias_in_the_matmul_on_the_plain_path(monkeypatch):
+    """Where bias + GELU takes the plain path, the MLP asks bias_gelu once (first call), then calls
+    its Linear whole (bias in the matmul: addmm) and GELU; where it takes the op, every call goes
+    through the op."""
+    calls = []
+    for path in ("plain", "op"):
+        monkeypatch.setitem(gelu.PATHS, path, lambda *a, f=gelu.PATHS[path], p=path: calls.append(p) or f(*a))
+    cfg = tm.models.GPTConfig.tiny()
+    idx = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    for path in ("plain", "op"):
+        monkeypatch.setenv("TINYMEG_OP_IMPL", f"bias_gelu={path}")
+        tm.ops.get_default_tuner().forget()
+        model = tm.models.GPT2Model(cfg)
+        for step in range(3):
+            calls.clear()
+            model(idx, idx, return_logits=False)[1].backward()
+            expected = cfg.n_layer if path == "op" or step == 0 else 0
+            assert calls == [path] * expected, (path, step, calls)
+
+
 # ---------------------------------------------------------------- the tuner picks the plain path when it is faster
 
 class FakeClock:
