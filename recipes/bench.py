@@ -9,6 +9,7 @@
     torchrun --nproc_per_node=4 recipes/bench.py moe    # MoE: all-to-all bytes, dense vs MoE, grouped vs looped
     python recipes/bench.py memory              # ZeRO 0-3 at dp=2 and dp=4: memory per rank (launches torchrun)
     torchrun --nproc_per_node=2 recipes/bench.py sample # generation with and without the KV cache
+    python recipes/bench.py e2e                 # a training step vs plain PyTorch and parallelize_module
 """
 from __future__ import annotations
 
@@ -49,9 +50,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_side_by_side(fns: dict, device: torch.device, repeats: int, warmup: int = 1) -> dict[str, float]:
+def time_side_by_side(fns: dict, device: torch.device, repeats: int, warmup: int = 1,
+                      clock=time.perf_counter) -> dict[str, float]:
     """Median seconds of one call of each fn. Calls are interleaved (a, b, c, a, b, c, ...), so
-    that a machine whose load changes during the run slows every candidate alike."""
+    that a machine whose load changes during the run slows every candidate alike. ``clock``:
+    the wall clock, or e.g. time.thread_time (CPU time of one thread, which other processes'
+    load barely moves: the autotuner's clock on a CPU with one torch thread)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -59,10 +63,10 @@ def time_side_by_side(fns: dict, device: torch.device, repeats: int, warmup: int
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -142,7 +146,7 @@ def _op_cases(B, T, C, V, vocab, dtype, device):
            (torch.tensor(0.5, device=device), gh, gw), cross_entropy.DEFAULT_BACKWARD, ())
 
 
-def bench_op_implementations(args, device, dtype) -> str:
+def bench_op_implementations(args, device, dtype, clock=time.perf_counter) -> str:
     names = ["ref", "fast", "chunked", "triton"]
     rows = []
     with tempfile.TemporaryDirectory() as cache:  # a fresh cache: the pick is decided now
@@ -153,13 +157,55 @@ def bench_op_implementations(args, device, dtype) -> str:
             tuner = RuntimeAutoTuner(warmup_iterations=1, measure_iterations=2 if heavy else args.tune_iterations,
                                      enabled=True, cache_dir=cache)
             fns = {k: (lambda f=f: f(*op_args)) for k, f in cands.items()}
-            ms = {k: 1e3 * t for k, t in time_side_by_side(fns, device, repeats).items()}
+            ms = {k: 1e3 * t for k, t in time_side_by_side(fns, device, repeats, clock=clock).items()}
             pick = tuner.choose(op, cands, op_args, default, untuned)
             best = min(t for k, t in ms.items() if k not in untuned)  # among what the tuner may pick
             rows.append([op, shape, *(ms.get(n) for n in names), pick, ms[pick] / best, ms[default] / best])
     headers = ["op", "shape", *(f"{n} ms" for n in names), "tuner pick", "pick/best", "default/best"]
     return (format_table(headers, rows) + "\n(best: the fastest implementation the tuner may pick; the loss's ref "
             "holds the whole logits, so it is timed here but never picked)")
+
+
+def _path_cases(B, T, C, vocab, dtype, device):
+    """(op, shape label, module, wrapper args) as a GPT-2 of this shape calls each op in training."""
+    g = torch.Generator(device).manual_seed(0)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype).requires_grad_()
+    padded = tm.models.GPTConfig(vocab_size=vocab).padded_vocab_size
+    targets = torch.randint(0, vocab, (B * T,), generator=g, device=device)
+    yield "layer_norm", f"{(B, T, C)}", norm, (leaf(B, T, C), leaf(C), leaf(C), 1e-5)
+    yield "bias_gelu", f"{(B, T, 4 * C)}", gelu, (leaf(B, T, 4 * C), leaf(4 * C))
+    yield ("linear_cross_entropy", f"N={B * T} C={C} V={padded}", cross_entropy,
+           (leaf(B * T, C), leaf(padded, C, scale=0.02), targets, vocab, -1, "mean"))
+
+
+def bench_paths(args, device, dtype, clock) -> str:
+    """Each op's plain path against its custom op, forward + backward as a training step runs
+    them (the op's dispatch included), and the path the tuner picks, at the main job's shapes
+    (per rank: micro-batch 8 x 64, width 128, tp=2 halves the MLP) and at GPT-2 small's."""
+    from tinymeg.ops import paths
+    shapes = [("main job", 8, 64, 128, 65), ("GPT-2 small", args.batch, args.seq, args.n_embd, args.vocab)]
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        previous = tm.ops.set_default_tuner(RuntimeAutoTuner(enabled=True, cache_dir=cache))
+        try:
+            for label, B, T, C, vocab in shapes:
+                for op, shape, module, op_args in _path_cases(B, T, C, vocab, dtype, device):
+                    default = module.DEFAULT_PATH if op != "linear_cross_entropy" else module.default_path(B * T, vocab)
+                    untuned = ("plain",) if default == "op" else ()  # the loss's plain path, where its logits are big
+                    heavy = B * T * vocab > 1 << 24
+                    fns = {k: (lambda f=f: paths.forward_backward(f)(*op_args)) for k, f in module.PATHS.items()}
+                    ms = {k: 1e3 * t for k, t in time_side_by_side(
+                        fns, device, max(1, args.repeats // 3) if heavy else args.repeats, clock=clock).items()}
+                    pick = paths.choose(op, module.PATHS, op_args, default, untuned)
+                    best = min(t for k, t in ms.items() if k not in untuned)
+                    rows.append([label, op, shape, ms["plain"], ms["op"], pick, ms[pick] / best])
+        finally:
+            tm.ops.set_default_tuner(previous)
+    return (format_table(["shapes", "op", "shape", "plain ms", "op ms", "tuner pick", "pick/best"], rows)
+            + "\n(forward + backward; best: the faster of the paths the tuner may pick: the loss's plain path "
+              "holds the whole logits, so past 2^23 of them it is timed here but never picked)")
 
 
 def bench_loss_memory(args, device, dtype) -> str:
@@ -231,8 +277,12 @@ def run_ops(args) -> None:
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"# tinymeg ops bench on {device}{threads}, {args.dtype}, torch {torch.__version__}\n")
     started = time.perf_counter()
-    print("## every implementation (median ms), the autotuner's pick, pick/best\n")
-    print(bench_op_implementations(args, device, dtype), "\n", flush=True)
+    clock = time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+    print(f"(median ms by {clock.__name__}: the tuner's clock here)\n")
+    print("## the plain path or the custom op: the tuner's pick, pick/best\n")
+    print(bench_paths(args, device, dtype, clock), "\n", flush=True)
+    print("## every kernel of the custom ops (median ms), the autotuner's pick, pick/best\n")
+    print(bench_op_implementations(args, device, dtype, clock), "\n", flush=True)
     print("## peak memory of the LM loss\n")
     print(bench_loss_memory(args, device, dtype), "\n", flush=True)
     print("## training step\n")
@@ -696,6 +746,225 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
 
 
+# ---- e2e: one training step, tinymeg vs plain PyTorch, and tinymeg TP vs parallelize_module ----
+
+class PlainGPT(torch.nn.Module):
+    """GPT-2 as a PyTorch user writes it: nn.Embedding, nn.LayerNorm, nn.Linear, F.gelu,
+    F.scaled_dot_product_attention, F.cross_entropy. tinymeg GPT2Model's module names and
+    padded, tied embedding, so it loads that model's state_dict: the same weights, the same loss.
+    Attention reads its head count from the projection's width, so parallelize_module can shard it."""
+
+    def __init__(self, cfg: tm.models.GPTConfig):
+        super().__init__()
+        nn, C = torch.nn, cfg.n_embd
+        self.vocab_size, self.head_dim = cfg.vocab_size, C // cfg.n_head
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.padded_vocab_size, C), wpe=nn.Embedding(cfg.block_size, C),
+            h=nn.ModuleList(nn.ModuleDict(dict(
+                ln_1=nn.LayerNorm(C), ln_2=nn.LayerNorm(C),
+                attn=nn.ModuleDict(dict(c_attn=nn.Linear(C, 3 * C), c_proj=nn.Linear(C, C))),
+                mlp=nn.ModuleDict(dict(c_fc=nn.Linear(C, 4 * C), c_proj=nn.Linear(4 * C, C)))))
+                for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(C)))
+        self.lm_head = nn.Linear(C, cfg.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def attention(self, attn, x):
+        B, T, _ = x.shape
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in attn.c_attn(x).chunk(3, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attn.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, idx, targets):
+        t = self.transformer
+        x = t.wte(idx) + t.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in t.h:
+            x = x + self.attention(block.attn, block.ln_1(x))
+            x = x + block.mlp.c_proj(F.gelu(block.mlp.c_fc(block.ln_2(x)), approximate="tanh"))
+        logits = self.lm_head(t.ln_f(x))[..., :self.vocab_size]
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
+E2E_SIZES = {  # name: (GPTConfig fields, batch, seq)
+    "main": (dict(n_layer=4, n_embd=128, n_head=4, vocab_size=65), 16, 64),           # the main job's model
+    "w256": (dict(n_layer=4, n_embd=256, n_head=4, vocab_size=512), 4, 128),
+    "gpt2-width": (dict(n_layer=2, n_embd=768, n_head=12, vocab_size=50257), 4, 128),  # GPT-2 small's width
+}
+
+
+def _e2e_models(name: str, seed: int = 0):
+    """tinymeg's GPT-2 and PlainGPT with the same weights, and one batch."""
+    fields, B, T = E2E_SIZES[name]
+    cfg = tm.models.GPTConfig(block_size=T, **fields)
+    torch.manual_seed(seed)
+    model = tm.models.GPT2Model(cfg)
+    plain = PlainGPT(cfg)
+    plain.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    return model, plain, idx, torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+
+
+def _training_step(loss_fn, optimizer, compiled: bool = False):
+    """fn() = one step: loss, backward, AdamW, zero_grad; compiled: the optimizer step compiled
+    as the recipes' --compile does (tinymeg.train.optim.compile_step)."""
+    from tinymeg.train.optim import compile_step
+    opt_step = compile_step(optimizer) if compiled else optimizer.step
+
+    def step():
+        loss_fn().backward()
+        opt_step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _time_wall_and_cpu(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median ms of one call of each fn, by the wall clock and by this thread's CPU time (which
+    leaves out the time the OS gave to other processes: on a shared machine, most of the noise).
+    Calls are interleaved (a, b, a, b, ...), as in time_side_by_side."""
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            cpu[name].append(time.thread_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    return {k: (1e3 * statistics.median(wall[k]), 1e3 * statistics.median(cpu[k])) for k in fns}
+
+
+def _warm(steps: dict, n: int = 2) -> float:
+    """Run every step n times (compiles, and tunes the ops on every rank alike); seconds taken."""
+    t0 = time.perf_counter()
+    with tm.ops.synchronized():
+        for fn in steps.values():
+            fn()
+    for _ in range(n - 1):
+        for fn in steps.values():
+            fn()
+    return time.perf_counter() - t0
+
+
+def e2e_one_process(name: str, args) -> list:
+    """One row: tinymeg vs plain, eager and compiled (the model with fullgraph=True, and the
+    optimizer step), the same weights and batch."""
+    from tinymeg.train.optim import build_optimizer
+    steps = {}
+    for compiled in (False, True):
+        model, plain, idx, targets = _e2e_models(name)
+        for who, m, loss in (("tinymeg", model, lambda m: m(idx, targets, return_logits=False)[1]),
+                             ("plain", plain, lambda m: m(idx, targets))):
+            fn = torch.compile(m, fullgraph=True) if compiled else m
+            opt = build_optimizer(m, 1e-4, 0.1)
+            steps[who, compiled] = _training_step(lambda fn=fn, loss=loss: loss(fn), opt, compiled)
+    warm_s = _warm(steps)
+    ms = _time_wall_and_cpu({k: v for k, v in steps.items()}, args.repeats_for(name))
+    (te, pe, tc, pc) = (ms["tinymeg", False], ms["plain", False], ms["tinymeg", True], ms["plain", True])
+    return [name, te[0], pe[0], te[0] / pe[0], te[1] / pe[1], tc[0], pc[0], tc[0] / pc[0], tc[1] / pc[1],
+            tc[0] / te[0], pc[0] / pe[0], f"{warm_s:.0f}"]
+
+
+def native_tensor_parallel_plain(model: PlainGPT, mesh) -> PlainGPT:
+    """PyTorch's own TP on PlainGPT, with the plan equivalent to tinymeg's: Colwise c_attn/c_fc,
+    Rowwise c_proj, a vocab-parallel wte (Rowwise on an Embedding) and a Colwise lm_head whose
+    logits are replicated; the lm_head/wte tie is restored after sharding (both Shard(0)), so
+    the optimizer steps the same parameters as tinymeg's. Colwise shards the fused q|k|v by plain
+    rows (heads mixed up: same FLOPs and bytes, fine for timing, wrong for training)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    plan = {"transformer.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "lm_head": ColwiseParallel(output_layouts=Replicate())}
+    for i in range(len(model.transformer.h)):
+        plan |= {f"transformer.h.{i}.attn.c_attn": ColwiseParallel(), f"transformer.h.{i}.attn.c_proj": RowwiseParallel(),
+                 f"transformer.h.{i}.mlp.c_fc": ColwiseParallel(), f"transformer.h.{i}.mlp.c_proj": RowwiseParallel()}
+    model = parallelize_module(model, mesh, plan)
+    model.lm_head.weight = model.transformer.wte.weight
+    return model
+
+
+def native_optimizer(model, lr: float = 1e-4, weight_decay: float = 0.1) -> torch.optim.AdamW:
+    """build_optimizer's AdamW for a model that parallelize_module left with both DTensor and
+    plain parameters (the norms, wpe): a foreach step cannot mix them, so each kind gets its own
+    groups (what a PyTorch user has to do), with the same decay rule."""
+    from torch.distributed.tensor import DTensor
+    groups = []
+    for decay in (True, False):
+        for dtensor in (True, False):
+            ps = [p for p in model.parameters() if (p.dim() >= 2) == decay and isinstance(p, DTensor) == dtensor]
+            if ps:
+                groups.append({"params": ps, "weight_decay": weight_decay if decay else 0.0})
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+
+
+def e2e_tensor_parallel(name: str, args, ctx) -> list:
+    """One row: tinymeg TP vs parallelize_module on PlainGPT, eager and compiled, tp = world."""
+    from tinymeg.train.optim import build_optimizer
+    steps = {}
+    for compiled in (False, True):
+        model, plain, idx, targets = _e2e_models(name)
+        model = tm.apply_tensor_parallel(model, ctx)
+        plain = native_tensor_parallel_plain(plain, ctx.mesh["tp"])
+        for who, m, loss in (("tinymeg", model, lambda m: m(idx, targets, return_logits=False)[1]),
+                             ("native", plain, lambda m: m(idx, targets))):
+            fn = torch.compile(m, fullgraph=True) if compiled else m
+            opt = build_optimizer(m, 1e-4, 0.1) if who == "tinymeg" else native_optimizer(m)
+            steps[who, compiled] = _training_step(lambda fn=fn, loss=loss: loss(fn), opt, compiled)
+    warm_s = _warm(steps)
+    ms = _time_wall_and_cpu(steps, args.repeats_for(name))
+    (te, ne, tc, nc) = (ms["tinymeg", False], ms["native", False], ms["tinymeg", True], ms["native", True])
+    return [name, te[0], ne[0], te[0] / ne[0], te[1] / ne[1], tc[0], nc[0], tc[0] / nc[0], tc[1] / nc[1],
+            f"{warm_s:.0f}"]
+
+
+E2E_HEADERS = ["size", "tinymeg ms", "plain ms", "tinymeg/plain", "(cpu)", "compiled: tinymeg ms",
+               "plain ms", "tinymeg/plain", "(cpu)", "tinymeg compiled/eager", "plain compiled/eager", "warm-up s"]
+E2E_TP_HEADERS = ["size", "tinymeg TP ms", "native ms", "tinymeg/native", "(cpu)", "compiled: tinymeg TP ms",
+                  "native ms", "tinymeg/native", "(cpu)", "warm-up s"]
+
+
+def run_e2e(args) -> None:
+    torch.set_num_threads(1)  # steadier on a shared machine; torchrun does the same for its ranks
+    sizes = [s for s in E2E_SIZES if s in args.sizes]
+    args.repeats_for = lambda name: args.repeats if name != "gpt2-width" else max(3, args.repeats // 4)
+    os.environ.setdefault("TINYMEG_CACHE_DIR", tempfile.mkdtemp())  # a fresh cache: tuned in this run
+    if args.part == "tp":  # the tp=2 half, under torchrun (launched by the one-process half)
+        ctx = tm.ParallelContext(tp=int(os.environ["WORLD_SIZE"]))
+        rows = [e2e_tensor_parallel(name, args, ctx) for name in sizes]
+        if ctx.is_main:
+            print(format_table(E2E_TP_HEADERS, rows), flush=True)
+            print(f"(the ops' tuning took {tm.ops.get_default_tuner().tuning_s:.1f} s on rank 0, cold cache)")
+        return
+    started = time.perf_counter()
+    print(f"# one training step (forward, backward, AdamW), fp32, CPU, 1 thread, torch {torch.__version__}; "
+          f"median of {args.repeats} interleaved steps (gpt2-width: {args.repeats_for('gpt2-width')})\n")
+    for name in sizes:
+        fields, B, T = E2E_SIZES[name]
+        print(f"- {name}: {fields['n_layer']} layers, width {fields['n_embd']}, {fields['n_head']} heads, "
+              f"vocab {fields['vocab_size']}, batch {B} x {T}")
+    print()
+    print(f"## tinymeg's GPT-2 vs the same model in plain PyTorch, one process "
+          f"(compiled: the model with fullgraph=True and the AdamW step, as --compile does)\n", flush=True)
+    rows = [e2e_one_process(name, args) for name in sizes]
+    print(format_table(E2E_HEADERS, rows), flush=True)
+    print(f"(the ops' tuning took {tm.ops.get_default_tuner().tuning_s:.1f} s of the warm-up, cold cache)")
+    if args.tp > 1:
+        import subprocess
+        import sys
+        print(f"\n## tinymeg TP vs parallelize_module, tp={args.tp} (torchrun, gloo)\n", flush=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.tp}", __file__, "e2e",
+               "--part", "tp", "--repeats", str(args.repeats), "--sizes", *sizes]
+        subprocess.run(cmd, check=True)
+    print(f"\n(ms: wall-clock medians; (cpu): the same ratio by the process's CPU time, which the load "
+          f"of other processes barely moves; total {time.perf_counter() - started:.0f} s)")
+
+
+def add_e2e_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", nargs="+", default=list(E2E_SIZES), choices=list(E2E_SIZES), metavar="SIZE",
+                   help=f"any of {list(E2E_SIZES)}")
+    p.add_argument("--repeats", type=int, default=20, help="timed steps per variant (a quarter at GPT-2 small width)")
+    p.add_argument("--tp", type=int, default=2, help="ranks of the TP comparison (0: skip it)")
+    p.add_argument("--part", default="all", choices=["all", "tp"], help=argparse.SUPPRESS)
+
+
 # Subcommands: name -> (add_arguments, run, help). (A comment, not the docstring: --help prints that.)
 SUBCOMMANDS = {
     "ops": (add_ops_arguments, run_ops, "fused ops: every implementation, the tuner's pick, memory, compile"),
@@ -706,6 +975,7 @@ SUBCOMMANDS = {
             "MoE: all-to-all bytes vs theory, dense vs MoE step, grouped vs looped experts (torchrun)"),
     "memory": (add_memory_arguments, run_memory, "ZeRO 0-3: parameter, gradient, optimizer and peak memory per rank"),
     "sample": (add_sample_arguments, run_sample, "generation with and without the KV cache (torchrun for TP)"),
+    "e2e": (add_e2e_arguments, run_e2e, "one training step: tinymeg vs plain PyTorch, TP vs parallelize_module"),
 }
 
 

@@ -1,9 +1,19 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 import rank_pool
+
+# Tests never depend on timings: the autotuner is off (each op's default path and kernel) unless
+# the caller turns it on (TINYMEG_AUTOTUNE=1), and its disk cache is a private directory, never
+# the user's. Set here, before any rank pool or subprocess starts, so that they inherit it.
+os.environ.setdefault("TINYMEG_AUTOTUNE", "0")
+os.environ["TINYMEG_CACHE_DIR"] = _cache_dir = tempfile.mkdtemp(prefix="tinymeg-test-cache-")
+atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
 # Multi-rank examples cost ~0.1-1 s each; a few per property keep the suite in minutes.
 settings.register_profile("tinymeg", max_examples=int(os.environ.get("TINYMEG_EXAMPLES", 8)),

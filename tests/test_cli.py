@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tinymeg.train import TrainConfig
+from tinymeg.train.checks import check_config
 from tinymeg.train.cli import build_parser, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,13 @@ def test_a_recipes_help_shows_its_own_defaults(monkeypatch, capsys):
     assert "optimizer steps to train for (default: 2000)" in out
     assert "(default: 100, or a tenth of --steps if that is fewer)" in out
     assert "This recipe's defaults differ from recipes/train.py's: --tp 2 --steps 2000" in out
+
+
+def test_a_config_built_in_python_gets_the_default_warmup_too():
+    """TrainConfig(steps=5) without a warmup trains (5 steps would never reach a 20-step warmup)."""
+    assert check_config(TrainConfig(steps=5), 1).warmup == 1
+    assert check_config(TrainConfig(steps=1000), 1).warmup == 20
+    assert check_config(TrainConfig(steps=1000, warmup=7), 1).warmup == 7
 
 
 def test_short_runs_get_a_short_default_warmup_and_a_long_explicit_one_is_an_error(monkeypatch, capsys):

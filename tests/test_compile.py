@@ -1,13 +1,15 @@
 """torch.compile(fullgraph=True) on GPT-2, unsharded and tensor-parallel, gives eager's results.
 
 fullgraph=True turns any graph break into an error, so passing means one graph with tinymeg's
-custom ops (opaque to the compiler: their fake kernels are traced), the functional collectives
-and the DTensor parameters' to_local() inside it. Compiling on CPU costs seconds (inductor
+ops (by default their plain paths, which inductor fuses; forced, the custom ops, opaque to the
+compiler: their fake kernels are traced), the functional collectives and the DTensor
+parameters' to_local() inside it. Compiling on CPU costs seconds (inductor
 writes and builds C++), so the models are tiny and the tests few.
 
 Tolerance: inductor fuses and reorders float32 arithmetic in the ops it generates, so results
 differ from eager by reassociation only; atol=rtol=1e-5 as in the TP tests.
 """
+import pytest
 import torch
 
 import tinymeg as tm
@@ -47,14 +49,23 @@ def _batch(cfg, seed=0):
     return idx, targets
 
 
-def test_compile_unsharded_model(monkeypatch):
+@pytest.mark.parametrize("force", ["", "layer_norm=op,bias_gelu=op,linear_cross_entropy=op"])
+def test_compile_unsharded_model(monkeypatch, force):
+    """Default: the plain paths, which inductor fuses. Forced: tinymeg's custom ops inside the
+    compiled graph (what a compiled model runs where an op is kept, e.g. the loss of a big vocabulary)."""
     monkeypatch.setenv("TINYMEG_AUTOTUNE", "0")
+    monkeypatch.setenv("TINYMEG_OP_IMPL", force)
+    previous = tm.ops.set_default_tuner(tm.ops.RuntimeAutoTuner())  # one that reads this environment
+    torch._dynamo.reset()
     torch.manual_seed(0)
     cfg = tm.models.GPTConfig.tiny(n_layer=1)
     model = tm.models.GPT2Model(cfg)
     idx, targets = _batch(cfg)
-    check_compiled_matches_eager(model, idx, targets, return_logits=True)
-    check_compiled_matches_eager(model, idx, targets, return_logits=False)  # the fused loss
+    try:
+        check_compiled_matches_eager(model, idx, targets, return_logits=True)
+        check_compiled_matches_eager(model, idx, targets, return_logits=False)  # the fused loss
+    finally:
+        tm.ops.set_default_tuner(previous)
 
 
 def _tp_compile_body():

@@ -33,10 +33,14 @@ HAS_CUDA_TRITON = torch.cuda.is_available() and tm.ops._triton.AVAILABLE
 
 @pytest.fixture(autouse=True)
 def _hermetic_env(monkeypatch, tmp_path):
-    """No tuning, no forcing, and a private cache, whatever the caller's environment says."""
+    """No tuning, no forcing, a private cache, whatever the caller's environment says, and a
+    fresh default tuner (one that has made no choice yet, so it reads this environment)."""
     monkeypatch.setenv("TINYMEG_AUTOTUNE", "0")
     monkeypatch.delenv("TINYMEG_OP_IMPL", raising=False)
     monkeypatch.setenv("TINYMEG_CACHE_DIR", str(tmp_path / "cache"))
+    previous = tm.ops.set_default_tuner(RuntimeAutoTuner())
+    yield
+    tm.ops.set_default_tuner(previous)
 
 
 def cpu_impls(table):
@@ -326,13 +330,16 @@ def test_bad_input_errors(monkeypatch):
     with pytest.raises(RuntimeError, match="compute_grad=False"):
         loss.backward()
     monkeypatch.setenv("TINYMEG_OP_IMPL", "layer_norm=nope")
+    tm.ops.get_default_tuner().forget()  # the environment is read when a choice is made
     with pytest.raises(ValueError, match=r"forces layer_norm='nope'.*\['fast', 'ref'\]"):
         tm.ops.layer_norm(x)
     monkeypatch.setenv("TINYMEG_OP_IMPL", "layer_norm")
+    tm.ops.get_default_tuner().forget()  # the environment is read when a choice is made
     with pytest.raises(ValueError, match="expected 'op=impl,op=impl'"):
         tm.ops.layer_norm(x)
     monkeypatch.delenv("TINYMEG_OP_IMPL")
     monkeypatch.setenv("TINYMEG_AUTOTUNE", "yes")
+    tm.ops.get_default_tuner().forget()  # the environment is read when a choice is made
     with pytest.raises(ValueError, match="TINYMEG_AUTOTUNE must be 0 or 1"):
         tm.ops.layer_norm(x)
     with pytest.raises(ValueError, match="measure_iterations >= 1"):
@@ -442,8 +449,9 @@ class FakeClock:
 
 
 def _tuner(tmp_path, clock, **kw):
+    """A tuner on the fake clock, whose kernels cost seconds: no budget (budget_s is tested alone)."""
     return RuntimeAutoTuner(warmup_iterations=2, measure_iterations=3, clock=clock, enabled=True,
-                            cache_dir=tmp_path, **kw)
+                            cache_dir=tmp_path, budget_s=None, **kw)
 
 
 @pytest.fixture
@@ -483,8 +491,9 @@ def test_autotuner_never_times_untuned_candidates(tmp_path, monkeypatch, tuning_
     x = torch.ones(3)
     tuner = _tuner(tmp_path, clock)
     assert tuner.choose("op", cands, (x,), default="chunked", untuned=("ref",)) == "chunked"
-    assert "ref" not in clock.calls and tuner.timings[tuner.key("op", (x,))].keys() == {"chunked"}
+    assert clock.calls == [], "ref is never run, and one candidate left is not timed"
     monkeypatch.setenv("TINYMEG_OP_IMPL", "op=ref")
+    tuner.forget()
     assert tuner.choose("op", cands, (x,), default="chunked", untuned=("ref",)) == "ref", "forcing still works"
 
 
@@ -498,14 +507,17 @@ def test_autotuner_environment(tmp_path, monkeypatch, tuning_on):
     monkeypatch.setenv("TINYMEG_AUTOTUNE", "1")
     assert RuntimeAutoTuner(clock=clock, enabled=False, cache_dir=tmp_path).is_enabled(torch.device("cpu"))
     monkeypatch.delenv("TINYMEG_AUTOTUNE")
-    assert not RuntimeAutoTuner().is_enabled(torch.device("cpu")), "unset: off on CPU"
-    assert RuntimeAutoTuner().is_enabled(torch.device("cuda")), "unset: on on CUDA"
+    assert RuntimeAutoTuner().is_enabled(torch.device("cpu")), "unset: on, on CPU as on CUDA"
+    assert RuntimeAutoTuner().is_enabled(torch.device("cuda"))
+    assert not RuntimeAutoTuner(enabled=False).is_enabled(torch.device("cpu"))
     monkeypatch.setenv("TINYMEG_OP_IMPL", "op=a, other=x")
     tuner = _tuner(tmp_path, clock)
     assert tuner.choose("op", cands, (x,), default="b") == "a"
     assert tuner.choose("op_backward", cands, (x,), default="b") == "a", "op=... also forces op_backward"
     monkeypatch.setenv("TINYMEG_OP_IMPL", "op=a,op_backward=b")
-    assert tuner.choose("op_backward", cands, (x,), default="a") == "b"
+    assert tuner.choose("op_backward", cands, (x,), default="a") == "a", "read when the choice was made..."
+    tuner.forget()
+    assert tuner.choose("op_backward", cands, (x,), default="a") == "b", "...and again after forget()"
     assert clock.calls == []
     # TINYMEG_CACHE_DIR moves the default cache
     monkeypatch.setenv("TINYMEG_CACHE_DIR", str(tmp_path / "elsewhere"))
@@ -543,26 +555,99 @@ def test_autotuner_never_times_while_compiling(tmp_path, monkeypatch, tuning_on)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert tuner.choose("op", cands, (torch.ones(2),), default="a") == "a"
     assert clock.calls == [] and tuner.choices == {}
-    monkeypatch.undo()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     tuner.choose("op", cands, (torch.ones(2),), default="a")  # decided outside the trace...
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert tuner.choose("op", cands, (torch.ones(2),), default="a") == "b"  # ...and kept inside it
 
 
 def test_default_tuner_drives_the_ops(tmp_path, monkeypatch, tuning_on):
-    """End to end with the real clock: a choice is made, kept and written (which one is not
-    asserted: that would be a timing)."""
-    tuner = RuntimeAutoTuner(warmup_iterations=0, measure_iterations=1, enabled=True, cache_dir=tmp_path)
+    """End to end through the op: each op's kernel is timed from its own table, the fastest is
+    kept, written, and is what runs. The forward and backward tables use the same names, so every
+    kernel call is tagged with its table and costs fake time by (table, name): the forward's
+    winner (ref) is not the backward's (fast), and neither is both defaults."""
+    clock = FakeClock()
+    cost = {("forward", "ref"): 1.0, ("forward", "fast"): 2.0, ("backward", "ref"): 2.0, ("backward", "fast"): 1.0}
+    ran = []
+
+    def tagged(f, tag):
+        def run(*a):
+            ran.append(tag)
+            clock.now += cost[tag]
+            return f(*a)
+        return run
+
+    for table, name in ((norm.FORWARD, "forward"), (norm.BACKWARD, "backward")):
+        for impl, f in list(table.items()):
+            monkeypatch.setitem(table, impl, tagged(f, (name, impl)))
+    tuner = _tuner(tmp_path, clock)
     previous = tm.ops.set_default_tuner(tuner)
     try:
-        x = torch.randn(3, 8, requires_grad=True)
-        tm.ops.layer_norm(x, torch.ones(8), torch.zeros(8)).sum().backward()
+        x, w = torch.randn(3, 8, requires_grad=True), torch.ones(8, requires_grad=True)
+        torch.ops.tinymeg.layer_norm(x, w, torch.zeros(8), 1e-5)[0].sum().backward()  # tunes both
+        ran.clear()
+        torch.ops.tinymeg.layer_norm(x, w, torch.zeros(8), 1e-5)[0].sum().backward()  # runs the choices
     finally:
         tm.ops.set_default_tuner(previous)
-    ops = sorted(k.split("|")[0] for k in tuner.choices)
-    assert ops == ["layer_norm", "layer_norm_backward"]
-    assert all(v in norm.FORWARD for v in tuner.choices.values())
-    assert set(json.loads((tmp_path / "autotune.json").read_text())["entries"]) == set(tuner.choices)
+    chosen = {k.split("|")[0]: v for k, v in tuner.choices.items()}
+    assert chosen == {"layer_norm": "ref", "layer_norm_backward": "fast"}
+    assert ran == [("forward", "ref"), ("backward", "fast")]
+    assert json.loads((tmp_path / "autotune.json").read_text())["entries"] == tuner.choices
+
+
+def test_autotuner_budget_bounds_the_timing(tmp_path, tuning_on):
+    """budget_s bounds the time one key spends being timed, all candidates together: after one
+    call each (the check) and one more (the estimate), as many interleaved rounds as fit."""
+    clock = FakeClock()
+    cands = {"a": clock.kernel("a", 0.125), "b": clock.kernel("b", 0.375)}  # a round costs 0.5 s
+    tuner = RuntimeAutoTuner(warmup_iterations=10, measure_iterations=100, clock=clock, enabled=True,
+                             cache_dir=tmp_path, budget_s=4.0)
+    assert tuner.choose("op", cands, (torch.ones(2),), default="b") == "a"
+    assert clock.now == pytest.approx(0.5 * (1 + 1 + 8)), "check + estimate + 8 rounds (7 timed, 1 warmup)"
+    assert clock.calls[-4:] == ["b", "a", "b", "a"], "calls interleave, the default first"
+    clock.now = 0.0
+    unbounded = RuntimeAutoTuner(warmup_iterations=10, measure_iterations=100, clock=clock, enabled=True,
+                                 cache_dir=tmp_path / "other", budget_s=None)
+    assert unbounded.choose("op", cands, (torch.ones(2),), default="b") == "a"
+    assert clock.now == pytest.approx(0.5 * (1 + 10 + 100)), "no budget: check + warmup + measure"
+    with pytest.raises(ValueError, match="budget_s must be > 0"):
+        RuntimeAutoTuner(budget_s=0)
+
+
+def test_autotune_cache_is_written_with_the_users_permissions(tmp_path, tuning_on):
+    """A cache file is created as open() would create it (0o666 less the umask), and a rewrite
+    keeps the mode the file has: a shared cache directory stays readable by everyone."""
+    clock = FakeClock()
+    cands = {"a": clock.kernel("a", 3.0), "b": clock.kernel("b", 1.0)}
+    path = tmp_path / "autotune.json"
+    previous = os.umask(0o022)
+    try:
+        _tuner(tmp_path, clock).choose("op", cands, (torch.ones(2),), default="a")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.chmod(path, 0o664)  # a group-writable shared cache
+        _tuner(tmp_path, clock).choose("op", cands, (torch.ones(4),), default="a")  # a new key: rewritten
+        assert path.stat().st_mode & 0o777 == 0o664
+        assert len(json.loads(path.read_text())["entries"]) == 2
+    finally:
+        os.umask(previous)
+
+
+def test_forcing_a_kernel_the_backward_lacks_leaves_the_backward_to_the_tuner(monkeypatch):
+    """linear_cross_entropy=chunked forces the forward kernel; its backward has no "chunked"
+    (it has ref and fast), so the backward keeps its own choice instead of failing."""
+    monkeypatch.setenv("TINYMEG_OP_IMPL", "linear_cross_entropy=chunked")
+    torch.manual_seed(0)
+    h, w = torch.randn(6, 8, requires_grad=True), torch.randn(12, 8, requires_grad=True)
+    t = torch.tensor([0, 3, -1, 8, 2, 1])
+    tm.ops.linear_cross_entropy(h, w, t, vocab_size=9).backward()
+    hr, wr = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    F.cross_entropy(hr @ wr[:9].T, t, ignore_index=-1).backward()
+    torch.testing.assert_close(h.grad, hr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, wr.grad, atol=1e-5, rtol=1e-5)
+    assert autotune.forced_choice("linear_cross_entropy_backward", cross_entropy.BACKWARD) is None
+    assert autotune.forced_choice("layer_norm_backward", norm.BACKWARD) is None
+    monkeypatch.setenv("TINYMEG_OP_IMPL", "linear_cross_entropy=ref")
+    assert autotune.forced_choice("linear_cross_entropy_backward", cross_entropy.BACKWARD) == "ref"
 
 
 def _autotune_ranks_body(tmp_dir):

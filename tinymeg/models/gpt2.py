@@ -2,14 +2,16 @@
 
 There is no parallel logic here: tinymeg.parallel shards this model from the outside.
 The only concessions are that attention reads its head count from the width it is given,
-so the same code runs on a rank that holds only some of the heads, that the MLP asks its
+so the same code runs on a rank that holds only some of the heads, that the MLP may ask its
 first Linear for the product without the bias (``linear_pre_bias``), so that the bias add fuses
-into the GELU whatever module (plain or tensor-parallel) holds the weight, and that the step of
-attention that mixes tokens is a module of its own (``CausalAttention``), which context
-parallelism swaps for ring attention.
+into the GELU whatever module (plain or tensor-parallel) holds the weight (``linear_gelu``: where
+the fused op wins; elsewhere the Linear adds its bias itself), and that the step of attention
+that mixes tokens is a module of its own (``CausalAttention``), which context parallelism swaps
+for ring attention.
 
-LayerNorm, bias + GELU and the loss run on tinymeg's fused ops (tinymeg.ops); parameter names
-and state_dict keys are nn.LayerNorm's and nn.Linear's.
+LayerNorm, bias + GELU and the loss run on tinymeg's ops (tinymeg.ops: the plain aten path or a
+fused custom op, whichever the autotuner finds faster); parameter names and state_dict keys are
+nn.LayerNorm's and nn.Linear's.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import LayerNorm, bias_gelu, linear_cross_entropy
+from ..ops import LayerNorm, bias_gelu, bias_gelu_path, linear_cross_entropy
+from ..ops.gelu import DEFAULT_PATH as BIAS_GELU_DEFAULT_PATH
+from ..ops.paths import forced_path
 from .moe import MoE, moe_aux_loss
 
 
@@ -176,9 +180,26 @@ def linear_pre_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     return F.linear(x, linear.weight), linear.bias
 
 
+def linear_gelu(linear: nn.Module, x: torch.Tensor, bias_in_matmul: dict) -> torch.Tensor:
+    """gelu(linear(x), tanh), the bias added where it costs least: in the GELU pass of
+    tinymeg::bias_gelu where the tuner picked that op for these shapes, else in the matmul (addmm
+    beats an add of its own). bias_in_matmul remembers per input what bias_gelu chose on the first
+    call, when the product without the bias was made to ask it."""
+    if torch.compiler.is_compiling():  # a graph takes bias_gelu's compile-time path, see ops/paths.py
+        plain = (forced_path("bias_gelu") or BIAS_GELU_DEFAULT_PATH) == "plain"
+    else:
+        plain = bias_in_matmul.get((x.shape, x.dtype, x.device, torch.is_grad_enabled()))
+    if plain:
+        return F.gelu(linear(x), approximate="tanh")
+    h, bias = linear_pre_bias(linear, x)
+    if bias is not None and not torch.compiler.is_compiling():
+        bias_in_matmul[x.shape, x.dtype, x.device, torch.is_grad_enabled()] = bias_gelu_path(h, bias) == "plain"
+    return bias_gelu(h, bias)
+
+
 def lm_head_loss(head: nn.Module, x: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Mean cross-entropy of head(x)[..., :vocab_size] against targets (-1 ignored), by the fused
-    tinymeg::linear_cross_entropy. A module that stands in for nn.Linear (tinymeg.nn's
+    """Mean cross-entropy of head(x)[..., :vocab_size] against targets (-1 ignored), by
+    tinymeg.ops.linear_cross_entropy. A module that stands in for nn.Linear (tinymeg.nn's
     vocab-sharded head) provides forward_loss."""
     if hasattr(head, "forward_loss"):
         return head.forward_loss(x, targets, vocab_size, ignore_index=-1)
@@ -191,10 +212,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.bias_in_matmul: dict = {}  # linear_gelu's memory: input -> bias added by the matmul?
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, bias = linear_pre_bias(self.c_fc, x)
-        return self.dropout(self.c_proj(bias_gelu(h, bias)))  # gelu(h + bias) in one pass
+        return self.dropout(self.c_proj(linear_gelu(self.c_fc, x, self.bias_in_matmul)))
 
 
 class Block(nn.Module):

@@ -10,7 +10,7 @@ The functions below are the friendly wrappers.
 from . import autotune, cross_entropy, gelu, grouped, norm
 from .autotune import RuntimeAutoTuner, get_default_tuner, set_default_tuner, synchronized
 from .cross_entropy import linear_cross_entropy
-from .gelu import bias_gelu
+from .gelu import bias_gelu, bias_gelu_path
 from .grouped import grouped_mm
 from .norm import LayerNorm, layer_norm
 
@@ -19,4 +19,4 @@ from .norm import LayerNorm, layer_norm
 OPS = {"layer_norm": norm, "bias_gelu": gelu, "linear_cross_entropy": cross_entropy}
 
 __all__ = ["LayerNorm", "RuntimeAutoTuner", "get_default_tuner", "set_default_tuner", "synchronized",
-           "layer_norm", "bias_gelu", "linear_cross_entropy", "grouped_mm", "autotune", "OPS"]
+           "layer_norm", "bias_gelu", "bias_gelu_path", "linear_cross_entropy", "grouped_mm", "autotune", "OPS"]

@@ -40,11 +40,12 @@ of targets, so DTensor gathers the tokens first.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 
-from . import _triton
+from . import _triton, paths
 from .autotune import dispatch
 
 REDUCTIONS = ("mean", "sum")
@@ -76,7 +77,7 @@ def _check(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, red
 
 def _check_targets(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-    if targets.is_cuda:  # no host sync: the kernel is asynchronous
+    if targets.is_cuda or torch.compiler.is_compiling():  # no host sync; no data-dependent branch in a graph
         torch._assert_async(~bad.any(), "linear_cross_entropy: a target is outside [0, vocab_size)")
     elif bad.any():
         raise ValueError(f"linear_cross_entropy: target {targets[bad][0].item()} is outside "
@@ -275,13 +276,46 @@ def _(grad_loss, grad_hidden, grad_weight):
     return [([h, w], [Replicate(), h, w]) for h in (Replicate(), Shard(0)) for w in (Replicate(), Partial())]
 
 
+# ---- the wrapper: the plain path or the op (paths.py) ----
+
+def plain_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_size: int,
+                               ignore_index: int, reduction: str) -> Tensor:
+    """What a model written with F.cross_entropy runs, with the op's semantics: the logits of
+    the first vocab_size rows in float32, the same checks, and 0 (not NaN) when every target is
+    ignored (a sum divided by the count of targets, at least 1)."""
+    _check(hidden, weight, targets, vocab_size, reduction)
+    _check_targets(targets, vocab_size, ignore_index)
+    logits = F.linear(hidden.float(), weight[:vocab_size].float())
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    return loss / (targets != ignore_index).sum().clamp(min=1) if reduction == "mean" else loss
+
+
+def _op_linear_cross_entropy(hidden, weight, targets, vocab_size, ignore_index, reduction):
+    compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return torch.ops.tinymeg.linear_cross_entropy(hidden, weight, targets, vocab_size, ignore_index,
+                                                  reduction, compute_grad)[0]
+
+
+PATHS = {"plain": plain_linear_cross_entropy, "op": _op_linear_cross_entropy}
+# The plain path holds the whole float32 logits, their softmax and their gradient at once: it is
+# a candidate only while the logits are no bigger than one chunk of the chunked kernel (32 MiB),
+# which holds that much anyway. Beyond, the op is the only path (unless forced).
+PLAIN_MAX_LOGITS = CHUNK_ELEMENTS["cpu"]
+
+
+def default_path(n_tokens: int, vocab_size: int) -> str:
+    """The path without timing (tuning off, under torch.compile): plain while its logits are small."""
+    return "plain" if n_tokens * vocab_size <= PLAIN_MAX_LOGITS else "op"
+
+
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_size: int | None = None,
                          ignore_index: int = -1, reduction: str = "mean") -> Tensor:
     """F.cross_entropy(hidden @ weight[:vocab_size].T, targets, ignore_index=ignore_index,
-    reduction=reduction) without the logits: hidden (..., C), targets (...), weight (V, C).
-    Returns 0 (not NaN) when every target is ignored."""
-    compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    loss, _, _ = torch.ops.tinymeg.linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-        weight.shape[0] if vocab_size is None else vocab_size, ignore_index, reduction, compute_grad)
-    return loss
+    reduction=reduction): hidden (..., C), targets (...), weight (V, C). By the plain path
+    while the logits are small and it is faster, else by tinymeg::linear_cross_entropy, which
+    never holds the logits (see paths.py). Returns 0 (not NaN) when every target is ignored."""
+    vocab_size = weight.shape[0] if vocab_size is None else vocab_size
+    args = (hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), vocab_size, ignore_index, reduction)
+    path = default_path(args[0].shape[0], vocab_size)
+    return PATHS[paths.choose("linear_cross_entropy", PATHS, args, path, untuned=() if path == "plain"
+                              else ("plain",))](*args)

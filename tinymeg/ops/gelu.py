@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 
-from . import _triton
+from . import _triton, paths
 from .autotune import dispatch
 
 _K = math.sqrt(2.0 / math.pi)
@@ -170,8 +171,32 @@ def _(grad_y, x, bias):
     return rules
 
 
-def bias_gelu(x: Tensor, bias: Tensor | None) -> Tensor:
-    """gelu(x + bias, approximate="tanh") in one pass; plain GELU when bias is None."""
-    if bias is None:
-        return torch.nn.functional.gelu(x, approximate="tanh")
+# ---- the wrapper: the plain path or the op (paths.py) ----
+
+def plain_bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
+    """What a model written with F.gelu runs: an add, then aten's GELU, and their autograd."""
+    _check(x, bias)
+    return F.gelu(x + bias, approximate="tanh")
+
+
+def _op_bias_gelu(x, bias):
     return torch.ops.tinymeg.bias_gelu(x, bias)
+
+
+PATHS = {"plain": plain_bias_gelu, "op": _op_bias_gelu}
+# Measured (recipes/bench.py ops): the op's kernels save a pass over memory, which pays for its
+# boundary only at large shapes; the tuner finds where.
+DEFAULT_PATH = "plain"
+
+
+def bias_gelu_path(x: Tensor, bias: Tensor) -> str:
+    """The path bias_gelu(x, bias) takes: "plain" or "op" (decided on the first call, then a lookup)."""
+    return paths.choose("bias_gelu", PATHS, (x, bias), DEFAULT_PATH)
+
+
+def bias_gelu(x: Tensor, bias: Tensor | None) -> Tensor:
+    """gelu(x + bias, approximate="tanh"), by the plain path or tinymeg::bias_gelu (one pass),
+    whichever the tuner finds faster (see paths.py); plain GELU when bias is None."""
+    if bias is None:
+        return F.gelu(x, approximate="tanh")
+    return PATHS[bias_gelu_path(x, bias)](x, bias)

@@ -15,11 +15,12 @@ they come out Partial() (summed when someone asks for them whole).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 
-from . import _triton
+from . import _triton, paths
 from .autotune import dispatch
 
 
@@ -175,16 +176,36 @@ def _(grad_y, x, weight, mean, rstd):
     return rules
 
 
-def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    """LayerNorm over x's last dim (F.layer_norm with normalized_shape=(x.shape[-1],))."""
+# ---- the wrapper: the plain path or the op (paths.py) ----
+
+def plain_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """What nn.LayerNorm runs: aten's native_layer_norm and its autograd, no op boundary."""
+    _check(x, weight, bias)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _op_layer_norm(x, weight, bias, eps):
     return torch.ops.tinymeg.layer_norm(x, weight, bias, eps)[0]
+
+
+PATHS = {"plain": plain_layer_norm, "op": _op_layer_norm}
+# aten's kernel is the op's "fast" kernel too: the op only adds its boundary, unless a faster
+# kernel (triton, on a GPU) is timed faster.
+DEFAULT_PATH = "plain"
+
+
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over x's last dim (F.layer_norm with normalized_shape=(x.shape[-1],)), by the
+    plain path or tinymeg::layer_norm, whichever the tuner finds faster (see paths.py)."""
+    args = (x, weight, bias, eps)
+    return PATHS[paths.choose("layer_norm", PATHS, args, DEFAULT_PATH)](*args)
 
 
 class LayerNorm(torch.nn.LayerNorm):
     """A drop-in nn.LayerNorm (same parameters, init, state_dict keys) computed by
-    tinymeg::layer_norm when it normalises one dim, by F.layer_norm otherwise."""
+    tinymeg.ops.layer_norm when it normalises one dim, by F.layer_norm otherwise."""
 
     def forward(self, x: Tensor) -> Tensor:
         if len(self.normalized_shape) != 1:
-            return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return layer_norm(x, self.weight, self.bias, self.eps)

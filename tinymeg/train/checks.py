@@ -19,6 +19,9 @@ from ..models import GPTConfig
 from ..parallel.context_parallel import check_seq_len
 
 
+DEFAULT_WARMUP = 20  # LR warmup steps when none is asked for (capped at a tenth of the steps)
+
+
 class ConfigError(ValueError):
     """A bad flag or config value: the message names it and the fix."""
 
@@ -36,6 +39,8 @@ def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
     except ValueError as e:
         raise ConfigError(f"{e} (asked: {_flags(mesh)})") from None
     cfg = dataclasses.replace(cfg, dp=sizes["dp"])
+    if cfg.warmup is None and isinstance(cfg.steps, int):
+        cfg = dataclasses.replace(cfg, warmup=default_warmup(cfg.steps))
     tp, cp, ep = sizes["tp"], sizes["cp"], sizes["ep"]
 
     def need(ok: bool, message: str) -> None:
@@ -91,6 +96,12 @@ def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
     check_device(cfg.device)
     check_flags(cfg)
     return cfg
+
+
+def default_warmup(steps: int, warmup: int | None = None) -> int:
+    """The warmup a run gets when none is asked for: ``warmup`` (a recipe's default, else
+    DEFAULT_WARMUP), or a tenth of the steps if that is fewer, so that it never outlasts a short run."""
+    return min(warmup or DEFAULT_WARMUP, max(1, steps // 10))
 
 
 def check_flags(cfg) -> None:

@@ -16,7 +16,8 @@ import traceback
 
 import torch.distributed as dist
 
-from .checks import ConfigError, PeerError, check_config, rank_from_env, world_size_from_env
+from .checks import (DEFAULT_WARMUP, ConfigError, PeerError, check_config, default_warmup, rank_from_env,
+                     world_size_from_env)
 from .trainer import TrainConfig, mesh_sizes, train
 
 USAGE_ERROR, SETUP_ERROR = 2, 1  # exit statuses: a bad flag (as argparse), a failed setup check
@@ -65,7 +66,7 @@ def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentP
     add("--lr", type=float, default=base.lr, help="peak learning rate, reached after --warmup steps")
     add("--min-lr", type=float, default=base.min_lr, help="learning rate at the end of the cosine decay")
     add("--warmup", type=int, default=argparse.SUPPRESS,
-        help=f"linear warmup steps (default: {base.warmup}, or a tenth of --steps if that is fewer)")
+        help=f"linear warmup steps (default: {base.warmup or DEFAULT_WARMUP}, or a tenth of --steps if that is fewer)")
     add("--weight-decay", type=float, default=base.weight_decay, help="AdamW weight decay of matrices and embeddings")
     add("--grad-clip", type=float, default=base.grad_clip, help="clip gradients to this global norm; 0 disables")
     add("--seed", type=int, default=base.seed, help="seeds the model's init, the batches and dropout")
@@ -78,7 +79,7 @@ def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentP
         help="for .txt data: characters, or GPT-2 BPE (pip install tiktoken, see README)")
     add("--log-jsonl", default=base.log_jsonl, metavar="PATH", help="append one JSON line of metrics per step")
     add("--compile", action=argparse.BooleanOptionalAction, default=base.compile,
-        help="torch.compile the model (fullgraph); the first step then takes a while")
+        help="torch.compile the model (fullgraph) and the optimizer step; the first step then takes a while")
     add("--device", default=base.device, choices=["auto", "cpu", "cuda"],
         help="auto: cuda (nccl) when there is a GPU, else cpu (gloo)")
     add("--sample-tokens", type=int, default=base.sample_tokens, help="tokens of text to sample at the end; 0: none")
@@ -125,7 +126,7 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     args = p.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if "warmup" not in values:  # the default warmup never outlasts a short run
-        values["warmup"] = min(base.warmup, max(1, values["steps"] // 10))
+        values["warmup"] = default_warmup(values["steps"], base.warmup)
     cfg = TrainConfig(**{**dataclasses.asdict(base), **values})
     try:
         return check_config(cfg, world_size_from_env(), mesh_sizes(cfg))

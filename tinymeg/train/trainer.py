@@ -34,7 +34,7 @@ from ..parallel.zero import memory_mb
 from . import report
 from .checkpoint import Checkpointer, maybe_inject_fault
 from .checks import ConfigError, check_config, rank_from_env, run_checked, world_size_from_env
-from .optim import build_optimizer, clip_grad_norm_, lr_at
+from .optim import build_optimizer, clip_grad_norm_, compile_step, lr_at
 from .routing import RoutingLog
 
 
@@ -56,7 +56,7 @@ class TrainConfig:
     top_k: int = 2                 # experts per token (with n_experts > 0)
     lr: float = 1e-3
     min_lr: float = 1e-4
-    warmup: int = 20
+    warmup: int | None = None      # None: checks.default_warmup (20 steps, or a tenth of the steps if fewer)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 1337
@@ -130,10 +130,12 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def train_step(step: int, model, step_fn, optimizer, tokens: torch.Tensor, cfg: TrainConfig,
-               ctx: ParallelContext, routing: RoutingLog | None = None) -> tuple[float, torch.Tensor | None, float, dict]:
+               ctx: ParallelContext, routing: RoutingLog | None = None,
+               optimizer_step=None) -> tuple[float, torch.Tensor | None, float, dict]:
     """One optimizer step (0-based ``step``) on the global batch of ``step``: returns the
     mean train loss over the global batch, the gradient norm before clipping, the LR, and
-    what else the JSONL records (memory held after the step; MoE routing statistics)."""
+    what else the JSONL records (memory held after the step; MoE routing statistics).
+    ``optimizer_step``: optimizer.step, or its compiled form (``compile_step``)."""
     lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=cfg.steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -151,7 +153,7 @@ def train_step(step: int, model, step_fn, optimizer, tokens: torch.Tensor, cfg: 
         if routing is not None:
             routing.add()
     grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-    optimizer.step()
+    (optimizer_step or optimizer.step)()
     extras = memory_mb(model, optimizer)  # after the step, before zero_grad frees the gradients
     optimizer.zero_grad(set_to_none=True)
     if routing is not None:
@@ -216,6 +218,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     model = build_model(cfg, corpus.vocab_size, ctx)
     torch.manual_seed(cfg.seed + 1 + ctx.dp_rank)  # dropout: same on tp ranks, differs across dp
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer_step = compile_step(optimizer) if cfg.compile else optimizer.step
     ckpt = Checkpointer(cfg, ctx, model, optimizer, corpus.tokenizer)
     start_step = ckpt.restore()  # 0, or the step of the checkpoint resumed from
     peak = report.peak_flops(ctx.device, configured_tflops=cfg.peak_tflops)
@@ -238,7 +241,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
             # the first step tunes kernels: every rank runs the same ops, so rank 0 decides for all
             with synchronized() if step == start_step else contextlib.nullcontext():
                 train_loss, grad_norm, lr, extras = train_step(step, model, step_fn, optimizer, corpus.train,
-                                                               cfg, ctx, routing)
+                                                               cfg, ctx, routing, optimizer_step)
             dt = time.perf_counter() - t0
             train_s += dt
             if cfg.compile and step == start_step:
