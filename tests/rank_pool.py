@@ -108,9 +108,9 @@ def close_all() -> None:
 _contexts: dict = {}
 
 
-def get_ctx(dp: int = 1, tp: int = 1):
+def get_ctx(dp: int = 1, tp: int = 1, pp: int = 1):
     """A cached ParallelContext: building a mesh creates process groups, so build each shape once."""
     import tinymeg as tm
-    if (dp, tp) not in _contexts:
-        _contexts[(dp, tp)] = tm.ParallelContext(dp=dp, tp=tp)
-    return _contexts[(dp, tp)]
+    if (dp, tp, pp) not in _contexts:
+        _contexts[(dp, tp, pp)] = tm.ParallelContext(pp=pp, dp=dp, tp=tp)
+    return _contexts[(dp, tp, pp)]

@@ -68,7 +68,7 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
         # The LM head: a column-parallel layer that gathers its output, with plain row shards.
         heads = [m for m in model.modules() if isinstance(m, ColumnParallelLinear) and m.gather_output
                  and m.weight.placements == (Shard(0),)]
-        if not heads:
+        if not heads and getattr(model, "holds_lm_head", True):  # False: a middle pipeline stage
             raise ValueError("loss_parallel needs a vocab-sharded LM head: a Linear tied to a "
                              "VocabParallel embedding, or one planned as ColumnParallel(gather_output=True)")
         for head in heads:
@@ -86,8 +86,10 @@ def _apply_sequence_parallel(model: nn.Module, mesh, entry: str | None) -> None:
     except AttributeError:
         raise ValueError(f"sequence_parallel_entry {entry!r} is not a module of {type(model).__name__}") from None
     # The sequence is split where the SP region begins: forward keeps this rank's slice,
-    # backward all-gathers the gradient (the embedding before it is replicated).
-    start.register_forward_pre_hook(lambda _, args: (split_seq(args[0], mesh), *args[1:]))
+    # backward all-gathers the gradient (the embedding before it is replicated). A later pipeline
+    # stage receives its input already split, from the previous stage.
+    if not getattr(model, "input_sequence_sharded", False):
+        start.register_forward_pre_hook(lambda _, args: (split_seq(args[0], mesh), *args[1:]))
     blocks = model.get_submodule(entry.rpartition(".")[0]) if "." in entry else start
     for module in blocks.modules():
         if isinstance(module, nn.Dropout) and module.p > 0:
@@ -95,11 +97,14 @@ def _apply_sequence_parallel(model: nn.Module, mesh, entry: str | None) -> None:
 
 
 def _default_sp_entry(model: nn.Module) -> str:
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList):
-            for i, block in enumerate(module):
-                if any(isinstance(m, ColumnParallelLinear) for m in block.modules()):
-                    return f"{name}.{i}"
+    """The block holding the first column-parallel layer: the deepest module above it whose parent
+    is a ModuleList or ModuleDict (a pipeline stage keeps its blocks in a ModuleDict)."""
+    modules = dict(model.named_modules())
+    first = next((n for n, m in modules.items() if isinstance(m, ColumnParallelLinear)), None)
+    parts = first.split(".") if first else []
+    for k in range(len(parts) - 1, 0, -1):
+        if isinstance(modules[".".join(parts[:k - 1])], (nn.ModuleList, nn.ModuleDict)):
+            return ".".join(parts[:k])
     raise ValueError("sequence_parallel needs to know where the sequence is split: the model has no "
                      "ModuleList of blocks with column-parallel layers; set tp_config['sequence_parallel_entry']")
 

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from tqdm import tqdm
@@ -67,7 +67,7 @@ from ..models import GPT2Model, GPTConfig
 
 META = "tinymeg.json"
 LATEST = "latest"
-FORMAT = 1
+FORMAT = 2  # 2: the optimizer state flattened to one key per parameter (see _on_disk)
 _STEP_DIR = re.compile(r"step_(\d+)$")
 # Training settings that change the run's trajectory: resuming with other values works, but
 # the result is not what the uninterrupted run would have given (warned about, not an error).
@@ -217,6 +217,18 @@ def _tied(model: nn.Module) -> dict[str, str]:
     return tied
 
 
+# The optimizer's state dict is flattened: "state.<fqn>.exp_avg", "param_groups.<fqn>.lr"... so
+# every key names one parameter. Pipeline stages hold different parameters and each writes its
+# own keys; a nested "param_groups" list (one per rank, naming that rank's parameters) would be
+# written once, by one stage, and given to all. The same flat keys load on any pp size.
+_STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _optim_fqn(key: str) -> str | None:
+    """The parameter a flat optimizer-state key belongs to: "state.<fqn>.<name>" -> fqn."""
+    return key[len("state."):].rpartition(".")[0] if key.startswith("state.") else None
+
+
 def _on_disk(model: nn.Module, model_sd: dict, optim_sd: dict | None) -> dict:
     """The dict DCP saves and loads: the state dicts with stacked parameters as views, and a
     tied parameter once (it is one tensor: loading the first name loads it)."""
@@ -224,10 +236,20 @@ def _on_disk(model: nn.Module, model_sd: dict, optim_sd: dict | None) -> dict:
     out = {"model": {k: _stacked(v, stacked[k]) if k in stacked else v for k, v in model_sd.items()
                      if k not in tied}}
     if optim_sd is not None:
-        state = {fqn: {name: _stacked(v, stacked[fqn]) if fqn in stacked and torch.is_tensor(v) and v.dim() else v
-                       for name, v in s.items()} for fqn, s in optim_sd["state"].items()}
-        out["optim"] = {"state": state, "param_groups": optim_sd["param_groups"]}
+        out["optim"] = {k: _stacked(v, stacked[fqn]) if (fqn := _optim_fqn(k)) in stacked and torch.is_tensor(v)
+                        and v.dim() else v for k, v in optim_sd.items()}
     return out
+
+
+def _whole_model(model: nn.Module, ctx) -> dict:
+    """The stacked, tied and parameter shapes of the whole model. Under pipeline parallelism
+    each stage holds some of the parameters: the stages' lists are merged (a collective over pp)."""
+    mine = {"stacked": _stacked_counts(model), "tied": _tied(model), "param_shapes": _shapes(model)}
+    if getattr(ctx, "pp_size", 1) == 1:
+        return mine
+    stages = [None] * ctx.pp_size
+    dist.all_gather_object(stages, mine, group=ctx.mesh["pp"].get_group())
+    return {key: {k: v for stage in stages for k, v in stage[key].items()} for key in mine}
 
 
 def _model_config(model: nn.Module) -> dict | None:
@@ -239,9 +261,10 @@ def _shapes(model: nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_compatible(meta: dict, model: nn.Module, path: str) -> None:
-    """Parameter names and global shapes must match; name every one that does not."""
-    saved, now = meta["param_shapes"], _shapes(model)
+def check_compatible(meta: dict, model: nn.Module, path: str, shapes: dict | None = None) -> None:
+    """Parameter names and global shapes must match; name every one that does not. ``shapes``:
+    the whole model's (_whole_model), when this rank holds only a part of it."""
+    saved, now = meta["param_shapes"], _shapes(model) if shapes is None else shapes
     bad = [f"{k}: checkpoint {tuple(saved[k]) if k in saved else 'absent'}, model "
            f"{tuple(now[k]) if k in now else 'absent'}"
            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
@@ -339,7 +362,8 @@ def save(ckpt_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Opti
         shutil.rmtree(tmp, ignore_errors=True)          # a dead attempt's leftovers
         os.makedirs(os.path.join(tmp, "rng"))
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    whole = _whole_model(model, ctx)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_STATE_DICT_OPTIONS)
     dcp.save(_on_disk(model, model_sd, optim_sd), checkpoint_id=tmp)
     with open(os.path.join(tmp, "rng", f"rank_{ctx.rank:05d}.pt"), "wb") as f:
         torch.save(_rng_state(ctx.device), f)
@@ -351,9 +375,7 @@ def save(ckpt_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Opti
                  for root, _, names in os.walk(tmp) for n in names}
         record = {"format": FORMAT, "step": step, "mesh": dict(ctx.sizes),
                   "world_size": ctx.world_size, "torch": torch.__version__, "saved_at": time.time(),
-                  "model_config": _model_config(model), **(meta or {}),
-                  "stacked": _stacked_counts(model), "tied": _tied(model), "param_shapes": _shapes(model),
-                  "files": files}
+                  "model_config": _model_config(model), **(meta or {}), **whole, "files": files}
         _write(os.path.join(tmp, META), json.dumps(record, indent=1).encode())
         _commit(tmp, final, ckpt_dir)
         _prune(ckpt_dir, keep_last)
@@ -367,14 +389,19 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, ctx, see
     Verifies the files and the parameter shapes first. Returns the checkpoint's tinymeg.json.
     """
     meta = verify(path)
-    check_compatible(meta, model, path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if meta.get("format", 1) != FORMAT:
+        raise ValueError(f"checkpoint {path!r} has format {meta.get('format', 1)}, this tinymeg reads format "
+                         f"{FORMAT} (the optimizer state is laid out differently): resume it with the "
+                         f"tinymeg that saved it, or export its model (recipes/export.py) and start anew")
+    check_compatible(meta, model, path, _whole_model(model, ctx)["param_shapes"])
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_STATE_DICT_OPTIONS)
     try:
         # DCP reads into the tensors of this dict in place: the views share the parameters' memory.
         dcp.load(_on_disk(model, model_sd, optim_sd), checkpoint_id=path)
     except Exception as e:  # noqa: BLE001 - DCP's errors can be long; say which checkpoint first
         raise RuntimeError(f"could not load checkpoint {path!r} (damaged?): {e}") from e
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=_STATE_DICT_OPTIONS)
 
     if {**{d: 1 for d in ctx.sizes}, **meta["mesh"]} == ctx.sizes:  # the same mesh: the same ranks
         with open(os.path.join(path, "rng", f"rank_{ctx.rank:05d}.pt"), "rb") as f:

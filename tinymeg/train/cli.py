@@ -5,8 +5,9 @@ import argparse
 import dataclasses
 import os
 
+from ..parallel.pipeline_parallel import check_pipeline
 from .checkpoint import check_flags
-from .trainer import TrainConfig, train
+from .trainer import TrainConfig, pipeline_args, train
 
 
 def parse_args(argv=None, **defaults) -> TrainConfig:
@@ -14,7 +15,17 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     p = argparse.ArgumentParser(description="Train a GPT-2 with tinymeg (launch with torchrun).")
     add = p.add_argument
     add("--tp", type=int, default=base.tp, help="tensor-parallel size")
-    add("--dp", type=int, default=base.dp, help="data-parallel size; tp*dp must equal the world size")
+    add("--dp", type=int, default=base.dp, help="data-parallel size; pp*dp*tp must equal the world size")
+    add("--pp", type=int, default=base.pp, help="pipeline-parallel size (stages, split by blocks)")
+    add("--pp-schedule", default=base.pp_schedule, choices=["gpipe", "1f1b", "interleaved-1f1b"])
+    add("--pp-microbatches", type=int, default=base.pp_microbatches, metavar="M",
+        help="pipeline microbatches per micro-batch (must divide --micro-batch); 0: pp")
+    add("--pp-stages-per-rank", type=int, default=base.pp_stages_per_rank, metavar="V",
+        help="virtual stages per rank, > 1 only with interleaved-1f1b")
+    add("--pp-split-points", default=base.pp_split_points, metavar="I,J,...",
+        help="the blocks where stages 2.. begin (default: an even split)")
+    add("--pp-uneven", action="store_true", default=base.pp_uneven,
+        help="split the blocks as evenly as possible when pp x V does not divide --n-layer")
     add("--steps", type=int, default=base.steps)
     add("--micro-batch", type=int, default=base.micro_batch, help="sequences per rank per micro-step")
     add("--grad-accum", type=int, default=base.grad_accum, help="micro-steps per optimizer step")
@@ -61,7 +72,12 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
     args = p.parse_args(argv)
 
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.tp * args.dp != world:
+    if args.pp > 1 and args.tp * args.dp * args.pp != world:
+        n = args.pp * args.dp * args.tp
+        p.error(f"--pp {args.pp} x --dp {args.dp} x --tp {args.tp} = {n} ranks, but torchrun started "
+                f"{world} process(es): pass --pp/--dp/--tp whose product is {world}, or launch with "
+                f"`torchrun --nproc_per_node={n}`")
+    if args.tp * args.dp * args.pp != world:
         p.error(f"--tp {args.tp} x --dp {args.dp} = {args.tp * args.dp} ranks, but torchrun started "
                 f"{world} process(es): pass --tp/--dp whose product is {world}, or launch with "
                 f"`torchrun --nproc_per_node={args.tp * args.dp}`")
@@ -69,6 +85,8 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
                          if hasattr(args, f.name)})
     try:
         check_flags(cfg)
+        if cfg.pp > 1:
+            check_pipeline(cfg.n_layer, cfg.pp, micro_batch=cfg.micro_batch, **pipeline_args(cfg))
     except ValueError as e:
         p.error(str(e))
     return cfg

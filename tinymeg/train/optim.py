@@ -33,19 +33,27 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> fl
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params, max_norm: float, group: dist.ProcessGroup | None = None,
+                    shared=()) -> torch.Tensor:
     """Clip gradients by their global L2 norm and return that norm (before clipping).
 
     The norm is the unsharded model's: squares of sharded gradients are summed over their
     mesh (each rank holds different elements), replicated ones are counted once. DP
     replicas hold identical gradients after the all-reduce, so no dp reduction is needed.
+    Under pipeline parallelism each stage holds other parameters: ``group`` (the pp group) sums
+    the stages' squares, and ``shared`` are parameters another stage holds too (the tied
+    embedding's second copy): clipped, but counted there only (``model.grad_norm_args()``).
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
     if not grads:
         return torch.zeros(())
+    counted_elsewhere = {id(p) for p in shared}
     replicated = torch.zeros((), dtype=torch.float32, device=_local(grads[0]).device)
     sharded: dict = {}  # mesh -> sum of squares of this rank's shards
-    for g in grads:
+    for p, g in zip(params, grads):
+        if id(p) in counted_elsewhere:
+            continue
         sq = _local(g).float().pow(2).sum()
         if isinstance(g, DTensor) and any(not isinstance(pl, Replicate) for pl in g.placements):
             sharded[g.device_mesh] = sharded.get(g.device_mesh, 0) + sq
@@ -55,6 +63,8 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     for mesh, sq in sharded.items():
         dist.all_reduce(sq, group=mesh.get_group())
         total = total + sq
+    if group is not None:
+        dist.all_reduce(total, group=group)
     norm = total.sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     torch._foreach_mul_([_local(g) for g in grads], scale.to(_local(grads[0]).dtype))

@@ -16,6 +16,7 @@ from ..data import get_batch, load_corpus
 from ..models import GPT2Model, GPTConfig
 from ..ops import synchronized
 from ..parallel import GPT2_TP_CONFIG, apply_data_parallel, apply_tensor_parallel
+from ..parallel.pipeline_parallel import apply_pipeline_parallel
 from .checkpoint import Checkpointer, maybe_inject_fault
 from .optim import build_optimizer, clip_grad_norm_, lr_at
 
@@ -24,6 +25,12 @@ from .optim import build_optimizer, clip_grad_norm_, lr_at
 class TrainConfig:
     tp: int = 1
     dp: int = 1
+    pp: int = 1                    # pipeline stages (tinymeg/parallel/pipeline_parallel.py)
+    pp_schedule: str = "1f1b"      # gpipe | 1f1b | interleaved-1f1b
+    pp_microbatches: int = 0       # each micro-batch is cut into this many; 0: pp
+    pp_stages_per_rank: int = 1    # virtual stages per rank: > 1 only for interleaved-1f1b
+    pp_split_points: str | None = None  # "2,5": the blocks where stages 2.. begin; None: even
+    pp_uneven: bool = False        # allow an even-as-possible split when pp x V does not divide n_layer
     steps: int = 200
     micro_batch: int = 8
     grad_accum: int = 1
@@ -76,10 +83,23 @@ def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> GPT2
     torch.manual_seed(cfg.seed)
     model = GPT2Model(GPTConfig(block_size=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer,
                                 n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)).to(ctx.device)
+    if ctx.pp_size > 1:  # split the stages first: TP, compile and DP then apply to this rank's part
+        model = apply_pipeline_parallel(model, ctx, **pipeline_args(cfg), compile=cfg.compile)
     if ctx.tp_size > 1:  # at tp=1 plain tensors are cheaper than 1-rank DTensors
         model = apply_tensor_parallel(model, ctx, {**GPT2_TP_CONFIG, "sequence_parallel": cfg.sequence_parallel,
                                                    "loss_parallel": cfg.loss_parallel})
     return apply_data_parallel(model, ctx, cfg.bucket_mb)
+
+
+def pipeline_args(cfg: TrainConfig) -> dict:
+    """apply_pipeline_parallel's arguments (the CLI checks them before anything starts)."""
+    try:
+        points = [int(p) for p in cfg.pp_split_points.split(",")] if cfg.pp_split_points else None
+    except ValueError:
+        raise ValueError(f"--pp-split-points {cfg.pp_split_points!r} must be block indices separated "
+                         f"by commas, e.g. 2,5") from None
+    return dict(schedule=cfg.pp_schedule, microbatches=cfg.pp_microbatches or cfg.pp,
+                stages_per_rank=cfg.pp_stages_per_rank, split_points=points, uneven=cfg.pp_uneven)
 
 
 @torch.no_grad()
@@ -107,15 +127,15 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     """Train as cfg says (resuming from a checkpoint if cfg says so). Returns the losses of the
     steps run here (from ``start_step``), the last val loss, throughput, the model and optimizer."""
     device_type = None if cfg.device == "auto" else cfg.device
-    ctx = ctx or ParallelContext(tp=cfg.tp, dp=cfg.dp, device_type=device_type, timeout=cfg.timeout_s)
-    if (ctx.tp_size, ctx.dp_size) != (cfg.tp, cfg.dp):
-        raise ValueError(f"config asks for tp={cfg.tp} dp={cfg.dp} but the context has "
-                         f"tp={ctx.tp_size} dp={ctx.dp_size}")
+    ctx = ctx or ParallelContext(pp=cfg.pp, tp=cfg.tp, dp=cfg.dp, device_type=device_type, timeout=cfg.timeout_s)
+    if (ctx.pp_size, ctx.tp_size, ctx.dp_size) != (cfg.pp, cfg.tp, cfg.dp):
+        raise ValueError(f"config asks for pp={cfg.pp} tp={cfg.tp} dp={cfg.dp} but the context has "
+                         f"pp={ctx.pp_size} tp={ctx.tp_size} dp={ctx.dp_size}")
     corpus = load_corpus(cfg.data, cfg.tokenizer)
     model = build_model(cfg, corpus.vocab_size, ctx)
     torch.manual_seed(cfg.seed + 1 + ctx.dp_rank)  # dropout: same on tp ranks, differs across dp
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    step_fn = torch.compile(model, fullgraph=True) if cfg.compile else model
+    step_fn = torch.compile(model, fullgraph=True) if cfg.compile and ctx.pp_size == 1 else model  # pp: per stage
     ckpt = Checkpointer(cfg, ctx, model, optimizer, corpus.tokenizer)
     start_step = ckpt.restore()  # 0, or the step of the checkpoint resumed from
 
@@ -137,12 +157,17 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
                              dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
             last = micro == cfg.grad_accum - 1
             # one gradient all-reduce per step; the first step tunes kernels, the same on all ranks
+            # (not under pp: the stages run different kernels, so they keep the defaults)
             with (contextlib.nullcontext() if last else model.no_sync(),
-                  synchronized() if step == start_step else contextlib.nullcontext()):
-                loss = step_fn(x.to(ctx.device), y.to(ctx.device), return_logits=False)[1]
-                (loss / cfg.grad_accum).backward()
+                  synchronized() if step == start_step and ctx.pp_size == 1 else contextlib.nullcontext()):
+                if ctx.pp_size > 1:  # the schedule runs the forward and backward of every microbatch
+                    loss = model.train_step(x.to(ctx.device), y.to(ctx.device), grad_scale=1 / cfg.grad_accum)
+                else:
+                    loss = step_fn(x.to(ctx.device), y.to(ctx.device), return_logits=False)[1]
+                    (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
-        grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        norm_args = model.grad_norm_args() if ctx.pp_size > 1 else {}  # pp: summed over the stages
+        grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip, **norm_args) if cfg.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_loss = _dp_mean(loss_sum / cfg.grad_accum, ctx)
