@@ -326,3 +326,86 @@ def test_trainer_pipeline_equals_one_process():
             assert losses == pytest.approx(base[0], rel=1e-5), (schedule, losses, base[0])
             assert val == pytest.approx(base[1], rel=1e-5)
             assert sample == base[2], schedule
+
+
+# ---- checkpoints move between pp sizes
+
+K = 2  # runs of 2K steps, checkpointed every K; resumed runs start at step K
+
+
+def _whole_state(model, optimizer, ctx) -> dict | None:
+    """Every parameter and optimizer state of the whole model, unsharded, on rank 0 (every stage
+    sends its own; the tied weight comes from both ends of the pipeline, and must agree)."""
+    mine = {}
+    for name, param in model.named_parameters():
+        mine[name] = full(param).detach().clone()
+        for key, value in optimizer.state[param].items():
+            mine[f"{name}:{key}"] = full(value).clone()
+    stages = [None] * ctx.pp_size
+    dist.all_gather_object(stages, mine, group=ctx.mesh["pp"].get_group())
+    whole = {}
+    for stage in stages:
+        for k, v in stage.items():
+            assert k not in whole or torch.equal(whole[k], v), f"{k} differs between stages"
+            whole[k] = v
+    return whole if dist.get_rank() == 0 else None
+
+
+def _ckpt_cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, "steps": 2 * K, "ckpt_every": K, "eval_every": 0, "sample_tokens": 0, **kw})
+
+
+def _ckpt_train_body(**kw):
+    cfg = _ckpt_cfg(**kw)
+    ctx = get_ctx(dp=cfg.dp, tp=cfg.tp, pp=cfg.pp)
+    out = train(cfg, ctx=ctx)
+    return out["losses"], out["start_step"], _whole_state(out["model"], out["optimizer"], ctx)
+
+
+def _ckpt_load_body(path, **kw):
+    """A fresh model and optimizer under this pp, loaded from the checkpoint at path."""
+    from tinymeg.train import build_model, build_optimizer
+    from tinymeg.train import checkpoint as ckpt
+    cfg = _ckpt_cfg(**kw)
+    ctx = get_ctx(dp=cfg.dp, tp=cfg.tp, pp=cfg.pp)
+    model = build_model(cfg, 65, ctx)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    ckpt.load(path, model, optimizer, ctx, cfg.seed)
+    return _whole_state(model, optimizer, ctx)
+
+
+def _assert_states(got, want, exact):
+    assert got.keys() == want.keys()
+    for k in want:
+        if exact:
+            assert torch.equal(got[k], want[k]), k
+        else:
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def test_checkpoints_resume_across_pp_sizes(tmp_path):
+    """A pp=2 checkpoint resumes under pp=2 (bit for bit), pp=4 and pp=1; a pp=1 checkpoint under
+    pp=2; a pp=4 one loads back under pp=2 exactly. Schedules and microbatches may change on resume
+    (they are not state): the losses stay those of the straight run (1e-5: other sums, same math)."""
+    step_k = lambda d: str(tmp_path / d / f"step_{K:06d}")
+    pp2 = world(2).run(_ckpt_train_body, pp=2, ckpt_dir=str(tmp_path / "pp2"))[0]
+    pp1 = world(1).run(_ckpt_train_body, ckpt_dir=str(tmp_path / "pp1"))[0]
+    assert pp1[0] == pytest.approx(pp2[0], rel=1e-5)
+    _assert_states(pp2[2], pp1[2], exact=False)
+
+    same = world(2).run(_ckpt_train_body, pp=2, ckpt_dir=str(tmp_path / "a"), resume_from=step_k("pp2"))[0]
+    assert same[1] == K and same[0] == pp2[0][K:]
+    _assert_states(same[2], pp2[2], exact=True)
+
+    runs = {"pp2->pp4": world(4).run(_ckpt_train_body, pp=4, pp_schedule="gpipe", pp_microbatches=2,
+                                     ckpt_dir=str(tmp_path / "pp4"), resume_from=step_k("pp2"))[0],
+            "pp2->pp1": world(1).run(_ckpt_train_body, ckpt_dir=str(tmp_path / "b"), resume_from=step_k("pp2"))[0],
+            "pp1->pp2": world(2).run(_ckpt_train_body, pp=2, pp_schedule="interleaved-1f1b", pp_stages_per_rank=2,
+                                     ckpt_dir=str(tmp_path / "c"), resume_from=step_k("pp1"))[0]}
+    for name, (losses, start, state) in runs.items():
+        assert start == K, name
+        assert losses == pytest.approx(pp2[0][K:], rel=1e-5), name
+        _assert_states(state, pp2[2], exact=False)
+
+    back = world(2).run(_ckpt_load_body, str(tmp_path / "pp4" / f"step_{2 * K:06d}"), pp=2)[0]
+    _assert_states(back, runs["pp2->pp4"][2], exact=True)
