@@ -409,3 +409,23 @@ def test_checkpoints_resume_across_pp_sizes(tmp_path):
 
     back = world(2).run(_ckpt_load_body, str(tmp_path / "pp4" / f"step_{2 * K:06d}"), pp=2)[0]
     _assert_states(back, runs["pp2->pp4"][2], exact=True)
+
+
+def _recipe_reference_body():
+    cfg = TrainConfig(steps=8, n_layer=4, n_head=2, n_embd=32, seq_len=16, micro_batch=4, lr=3e-3, warmup=2,
+                      eval_every=4, eval_iters=2, sample_tokens=16, progress=False)
+    out = train(cfg, ctx=get_ctx())
+    return out["losses"], out["sample"]
+
+
+def test_recipe_trains_a_pipeline_under_torchrun(tmp_path):
+    """recipes/train.py --pp 2 (interleaved): the JSONL log, evals and the sample, and the losses
+    and text of one process with the same flags."""
+    from test_train import _torchrun
+    records, stdout = _torchrun("train.py", 2, "--pp", "2", "--n-layer", "4", "--pp-schedule", "interleaved-1f1b",
+                                "--pp-stages-per-rank", "2", tmp_path=tmp_path)
+    assert [r["step"] for r in records] == list(range(8))
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 7]
+    losses, sample = world(1).run(_recipe_reference_body)[0]
+    assert [r["loss"] for r in records] == pytest.approx(losses, rel=1e-5)
+    assert f"--- sample ---\n{sample}\n" in stdout

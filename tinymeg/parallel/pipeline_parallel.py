@@ -30,6 +30,7 @@ built for one shape, do not allow.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -155,7 +156,10 @@ class PipelineState:
     grad_scale: float = 1.0
     schedule: object = None                   # built at the first train_step (after TP, DP)
     schedule_shape: tuple = ()
-    peak_in_flight: int = 0                   # most microbatches held for backward at once (last step)
+    # Measurements of the last train_step, for tests and recipes/bench.py pp:
+    peak_in_flight: int = 0                   # most microbatches held for backward at once
+    measure: bool = False                     # also time this rank's compute (syncs CUDA: slower)
+    compute_s: float = 0.0                    # seconds computing (fwd, loss, bwd); the rest is bubble
     _in_flight: int = field(default=0, repr=False)
 
     @property
@@ -205,6 +209,7 @@ class PipelineParallelMixin:
         schedule = self._schedule_for(tuple(x.shape))
         st.grad_scale = grad_scale / st.microbatches
         st.peak_in_flight = st._in_flight = 0
+        st.compute_s = 0.0
         losses: list[torch.Tensor] = []
         sync = self._sync_enabled()
         with self._no_dp_sync():  # one reduction after the flush, not one per microbatch
@@ -261,7 +266,7 @@ class PipelineParallelMixin:
         stages = []
         for s, stage in zip(st.stage_ids, self._stages()):
             module = torch.compile(stage, fullgraph=True) if st.compile else stage
-            stages.append(_CountingStage(module, s, st.n_stages, st.ctx.device, group=st.group, state=st))
+            stages.append(_MeasuredStage(module, s, st.n_stages, st.ctx.device, group=st.group, state=st))
         schedule_cls = SCHEDULES[st.schedule_name]
         one = stages[0] if st.stages_per_rank == 1 else stages
         st.schedule = schedule_cls(one, st.microbatches, loss_fn=self._microbatch_loss, scale_grads=False)
@@ -269,7 +274,8 @@ class PipelineParallelMixin:
         return st.schedule
 
     def _microbatch_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = lm_head_loss(self.lm_head, hidden, targets, self.config.vocab_size)
+        with _timed(self.pipeline):
+            loss = lm_head_loss(self.lm_head, hidden, targets, self.config.vocab_size)
         return _ScaleGrad.apply(loss, self.pipeline.grad_scale)
 
     # ---- forward only: eval and sampling
@@ -361,25 +367,43 @@ class PipelineParallelMixin:
         return next(self.parameters()).dtype
 
 
-class _CountingStage(PipelineStage):
+class _MeasuredStage(PipelineStage):
     """torch's PipelineStage, counting the microbatches whose activations it holds for backward
-    (the schedules' memory: GPipe holds all of them, 1F1B at most pp)."""
+    (the schedules' memory: GPipe holds all of them, 1F1B at most pp) and, when asked, timing its
+    compute (the schedules' bubble is the rest of the step)."""
 
     def __init__(self, *args, state: PipelineState, **kwargs):
         super().__init__(*args, **kwargs)
         self._state = state
 
     def forward_one_chunk(self, *args, **kwargs):
-        out = super().forward_one_chunk(*args, **kwargs)
+        with _timed(self._state):
+            out = super().forward_one_chunk(*args, **kwargs)
         if self.has_backward:
             self._state._in_flight += 1
             self._state.peak_in_flight = max(self._state.peak_in_flight, self._state._in_flight)
         return out
 
     def backward_one_chunk(self, *args, **kwargs):
-        out = super().backward_one_chunk(*args, **kwargs)
+        with _timed(self._state):
+            out = super().backward_one_chunk(*args, **kwargs)
         self._state._in_flight -= 1
         return out
+
+
+@contextlib.contextmanager
+def _timed(state: PipelineState):
+    if not state.measure:
+        yield
+        return
+    cuda = state.ctx.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(state.ctx.device)
+    t0 = time.perf_counter()
+    yield
+    if cuda:
+        torch.cuda.synchronize(state.ctx.device)
+    state.compute_s += time.perf_counter() - t0
 
 
 _tied_groups: dict = {}
