@@ -153,17 +153,22 @@ def test_pp2_dp2_equals_single_process(p):
 
 
 def _3d_body():
-    """pp=2 x dp=2 x tp=2 with sequence and loss parallel, every schedule in one pool call."""
+    """pp=2 x dp=2 x tp=2 with sequence and loss parallel, every schedule, and pp=4 x tp=2, in one
+    pool call (8-rank worlds are slow on 2 cores)."""
     peaks = {}
     for i, schedule in enumerate(SCHEDULES):
         V = 2 if schedule == "interleaved-1f1b" else 1
         p = dict(schedule=schedule, stages_per_rank=V, microbatches=2, micro=2, n_layer=2 * V,
                  split_points=None, uneven=False, accum=1 + (schedule == "1f1b"), seed=i)
         peaks[schedule] = _pipeline_vs_reference_body(2, 2, 2, p, sp_lp=True)
+    # pp=4 x tp=2: the middle stages hold neither embedding nor LM head, under SP and loss parallel
+    p = dict(schedule="1f1b", stages_per_rank=1, microbatches=4, micro=4, n_layer=4, split_points=None,
+             uneven=False, accum=1, seed=3)
+    _pipeline_vs_reference_body(4, 1, 2, p, sp_lp=True, n_steps=1)
     return peaks
 
 
-def test_pp2_dp2_tp2_every_schedule_equals_single_process():
+def test_pp2_dp2_tp2_every_schedule_and_pp4_tp2_equal_single_process():
     peaks = world(8).run(_3d_body)
     assert [r["gpipe"] for r in peaks] == [2] * 8
     assert [r["1f1b"] for r in peaks] == [2, 2, 2, 2, 1, 1, 1, 1]  # stage 0 holds pp microbatches
@@ -210,8 +215,9 @@ def _eval_and_generate_body(pp, tp, schedule, V):
     model = build_pipelined(cfg, ctx, 0, sp_lp=tp > 1, schedule=schedule, microbatches=pp,
                             stages_per_rank=V).eval()
     (x, y), = _batches(cfg.vocab_size, 1, 2, 1)
+    logits, loss = model(x, y)
+    assert not loss.requires_grad  # train_step trains: a backward through this would be partial
     with torch.no_grad():
-        logits, loss = model(x, y)
         ref_logits, ref_loss = ref(x, y)
         assert_close(logits, ref_logits, "logits")
         assert_close(loss, ref_loss, "loss")
@@ -429,3 +435,23 @@ def test_recipe_trains_a_pipeline_under_torchrun(tmp_path):
     losses, sample = world(1).run(_recipe_reference_body)[0]
     assert [r["loss"] for r in records] == pytest.approx(losses, rel=1e-5)
     assert f"--- sample ---\n{sample}\n" in stdout
+
+
+def _old_format_body(path):
+    from tinymeg.train import build_model, build_optimizer
+    from tinymeg.train import checkpoint as ckpt
+    cfg = _ckpt_cfg()
+    model = build_model(cfg, 65, get_ctx())
+    with pytest.raises(ValueError, match=r"has format 1, this tinymeg reads format 2 \(the optimizer state is "
+                                         r"laid out differently\): resume it with the tinymeg that saved it"):
+        ckpt.load(path, model, build_optimizer(model, cfg.lr, cfg.weight_decay), get_ctx(), cfg.seed)
+
+
+def test_checkpoint_of_an_older_format_is_a_clear_error(tmp_path):
+    """Format 2 flattened the optimizer state (one key per parameter, for pipeline stages)."""
+    import json
+    world(1).run(_ckpt_train_body, steps=1, ckpt_every=0, ckpt_dir=str(tmp_path))
+    meta_path = tmp_path / "step_000001" / "tinymeg.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "format": 1}))
+    world(1).run(_old_format_body, str(tmp_path / "step_000001"))

@@ -167,10 +167,6 @@ class PipelineState:
         return len(self.layers)
 
     @property
-    def first(self) -> bool:
-        return self.ctx.pp_rank == 0
-
-    @property
     def last(self) -> bool:
         return self.ctx.pp_rank == self.ctx.pp_size - 1
 
@@ -183,7 +179,7 @@ class PipelineParallelMixin:
       microbatches and run by the schedule; returns the mean loss on every rank. Gradients are
       reduced (dp, tied embedding) unless inside ``no_sync()``.
     - ``model(idx, targets, return_logits)``: GPT2Model's forward, computed by every stage in turn;
-      every rank gets what GPT2Model.forward returns (eval uses this unchanged).
+      every rank gets what GPT2Model.forward returns (eval uses this unchanged), without gradients.
     - ``generate(...)``: GPT2Model.generate, every stage taking part; every rank gets the text.
     """
     pipeline: PipelineState
@@ -280,8 +276,12 @@ class PipelineParallelMixin:
 
     # ---- forward only: eval and sampling
 
+    @torch.no_grad()
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True):
-        """GPT2Model.forward, stage after stage; every rank returns (logits or None, loss or None)."""
+        """GPT2Model.forward, stage after stage; every rank returns (logits or None, loss or None).
+        For eval and sampling: no autograd graph is kept (the activations cross ranks by plain
+        send/recv), so a backward through it fails instead of computing part of the gradients.
+        Train with train_step."""
         if not return_logits and targets is None:
             raise ValueError("return_logits=False returns only the loss, so it needs targets")
         if idx.size(1) > self.config.block_size:
