@@ -174,6 +174,29 @@ def test_pp2_dp2_tp2_every_schedule_and_pp4_tp2_equal_single_process():
     assert [r["1f1b"] for r in peaks] == [2, 2, 2, 2, 1, 1, 1, 1]  # stage 0 holds pp microbatches
 
 
+def _compiled_stages_body():
+    """compile=True: each stage runs torch.compile(fullgraph=True) (a graph break is an error), and
+    the step gives the unsharded loss and gradients."""
+    ctx = get_ctx(pp=2)
+    cfg = tm.models.GPTConfig.tiny()
+    torch.manual_seed(0)
+    ref = tm.models.GPT2Model(cfg)
+    model = build_pipelined(cfg, ctx, 0, schedule="1f1b", microbatches=2, compile=True)
+    (x, y), = _batches(cfg.vocab_size, 1, 4, 0)
+    ref_loss = ref(x, y, return_logits=False)[1]
+    ref_loss.backward()
+    assert_close(model.train_step(x, y), ref_loss.detach(), "loss")
+    ref_params = dict(ref.named_parameters())
+    for name, param in model.named_parameters():
+        assert_close(param.grad, ref_params[name].grad, f"grad of {name}")
+    assert all(isinstance(stage.submod, torch._dynamo.eval_frame.OptimizedModule)
+               for stage in [model.pipeline.schedule._stage])
+
+
+def test_compiled_stages_equal_single_process():
+    world(2).run(_compiled_stages_body)
+
+
 # ---- the split, the tied embedding, eval and sampling
 
 def test_stage_layers_even_uneven_and_explicit():
