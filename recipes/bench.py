@@ -5,9 +5,11 @@
     python recipes/bench.py ops --batch 8 --seq 1024 --dtype bfloat16   (on a GPU)
     torchrun --nproc_per_node=4 recipes/bench.py comm   # collectives per step vs the theory
     torchrun --nproc_per_node=2 recipes/bench.py tp     # tinymeg TP vs torch's parallelize_module
+    torchrun --nproc_per_node=4 recipes/bench.py cp     # context parallel: memory and time vs seq length
+    torchrun --nproc_per_node=4 recipes/bench.py moe    # MoE: all-to-all bytes, dense vs MoE, grouped vs looped
+    python recipes/bench.py memory              # ZeRO 0-3 at dp=2 and dp=4: memory per rank (launches torchrun)
+    torchrun --nproc_per_node=2 recipes/bench.py sample # generation with and without the KV cache
     torchrun --nproc_per_node=4 recipes/bench.py pp     # pipeline schedules: bubble, step time, memory
-
-Subcommands live in SUBCOMMANDS (name -> (add_arguments, run, help)).
 """
 from __future__ import annotations
 
@@ -69,8 +71,9 @@ def peak_memory(fn, device: torch.device) -> int:
     """Peak bytes allocated while fn() runs, above what was allocated before it.
 
     CUDA: the allocator's own peak. CPU has no allocator statistics, so torch.profiler's memory
-    profile is used: it records every tensor allocation and free during fn() (the timeline
-    that ``export_memory_timeline`` plots), and the peak of the running sum is returned."""
+    profile is used: it records every tensor allocation and free during fn() (the events behind
+    ``export_memory_timeline``), and the peak of their running sum is returned. (Read directly from
+    the event tree: the profiler's data-flow analysis on top of it trips on some collectives.)"""
     if device.type == "cuda":
         sync(device)
         before = torch.cuda.memory_allocated(device)
@@ -78,16 +81,37 @@ def peak_memory(fn, device: torch.device) -> int:
         fn()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - before
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.typed[0] == _EventType.Allocation:   # alloc_size < 0 for a free
+            allocations.append((node.start_time_ns, node.typed[1].alloc_size))
+        stack.extend(node.children)
     live = peak = 0
-    for _, action, _, nbytes in prof._memory_profile().timeline:
-        live += nbytes if action == Action.CREATE else -nbytes if action == Action.DESTROY else 0
+    for _, nbytes in sorted(allocations):
+        live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def saved_activation_bytes(fn, exclude=()) -> int:
+    """Bytes autograd keeps for backward while fn() runs its forward (each storage counted once;
+    tensors in ``exclude``, e.g. the parameters, left out): the activation memory."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
 
 
 # ---- ops ----
@@ -245,18 +269,22 @@ def _gpt2(args) -> tm.models.GPT2Model:
 def run_comm(args) -> None:
     from tinymeg.parallel.comm import comm_report, expected_gpt2_comm, format_comm_table
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-    configs = [("tp-only", world, 1, False, False), ("tp+sp", world, 1, True, False),
-               ("tp+sp+loss-parallel", world, 1, True, True), ("dp-only", 1, world, False, False)]
+    configs = [("tp-only", world, 1, False, False, 0), ("tp+sp", world, 1, True, False, 0),
+               ("tp+sp+loss-parallel", world, 1, True, True, 0), ("dp-only", 1, world, False, False, 0)]
+    configs += [(f"dp zero={z}", 1, world, False, False, z) for z in (1, 2, 3)]
     if world % 2 == 0 and world > 2:
-        configs.append(("hybrid", 2, world // 2, False, False))
-        configs.append(("hybrid+sp", 2, world // 2, True, False))
+        configs.append(("hybrid", 2, world // 2, False, False, 0))
+        configs.append(("hybrid+sp", 2, world // 2, True, False, 0))
+        configs += [(f"hybrid+sp zero={z}", 2, world // 2, True, False, z) for z in (1, 2, 3)]
     idx = torch.randint(0, 50257, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     summary = []
-    for name, tp, dp, sp, lp in configs:
+    for name, tp, dp, sp, lp, zero in configs:
         ctx = tm.ParallelContext(tp=tp, dp=dp)
         plan = {**tm.GPT2_TP_CONFIG, "sequence_parallel": sp, "loss_parallel": lp}
-        model = tm.apply_hybrid_parallel(_gpt2(args), ctx, plan) if tp > 1 else tm.apply_data_parallel(_gpt2(args), ctx)
-        measured = comm_report(model, idx, idx, ctx, return_logits=False)
+        model = tm.apply_hybrid_parallel(_gpt2(args), ctx, plan, zero=zero) if tp > 1 else \
+            tm.apply_data_parallel(_gpt2(args), ctx, zero=zero)
+        optimizer = tm.shard_optimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+        measured = comm_report(model, idx, idx, ctx, optimizer=optimizer, return_logits=False)  # + the step's
         expected = expected_gpt2_comm(model, args.batch, args.seq, ctx, sp, lp)
         table = format_comm_table(measured, expected)
         wire = [sum(k.wire_bytes * n for k, n in c.items()) for c in (measured, expected)]
@@ -361,9 +389,9 @@ def run_pp(args) -> None:
     models, stats = {}, {}
     for schedule, v in variants.items():
         torch.manual_seed(0)
-        model = tm.apply_pipeline_parallel(tm.models.GPT2Model(cfg).to(ctx.device), ctx, schedule,
-                                           args.microbatches, v)
-        models[schedule] = tm.apply_data_parallel(model, ctx)  # dp=1: the trainer's model, no comm
+        pipeline = dict(schedule=schedule, microbatches=args.microbatches, stages_per_rank=v)
+        # as the trainer builds it (dp=1: data parallelism communicates nothing)
+        models[schedule] = tm.parallelize(tm.models.GPT2Model(cfg).to(ctx.device), ctx, pipeline=pipeline)
 
         def step(model=models[schedule], schedule=schedule):
             model.zero_grad(set_to_none=True)
@@ -409,10 +437,346 @@ def add_pp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5)
 
 
+
+# ---- cp: context parallelism vs sequence length (torchrun) ----
+
+def run_cp(args) -> None:
+    """For each cp that divides the world (the rest of the ranks are dp) and each sequence
+    length: one rank's activation and peak memory of a forward + backward, the step time, and
+    the bytes the ring sent against the theory. Every rank holds whole sequences at cp=1 and
+    T/cp tokens of them at cp=c, so per-rank activation memory should fall ~1/cp."""
+    from tinymeg.parallel.context_parallel import ring_stats
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    seqs = [int(t) for t in args.seqs.split(",")]
+    cps = [c for c in (1, 2, 4, 8) if world % c == 0 and all(t % (2 * c) == 0 for t in seqs)]
+    cfg = tm.models.GPTConfig(block_size=max(seqs), vocab_size=65, n_layer=args.n_layer, n_head=args.n_head,
+                              n_embd=args.n_embd)
+    steps, memory, ring = {}, {}, {}
+    for cp in cps:
+        ctx = tm.ParallelContext(cp=cp)
+        torch.manual_seed(0)
+        model = tm.parallelize(tm.models.GPT2Model(cfg), ctx)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        for seq in seqs:
+            idx = torch.randint(0, cfg.vocab_size, (args.batch, seq), generator=torch.Generator().manual_seed(0))
+
+            def fwd(model=model, idx=idx):
+                return model(idx, idx, return_logits=False)[1]
+
+            def fwd_bwd(fwd=fwd):
+                fwd().backward()
+
+            def step(fwd_bwd=fwd_bwd, opt=opt):
+                fwd_bwd()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            ring_stats().reset()
+            fwd_bwd()
+            opt.zero_grad(set_to_none=True)
+            head_dim = cfg.n_embd // cfg.n_head
+            kv_bytes = 2 * args.batch * cfg.n_head * (seq // cp) * head_dim * 4    # fp32 k and v of one rank
+            theory = cfg.n_layer * 3 * (cp - 1) * kv_bytes  # fwd: k,v; bwd: k,v and dk,dv; cp-1 hops each
+            ring[cp, seq] = (ring_stats().bytes, theory)
+            params = [tm.nn.local(p) for p in model.parameters()]
+            activations = saved_activation_bytes(lambda: fwd().backward(), params)
+            opt.zero_grad(set_to_none=True)
+            memory[cp, seq] = (activations, peak_memory(fwd_bwd, ctx.device))
+            opt.zero_grad(set_to_none=True)
+            steps[cp, seq] = step
+    times = time_side_by_side(steps, torch.device("cpu"), repeats=args.repeats, warmup=1)
+    if int(os.environ.get("RANK", 0)) == 0:
+        rows = []
+        for (cp, seq), t in times.items():
+            sent, theory = ring[cp, seq]
+            (act, peak), (act1, peak1) = memory[cp, seq], memory[1, seq]
+            rows.append([seq, cp, f"{act / 2**20:.1f}", f"{act / act1:.2f}", f"{peak / 2**20:.1f}",
+                         f"{peak / peak1:.2f}", f"{1000 * t:.0f}", f"{t / times[1, seq]:.2f}",
+                         f"{sent / 2**20:.2f}", f"{sent / theory:.2f}" if theory else "-"])
+        rows.sort()
+        print(f"# context parallelism: GPT-2 {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads, "
+              f"batch {args.batch} per dp rank, fp32, {world} ranks (cp x dp), median of {args.repeats} steps\n")
+        print(format_table(["seq", "cp", "activations MiB/rank", "x cp=1", "peak MiB/rank (fwd+bwd)", "x cp=1",
+                            "ms/step", "x cp=1", "ring MiB sent/rank", "ring / theory"], rows))
+        print("\nactivations: bytes saved for backward (parameters excluded); peak: everything allocated "
+              "during forward + backward (gradients included), torch.profiler's memory timeline on CPU")
+
+
+def add_cp_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seqs", default="512,1024,2048", help="comma-separated sequence lengths")
+    p.add_argument("--batch", type=int, default=1, help="sequences per dp rank")
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+
+
+# ---- moe: all-to-all bytes vs theory, dense vs MoE at equal active parameters, grouped vs looped (torchrun) ----
+
+def _moe_model(args, n_experts: int) -> tm.models.GPT2Model:
+    """A GPT whose MoE layers have as many active MLP parameters per token as the dense one:
+    top_k experts of width 4C/top_k each."""
+    torch.manual_seed(0)
+    return tm.models.GPT2Model(tm.models.GPTConfig(
+        block_size=args.seq, vocab_size=65, n_layer=args.n_layer, n_head=4, n_embd=args.n_embd,
+        n_experts=n_experts, top_k=args.top_k, expert_hidden=4 * args.n_embd // args.top_k if n_experts else 0))
+
+
+def _active_params(model) -> int:
+    """Parameters a token uses: all but the experts it is not routed to."""
+    cfg, total = model.config, model.num_params()
+    if not cfg.n_experts:
+        return total
+    per_expert = 2 * cfg.n_embd * cfg.expert_hidden + cfg.expert_hidden + cfg.n_embd
+    layers = sum(cfg.is_moe_block(i) for i in range(cfg.n_layer))
+    return total - layers * (cfg.n_experts - cfg.top_k) * per_expert
+
+
+def _with_impl(impl: str, fn):
+    """fn run with tinymeg::grouped_mm forced to impl (loop: sort-and-split; grouped: torch._grouped_mm)."""
+    def run():
+        previous = os.environ.get("TINYMEG_OP_IMPL")
+        os.environ["TINYMEG_OP_IMPL"] = f"grouped_mm={impl}"
+        try:
+            fn()
+        finally:
+            os.environ.pop("TINYMEG_OP_IMPL") if previous is None else os.environ.update(TINYMEG_OP_IMPL=previous)
+    return run
+
+
+def _moe_comm(model, idx, ctx, args) -> list[list]:
+    """All-to-all input bytes of one forward + backward against tokens x k x width x 4, each way."""
+    from tinymeg.parallel.comm import CommCounter
+    counter = CommCounter({ctx.ep_mesh.get_group().group_name: "ep"})
+    with counter:
+        loss = model(idx, idx, return_logits=False)[1]
+        counter.phase = "backward"
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    cfg, n = model.config, idx.numel()
+    layers = sum(cfg.is_moe_block(i) for i in range(cfg.n_layer))
+    tokens = n * cfg.top_k * cfg.n_embd * 4
+    rows = []
+    for phase in ("forward", "backward"):
+        a2a = [r for r in counter.records if r.kind == "all_to_all" and r.phase == phase]
+        counts = [r for r in a2a if r.nbytes == cfg.n_experts * 8]  # the int64 token counts
+        # A rank sends its n*k slots out, and sends back the rows its experts received: as many
+        # on average over the ranks, not on each. So: the mean over ranks.
+        moved = torch.tensor(float(sum(r.nbytes for r in a2a) - sum(r.nbytes for r in counts)))
+        torch.distributed.all_reduce(moved)
+        moved = moved.item() / ctx.world_size
+        rows.append([f"tokens, {phase}", len(a2a) - len(counts), moved / 2**20, 2 * layers * tokens / 2**20,
+                     moved / (2 * layers * tokens)])
+        if phase == "forward":
+            rows.append(["counts, forward", len(counts), sum(r.nbytes for r in counts) / 2**20,
+                         layers * cfg.n_experts * 8 / 2**20, len(counts) / layers])
+    return rows
+
+
+def run_moe(args) -> None:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    ep = args.ep or world
+    ctx = tm.ParallelContext(dp=world, ep=ep)
+    ctx1 = tm.ParallelContext(dp=world, ep=1) if ep > 1 else ctx
+    g = torch.Generator().manual_seed(ctx.rank)
+    idx = torch.randint(0, 65, (args.batch, args.seq), generator=g)
+
+    def build(n_experts, on):
+        model = tm.apply_data_parallel(tm.apply_expert_parallel(_moe_model(args, n_experts), on)
+                                       if n_experts else _moe_model(args, 0), on)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+
+        def step():
+            model(idx, idx, return_logits=False)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return model, step
+
+    dense, dense_step = build(0, ctx)
+    moe1, moe1_step = build(args.n_experts, ctx1)
+    moe, moe_step = build(args.n_experts, ctx)
+    comm = _moe_comm(moe, idx, ctx, args)
+    steps = {"dense MLP": dense_step, f"MoE ep=1, grouped": _with_impl("grouped", moe1_step),
+             f"MoE ep={ep}, grouped": _with_impl("grouped", moe_step),
+             f"MoE ep={ep}, looped": _with_impl("loop", moe_step)}
+    ms = {k: 1e3 * t for k, t in time_side_by_side(steps, ctx.device, args.repeats, warmup=1).items()}
+
+    # the experts alone, one process's worth of token slots: grouped matmul vs a loop over experts
+    from tinymeg.models.moe import expert_mlp
+    E, C, H, n = args.n_experts, args.n_embd, 4 * args.n_embd // args.top_k, args.batch * args.seq * args.top_k
+    w = [torch.randn(E, C, H) * 0.02, torch.zeros(E, H), torch.randn(E, H, C) * 0.02, torch.zeros(E, C)]
+    w = [t.requires_grad_() for t in w]
+    x = torch.randn(n, C, requires_grad=True)
+    counts = torch.bincount(torch.randint(0, E, (n,), generator=g), minlength=E)
+
+    def experts():
+        expert_mlp(x, counts, *w).backward(torch.ones(n, C))
+    alone = {impl: 1e3 * t for impl, t in time_side_by_side(
+        {impl: _with_impl(impl, experts) for impl in ("grouped", "loop")}, ctx.device, 3 * args.repeats).items()}
+
+    if ctx.is_main:
+        head = (f"GPT width {args.n_embd}, {args.n_layer} layers, batch {args.batch} x {args.seq} per rank, "
+                f"{args.n_experts} experts top-{args.top_k} of width {4 * args.n_embd // args.top_k}, dp={world}, fp32")
+        print(f"# MoE bench: {head}, {ctx.device}, median of {args.repeats}\n")
+        print(f"## all-to-all input bytes per step (ep={ep}, mean over ranks) vs theory: tokens x k x "
+              f"width x 4 bytes per layer and direction\n")
+        print(format_table(["all-to-all", "count", "measured MiB", "theory MiB", "ratio"], comm), "\n")
+        print("## training step (forward, backward, DP sync, AdamW)\n")
+        base = ms["dense MLP"]
+        rows = [[name, t, t / base, f"{_active_params(m) / 1e6:.2f}M", f"{m.num_params() / 1e6:.2f}M"]
+                for (name, t), m in zip(ms.items(), (dense, moe1, moe, moe))]
+        print(format_table(["variant", "ms/step", "x dense", "active params", "params"], rows), "\n")
+        print(f"## the experts alone (forward + backward, {n} token slots, one process's worth)\n")
+        print(format_table(["grouped_mm kernel", "ms", "x grouped"],
+                           [[k, t, t / alone["grouped"]] for k, t in alone.items()]))
+
+
+def add_moe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--ep", type=int, default=None, help="default: the world size")
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+
+
+# ---- memory: what each rank holds at ZeRO 0-3 (launches torchrun itself, once per dp size) ----
+
+def _memory_worker(args) -> None:
+    """Under torchrun: for each stage, a few training steps of the same model; rank 0 writes
+    each stage's param/grad/optim MiB after the last step and its peak during that step."""
+    import json
+    from tinymeg.parallel.zero import memory_mb
+    from tinymeg.train.optim import build_optimizer, clip_grad_norm_
+    ctx = tm.ParallelContext(dp=-1)
+    cfg = tm.models.GPTConfig(block_size=args.seq, vocab_size=65, n_layer=args.n_layer, n_head=4,
+                              n_embd=args.n_embd)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 65, (args.micro_batch, args.seq), generator=g)
+    rows = []
+    for zero in (0, 1, 2, 3):
+        torch.manual_seed(0)
+        model = tm.apply_data_parallel(tm.models.GPT2Model(cfg).to(ctx.device), ctx, args.bucket_mb,
+                                       zero=zero, param_dtype=args.dtype)
+        optimizer = build_optimizer(model, 1e-4, 0.1)
+        held = {}
+
+        def step():
+            model(idx, idx, return_logits=False)[1].backward()
+            clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            held.update(memory_mb(model, optimizer))   # after the step, before zero_grad
+            optimizer.zero_grad(set_to_none=True)
+        for _ in range(args.steps - 1):
+            step()
+        before = sum(memory_mb(model, optimizer).values()) * 2**20
+        peak = (before + peak_memory(step, ctx.device)) / 2**20
+        rows.append({"dp": ctx.dp_size, "zero": zero, **held, "peak_mb": peak})
+        del model, optimizer
+    if ctx.is_main:
+        with open(args.out, "w") as f:
+            json.dump(rows, f)
+
+
+def run_memory(args) -> None:
+    import json
+    import subprocess
+    import sys
+    if "RANK" in os.environ:
+        return _memory_worker(args)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dp in args.dp:
+            out = os.path.join(tmp, f"dp{dp}.json")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={dp}",
+                   os.path.abspath(__file__), "memory", "--out", out, "--n-layer", str(args.n_layer),
+                   "--n-embd", str(args.n_embd), "--seq", str(args.seq), "--micro-batch",
+                   str(args.micro_batch), "--steps", str(args.steps), "--dtype", args.dtype,
+                   "--bucket-mb", str(args.bucket_mb)]
+            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            with open(out) as f:
+                rows += json.load(f)
+    table = []
+    for r in rows:
+        base = next(b for b in rows if b["dp"] == r["dp"] and b["zero"] == 0)
+        table.append([r["dp"], r["zero"], r["param_mb"], r["grad_mb"], r["optim_mb"], r["peak_mb"],
+                      *(f"{r[k] / base[k]:.2f}" if base[k] else "-" for k in ("param_mb", "grad_mb", "optim_mb", "peak_mb"))])
+    n_params = tm.models.GPT2Model(tm.models.GPTConfig(block_size=args.seq, vocab_size=65, n_layer=args.n_layer,
+                                                       n_head=4, n_embd=args.n_embd)).num_params()
+    print(f"# MiB per rank after a step (rank 0), GPT-2 {args.n_layer} layers, width {args.n_embd} "
+          f"({n_params / 1e6:.1f}M parameters), AdamW, {args.dtype}, batch {args.micro_batch} x {args.seq} per rank, "
+          f"{args.bucket_mb:g} MB buckets\n")
+    print(format_table(["dp", "zero", "param MiB", "grad MiB", "optim MiB", "peak MiB",
+                        "param/z0", "grad/z0", "optim/z0", "peak/z0"], table))
+    print("\n(optim: AdamW's two moments, and the fp32 master weights under bf16; grad: the gradients "
+          "and the data-parallel buckets that hold them; peak: what is live at the top of a training "
+          "step, activations included)")
+
+
+def add_memory_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dp", type=int, nargs="+", default=[2, 4], help="data-parallel sizes (one torchrun each)")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2, help="training steps per stage; the last is measured")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--bucket-mb", type=float, default=2.0,
+                   help="DP buckets (stages 0-2); small for this small model, as 25 MB is for GPT-2 small")
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+
+
+# ---- sample: generation with and without the KV cache (torchrun for TP) ----
+
+def run_sample(args) -> None:
+    """The trainer's end sample (the main job's model, --tokens tokens after a newline) timed with
+    and without the KV cache, under the launch's TP size (and SP), with every rank generating."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    ctx = tm.ParallelContext(tp=world)
+    torch.manual_seed(0)
+    model = tm.models.GPT2Model(tm.models.GPTConfig(block_size=args.context, vocab_size=65, n_layer=args.n_layer,
+                                                    n_head=args.n_head, n_embd=args.n_embd))
+    if world > 1:
+        model = tm.apply_tensor_parallel(model, ctx, {**tm.GPT2_TP_CONFIG, "sequence_parallel": args.sp})
+    model.eval()
+    multiple = world if args.sp else 1
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=ctx.device)
+
+    def sample(kv_cache):
+        gen = torch.Generator(device=ctx.device).manual_seed(0)
+        return lambda: model.generate(prompt, args.tokens, temperature=0.8, top_k=50, generator=gen,
+                                      context_multiple=multiple, kv_cache=kv_cache)
+    times = time_side_by_side({"no cache": sample(False), "KV cache": sample(True)}, ctx.device,
+                              repeats=args.repeats, warmup=1)
+    if ctx.is_main:
+        base = times["no cache"]
+        rows = [[name, f"{t:.2f}", f"{1000 * t / args.tokens:.1f}", f"{t / base:.2f}"] for name, t in times.items()]
+        print(f"# {args.tokens} tokens, {args.n_layer} layers x {args.n_embd} wide, context {args.context}, "
+              f"tp={world}{' + SP' if args.sp else ''}, {ctx.device}, median of {args.repeats}\n")
+        print(format_table(["generation", "s", "ms/token", "x no cache"], rows))
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--context", type=int, default=64, help="block size (the main job: --seq-len 64)")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--sp", action="store_true", help="sequence parallel (inputs padded to a multiple of tp)")
+    p.add_argument("--repeats", type=int, default=3)
+
+
+# Subcommands: name -> (add_arguments, run, help). (A comment, not the docstring: --help prints that.)
 SUBCOMMANDS = {
     "ops": (add_ops_arguments, run_ops, "fused ops: every implementation, the tuner's pick, memory, compile"),
     "comm": (add_comm_arguments, run_comm, "collectives of one step vs the theoretical minimum (torchrun)"),
     "tp": (add_tp_arguments, run_tp, "tinymeg TP vs PyTorch's parallelize_module, same model and mesh (torchrun)"),
+    "cp": (add_cp_arguments, run_cp, "context parallelism: memory, step time, ring bytes vs sequence length (torchrun)"),
+    "moe": (add_moe_arguments, run_moe,
+            "MoE: all-to-all bytes vs theory, dense vs MoE step, grouped vs looped experts (torchrun)"),
+    "memory": (add_memory_arguments, run_memory, "ZeRO 0-3: parameter, gradient, optimizer and peak memory per rank"),
+    "sample": (add_sample_arguments, run_sample, "generation with and without the KV cache (torchrun for TP)"),
     "pp": (add_pp_arguments, run_pp, "pipeline schedules: bubble measured vs theory, step time, memory (torchrun)"),
 }
 

@@ -8,6 +8,10 @@ latest), puts it into an unsharded GPT2Model and writes ``model.state_dict()`` w
     model.load_state_dict(torch.load("model.pt"), strict=True)
 
 `python recipes/sample.py model.pt` generates text from it.
+
+``--format hf -o DIR`` writes a Hugging Face directory instead (config.json + model.safetensors)
+that ``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` loads, and that
+``GPT2Model.from_pretrained(DIR)`` and ``recipes/train.py --init-from DIR`` read back.
 """
 import argparse
 import json
@@ -25,11 +29,19 @@ def config_path(model_path: str) -> str:
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description="Export a tinymeg checkpoint to a single torch.save file.")
     p.add_argument("checkpoint", help="a checkpoint directory (ck/step_000100) or a --ckpt-dir (its latest)")
-    p.add_argument("-o", "--out", default="model.pt", help="output state dict (default: model.pt); "
-                   "the config goes next to it with a .json suffix")
+    p.add_argument("-o", "--out", default=None, help="output state dict (default: model.pt); the config "
+                   "goes next to it with a .json suffix. With --format hf: a directory (default: model_hf)")
+    p.add_argument("--format", choices=["torch", "hf"], default="torch",
+                   help="torch: a torch.save state dict (default); hf: a Hugging Face GPT-2 directory")
     args = p.parse_args(argv)
+    args.out = args.out or ("model_hf" if args.format == "hf" else "model.pt")
 
     model, meta = load_model(args.checkpoint)
+    if args.format == "hf":
+        model.save_pretrained(args.out)
+        print(f"exported step {meta['step']} ({model.num_params():,} parameters) as a Hugging Face GPT-2 "
+              f"to {args.out}/")
+        return args.out
     torch.save(model.state_dict(), args.out)
     info = {k: meta.get(k) for k in ("step", "model_config", "tokenizer", "train_config")}
     with open(config_path(args.out), "w") as f:

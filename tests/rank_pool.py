@@ -123,9 +123,12 @@ def close_all() -> None:
 _contexts: dict = {}
 
 
-def get_ctx(dp: int = 1, tp: int = 1, pp: int = 1):
-    """A cached ParallelContext: building a mesh creates process groups, so build each shape once."""
+def get_ctx(dp: int = 1, tp: int = 1, **dims):
+    """A cached ParallelContext: building a mesh creates process groups, so build each shape once.
+    Other dims (cp=2, ...) are keywords; a dim of size 1 is the same as leaving it out."""
     import tinymeg as tm
-    if (dp, tp, pp) not in _contexts:
-        _contexts[(dp, tp, pp)] = tm.ParallelContext(pp=pp, dp=dp, tp=tp)
-    return _contexts[(dp, tp, pp)]
+    sizes = {d: n for d, n in {"dp": dp, "tp": tp, **dims}.items() if n != 1}
+    key = tuple(sorted(sizes.items()))
+    if key not in _contexts:
+        _contexts[key] = tm.ParallelContext(**{"dp": dp, **sizes})
+    return _contexts[key]

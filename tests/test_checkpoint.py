@@ -78,6 +78,21 @@ def _load_body(path, tp, dp):
     return meta["step"], state if dist.get_rank() == 0 else None
 
 
+def _train_groups_body(cfg):
+    out = train(cfg, ctx=get_ctx(dp=cfg.dp, tp=cfg.tp))
+    return {"losses": out["losses"], "groups": [g["weight_decay"] for g in out["optimizer"].param_groups]}
+
+
+def _saved_groups_body(path):
+    """The weight decay of each param group as a checkpoint stores it (loaded into an
+    optimizer built with another value, without the trainer's re-application)."""
+    cfg, ctx = _cfg(1, 1, weight_decay=0.123), get_ctx()
+    model = build_model(cfg, 65, ctx)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    ckpt.load(path, model, optimizer, ctx, cfg.seed)
+    return [g["weight_decay"] for g in optimizer.param_groups]
+
+
 def _error_body(cfg):
     try:
         train(cfg, ctx=get_ctx(dp=cfg.dp, tp=cfg.tp))
@@ -179,6 +194,20 @@ def test_resume_restores_every_ranks_rng_state(mesh, tmp_path):
     _assert_same_state(resumed["state"], straight["state"])
 
 
+def test_resume_applies_a_changed_weight_decay_and_records_it(run11, tmp_path):
+    """--weight-decay 0.5 on resuming a 0.1 run: the optimizer's decay group takes 0.5 (the
+    restored groups carry 0.1), the no-decay group stays 0, the run differs from the straight
+    one, and the next checkpoint records 0.5 in its config and in its optimizer state."""
+    d = str(tmp_path)
+    out = world(1).run(_train_groups_body, _cfg(1, 1, ckpt_dir=d, weight_decay=0.5,
+                                                  resume_from=_step_dir(run11["dir"], K)))[0]
+    assert out["groups"] == [0.5, 0.0]
+    assert out["losses"][1:] != run11["losses"][K + 1:]   # decay acts from step K + 1 on
+    meta = json.loads(open(os.path.join(_step_dir(d, 2 * K), ckpt.META)).read())
+    assert meta["train_config"]["weight_decay"] == 0.5
+    assert world(1).run(_saved_groups_body, _step_dir(d, 2 * K))[0] == [0.5, 0.0]
+
+
 def test_same_config_and_seed_give_identical_losses(run22, tmp_path):
     again = world(4).run(_train_body, _cfg(2, 2, ckpt_dir=str(tmp_path)))[0]
     assert again["losses"] == run22["losses"]
@@ -230,7 +259,7 @@ def test_torchrun_restarts_a_crashed_job_from_the_latest_checkpoint(tmp_path):
     reference, _ = _torchrun(tmp_path, "reference")
     crashed, stderr = _torchrun(tmp_path, "crashed", "--auto-resume", env={"TINYMEG_FAULT_AT_STEP": "6"})
     assert "TINYMEG_FAULT_AT_STEP=6: rank 1 exits now" in stderr
-    assert list(crashed) == list(range(8))
+    assert list(crashed) == list(range(1, 9))      # steps done, as the checkpoints count
     assert crashed == reference
     assert ckpt.latest_checkpoint(str(tmp_path / "crashed")) == _step_dir(tmp_path / "crashed", 8)
 
@@ -253,6 +282,23 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint(renamed, run11
     assert resumed["start_step"] == K and resumed["losses"] == run11["losses"][K:]
     assert sorted(os.listdir(d)) == ["latest", "step_000004", "step_000008"]  # the .tmp is gone
     assert ckpt.latest_checkpoint(d) == _step_dir(d, 2 * K)
+
+
+def test_keep_last_after_a_crash_between_rename_and_latest_keeps_a_resumable_set(run11, tmp_path):
+    """Attempt 1 renames step_000008 and dies before `latest` names it. The restart (here with
+    --steps 6 --ckpt-every 2 --keep-last 1) saves step_000006: the stale step_000008 must not
+    count as the newest (keep_last used to delete step_000006, the checkpoint `latest` names),
+    and the set left behind resumes."""
+    d = str(tmp_path)
+    assert world(1).run(_crash_in_commit_body, _cfg(1, 1, ckpt_dir=d), 2 * K, True)[0] == "crashed"
+    assert sorted(os.listdir(d)) == ["latest", "step_000004", "step_000008"]
+    world(1).run(_train_body, _cfg(1, 1, ckpt_dir=d, auto_resume=True, steps=6, ckpt_every=2, keep_last=1))
+    assert sorted(os.listdir(d)) == ["latest", "step_000006"]
+    assert ckpt.latest_checkpoint(d) == _step_dir(d, 6)
+    ckpt.verify(_step_dir(d, 6))
+    again = world(1).run(_train_body, _cfg(1, 1, ckpt_dir=d, auto_resume=True, steps=8, ckpt_every=2, keep_last=1))[0]
+    assert again["start_step"] == 6 and len(again["losses"]) == 2
+    assert sorted(os.listdir(d)) == ["latest", "step_000008"]
 
 
 def test_keep_last_keeps_the_newest_checkpoints(tmp_path):
@@ -294,6 +340,11 @@ BAD_INPUTS = {
                           r"holds a different model; \d+ parameter\(s\) do not match:\n"
                           r"(.|\n)*transformer\.h\.0\.attn\.c_attn\.weight: checkpoint \(96, 32\), model \(192, 64\)"
                           r"(.|\n)*n_embd=32 \(now 64\)"),
+    "other head count, same shapes": (dict(resume=True, n_head=2), None,
+                                      r"holds a model with other settings: n_head=4 \(now 2\)\. Its parameters "
+                                      r"have the shapes of this model's but compute something else"),
+    "vocabulary padded to the same size": (dict(resume=True, data="{d}/../seventy_chars.txt"), "70-char data",
+                                           r"holds a model with other settings: vocab_size=65 \(now 70\)"),
     "other layer count": (dict(resume=True, n_layer=3), None,
                           r"transformer\.h\.2\.attn\.c_attn\.weight: checkpoint absent, model \(96, 32\)"),
     "fresh run over checkpoints": ({}, None, r"already holds checkpoints \(step_000008\); a fresh run would "
@@ -315,6 +366,9 @@ def test_bad_input_is_a_clear_error_and_loses_nothing(case, run11, tmp_path):
         shutil.copytree(run11["dir"], d)
         if damage == "tmp copy":
             shutil.copytree(_step_dir(d, 2 * K), _step_dir(d, 2 * K) + ".tmp")
+        elif damage == "70-char data":   # 70 symbols pad to 128 embedding rows, as Shakespeare's 65 do
+            chars = "".join(chr(c) for c in range(48, 118))
+            (tmp_path / "seventy_chars.txt").write_text((chars + "\n")[:70] * 200)
         elif damage:
             _damage(damage, d)
     extra = {k: v.format(d=d) if isinstance(v, str) else v for k, v in extra.items()}

@@ -81,3 +81,36 @@ def _hybrid_compile_body():
 
 def test_compile_hybrid_tp_dp_model_with_sequence_and_loss_parallel():
     world(4).run(_hybrid_compile_body)
+
+
+def _sp_dropout_compile_body():
+    """SP with dropout > 0 compiles with fullgraph=True (per-rank masks are plain tensor code,
+    no torch.Generator), trains reproducibly from the seed, and a bad token id still fails
+    the compiled step (an async assert, no graph break). Compiled and eager dropout draw
+    different numbers (inductor's RNG), so the two are not compared value for value."""
+    ctx = get_ctx(tp=2)
+    torch.manual_seed(0)
+    cfg = tm.models.GPTConfig.tiny(n_layer=1, dropout=0.3)
+    model = tm.apply_tensor_parallel(tm.models.GPT2Model(cfg), ctx, {**tm.GPT2_TP_CONFIG, "sequence_parallel": True})
+    idx, targets = _batch(cfg)
+    compiled_model = torch.compile(model, fullgraph=True)
+    runs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        runs.append(_step(compiled_model, model, idx, targets, False))
+    assert torch.isfinite(runs[0][1])
+    assert torch.equal(runs[0][1], runs[1][1]), "same seed, same masks"
+    assert all(torch.equal(runs[0][2][n], runs[1][2][n]) for n in runs[0][2])
+    assert not torch.equal(runs[0][1], runs[2][1]), "another seed, other masks"
+    bad = idx.clone()
+    bad[0, 0] = 1000
+    try:
+        compiled_model(bad, targets, return_logits=False)
+    except RuntimeError as e:
+        assert "token id is outside [0, 128)" in str(e), e
+    else:
+        raise AssertionError("an id outside the vocabulary must fail the compiled step")
+
+
+def test_compile_sequence_parallel_with_dropout():
+    world(2).run(_sp_dropout_compile_body)

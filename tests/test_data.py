@@ -291,10 +291,6 @@ def test_dp_shards(shakespeare, dp_size, grad_accum, micro_batch, seed, step, da
     layout = (grad_accum, dp_size, micro_batch, seq_len)
     assert torch.equal(torch.cat(xs), gx.view(layout)[micro_step].reshape(-1, seq_len))
     assert torch.equal(torch.cat([y for _, y in shards]), gy.view(layout)[micro_step].reshape(-1, seq_len))
-    # A TP rank makes the identical call (same dp_rank) and must get the identical batch.
-    for r, (x, y) in enumerate(shards):
-        x2, y2 = get_batch(shakespeare.train, dp_rank=r, **kw)
-        assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
 @fast
@@ -307,3 +303,43 @@ def test_global_batch_same_for_every_split(shakespeare, seed, step):
                           micro_step=m, grad_accum=grad_accum, dp_rank=r, dp_size=dp_size)[0]
                 for m in range(grad_accum) for r in range(dp_size)]
         assert torch.equal(torch.cat(rows), gx), (dp_size, grad_accum, micro_batch)
+
+
+# ---------------------------------------------------------------- what the trainer feeds each rank
+
+def _fed_batches_body(grad_accum, micro_batch):
+    """One trainer step on this rank; return every (x, y) its model was called with."""
+    from rank_pool import get_ctx
+    from tinymeg.train import TrainConfig, train
+    from tinymeg.train import trainer
+    ctx = get_ctx(dp=2, tp=2)
+    fed, real = [], trainer.get_batch
+
+    def recording(*args, **kwargs):
+        x, y = real(*args, **kwargs)
+        fed.append((x.clone(), y.clone()))
+        return x, y
+    trainer.get_batch = recording
+    try:
+        train(TrainConfig(tp=2, dp=2, steps=1, micro_batch=micro_batch, grad_accum=grad_accum, seq_len=16,
+                          n_layer=1, n_head=2, n_embd=16, eval_every=0, eval_iters=1, sample_tokens=0,
+                          progress=False, seed=11), ctx=ctx)
+    finally:
+        trainer.get_batch = real
+    return ctx.dp_rank, ctx.tp_rank, fed
+
+
+def test_every_rank_trains_on_its_rows_of_the_global_batch(shakespeare):
+    """In a real tp=2 x dp=2 world, over one step with 2 micro-steps: the two TP ranks of a dp
+    rank are fed identical batches, and the micro-steps of the dp ranks, in the documented
+    [grad_accum, dp, micro_batch] layout, are exactly the rows of the step's global batch."""
+    from rank_pool import world
+    results = world(4).run(_fed_batches_body, 2, 3)
+    by_rank = {(dp, tp): fed for dp, tp, fed in results}
+    for dp in range(2):
+        for (x0, y0), (x1, y1) in zip(by_rank[(dp, 0)], by_rank[(dp, 1)], strict=True):
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    gx, gy = global_batch(shakespeare.train, seq_len=16, batch_size=2 * 2 * 3, seed=11, step=0)
+    order = [by_rank[(dp, 0)][micro] for micro in range(2) for dp in range(2)]
+    assert torch.equal(torch.cat([x for x, _ in order]), gx)
+    assert torch.equal(torch.cat([y for _, y in order]), gy)

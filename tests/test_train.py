@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rank_pool import get_ctx, world
 from tinymeg.train import TrainConfig, lr_at, train
@@ -37,18 +38,41 @@ def test_first_ten_losses_agree_across_meshes():
         assert losses == pytest.approx(base, rel=1e-4), f"{mesh}: {losses} vs {base}"
 
 
+def _replicas_body():
+    """Train tp=2 with dropout: the replicated parameters (norms, row biases, wpe) must stay
+    identical on both TP ranks, which needs the same dropout masks in replicated regions."""
+    from torch.distributed.tensor import DTensor, Replicate
+    out = train(TrainConfig(tp=2, dp=1, micro_batch=2, dropout=0.2, **{**TINY, "steps": 3}), ctx=get_ctx(tp=2))
+    return {n: p.to_local().detach().clone() for n, p in out["model"].named_parameters()
+            if isinstance(p, DTensor) and all(isinstance(pl, Replicate) for pl in p.placements)}
+
+
+def test_replicated_parameters_stay_identical_across_tp_ranks_with_dropout():
+    a, b = world(2).run(_replicas_body)
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_lr_schedule_warms_up_then_decays_to_min():
     kw = dict(lr=1.0, min_lr=0.1, warmup=10, total=100)
     assert lr_at(0, **kw) == pytest.approx(0.1) and lr_at(9, **kw) == pytest.approx(1.0)
     assert lr_at(55, **kw) == pytest.approx(0.55) and lr_at(100, **kw) == pytest.approx(0.1)
 
 
-def test_recipe_rejects_a_mesh_that_does_not_match_the_world(monkeypatch, capsys):
+def test_recipe_infers_dp_and_rejects_a_mesh_that_does_not_fit(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(SystemExit):
-        parse_args([])
-    assert "--tp 1 x --dp 1 = 1 ranks, but torchrun started 4 process(es)" in capsys.readouterr().err
-    assert parse_args(["--dp", "2"], tp=2).dp == 2
+    assert (parse_args([]).tp, parse_args([]).dp) == (1, 4)            # dp: world / tp
+    assert (parse_args(["--tp", "2"]).dp, parse_args([], tp=2, dp=2).dp) == (2, 2)
+    for argv, message in [(["--tp", "3"], "cannot infer dp: the world has 4 processes, which pp=1 x cp=1 x "
+                                          "tp=3 = 3 does not divide"),
+                          (["--tp", "2", "--dp", "1"], "= 2 ranks, but the world has 4 processes: launch with "
+                                                       "`torchrun --nproc_per_node=2`")]:
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err    # one line, no usage block
 
 
 def _torchrun(recipe, nproc, *flags, tmp_path):
@@ -67,10 +91,11 @@ def _torchrun(recipe, nproc, *flags, tmp_path):
                                                  ("tp.py", 2, ["--sequence-parallel", "--loss-parallel"])])
 def test_recipe_trains_end_to_end_under_torchrun(recipe, nproc, flags, tmp_path):
     records, stdout = _torchrun(recipe, nproc, *flags, tmp_path=tmp_path)
-    assert [r["step"] for r in records] == list(range(8))
+    assert [r["step"] for r in records] == list(range(1, 9))   # steps done, as the console counts
     for r in records:
         assert {"step", "loss", "lr", "tokens_per_s", "ms_per_step", "peak_mem_mb", "grad_norm"} <= r.keys()
-    assert [r["step"] for r in records if "val_loss" in r] == [3, 7]
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    assert "step 4/8: train loss" in stdout and "step 8/8: train loss" in stdout
     losses = [r["loss"] for r in records]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     assert "--- sample ---" in stdout

@@ -51,7 +51,8 @@ class ParallelContext:
     Meshes: ``ctx.mesh`` is the world mesh ``(pp, dp, cp, tp)``, and ``ctx.mesh["tp"]`` etc.
     its 1-D views. ``ctx.dp_cp_mesh`` is dp and cp flattened (the ranks that hold the same
     dense weights and see different tokens: gradients are averaged over it), ``ctx.ep_mesh``
-    and ``ctx.edp_mesh`` the expert views of dp.
+    and ``ctx.edp_mesh`` the expert views of dp, ``ctx.edp_cp_mesh`` edp and cp flattened (the
+    ranks that hold the same experts and see different tokens).
     """
 
     def __init__(self, dims: dict[str, int] | None = None, *, device_type: str | None = None,
@@ -91,8 +92,10 @@ class ParallelContext:
         # Derived views. Each creates process groups (a collective call), so all are built
         # here, on every rank, in the same order: never lazily.
         self.dp_cp_mesh = self.mesh["dp", "cp"]._flatten("dp_cp") if self.cp_size > 1 else self.mesh["dp"]
-        expert = self.mesh["dp"]._unflatten(0, (self.dp_size // self.ep_size, self.ep_size), ("edp", "ep"))
+        expert = self.mesh._unflatten("dp", (self.dp_size // self.ep_size, self.ep_size), ("edp", "ep"))
         self.edp_mesh, self.ep_mesh = expert["edp"], expert["ep"]
+        # The ranks holding the same experts and seeing other tokens: expert gradients' DP mesh.
+        self.edp_cp_mesh = expert["edp", "cp"]._flatten("edp_cp") if self.cp_size > 1 else self.edp_mesh
         self.timeout = timeout
         _set_mesh_timeout(self._meshes(), timeout)
 
@@ -103,7 +106,8 @@ class ParallelContext:
         self.ep_rank = self.ep_mesh.get_local_rank()
 
     def _meshes(self) -> list[DeviceMesh]:
-        return [*(self.mesh[d] for d in MESH_DIMS), self.dp_cp_mesh, self.edp_mesh, self.ep_mesh]
+        return [*(self.mesh[d] for d in MESH_DIMS), self.dp_cp_mesh, self.edp_mesh, self.ep_mesh,
+                self.edp_cp_mesh]
 
     @property
     def tp_mesh(self) -> DeviceMesh:

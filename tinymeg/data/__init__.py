@@ -17,7 +17,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-__all__ = ["CharTokenizer", "GPT2Tokenizer", "Corpus", "load_corpus", "get_batch", "global_batch",
+__all__ = ["CharTokenizer", "GPT2Tokenizer", "Corpus", "load_corpus", "get_batch", "global_batch", "eval_batch",
            "SHIPPED_CORPUS", "LLMC_MAGIC", "GPT2_VOCAB_SIZE"]
 
 SHIPPED_CORPUS = "tinyshakespeare.txt.gz"   # inside this package, see pyproject's package-data
@@ -73,7 +73,17 @@ class GPT2Tokenizer:
             raise ImportError("the 'gpt2' tokenizer needs tiktoken, which is not installed: "
                               "pip install tiktoken (or pip install -e '.[bpe]'), "
                               "or use tokenizer='char'") from e
-        self._enc = tiktoken.get_encoding("gpt2")
+        try:
+            self._enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # noqa: BLE001 - tiktoken raises whatever its download raised
+            raise RuntimeError(
+                f"GPT-2 BPE needs its encoding files (vocab.bpe, encoder.json; 1.5 MB), which tiktoken "
+                f"downloads on first use from openaipublic.blob.core.windows.net and caches in "
+                f"$TIKTOKEN_CACHE_DIR ({os.environ.get('TIKTOKEN_CACHE_DIR') or 'unset: a temporary directory'}); "
+                f"that failed ({type(e).__name__}: {e}). Offline: on a machine with network run "
+                f"`TIKTOKEN_CACHE_DIR=bpe python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"`, copy "
+                f"the directory bpe here and set TIKTOKEN_CACHE_DIR to it; or train on a .bin of GPT-2 "
+                f"tokens made elsewhere (--data x.bin), or use --tokenizer char") from e
 
     def encode(self, s: str) -> list[int]:
         # encode_ordinary: a literal "<|endoftext|>" in a corpus is text, not a special token
@@ -296,3 +306,22 @@ def get_batch(tokens: torch.Tensor, *, seq_len: int, micro_batch: int, seed: int
     # Offsets are cheap to draw for the whole batch; gather tokens for this rank's rows only.
     mine = starts.view(grad_accum, dp_size, micro_batch)[micro_step, dp_rank]
     return _gather(tokens, mine, seq_len)
+
+
+def eval_batch(tokens: torch.Tensor, *, seq_len: int, n_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed evaluation set: ``(x, y)``, each int64 ``(n_seqs, seq_len)``, the windows of
+    ``tokens`` at ``n_seqs`` evenly spaced offsets from the first to the last possible one.
+
+    It depends on nothing else (no seed, no step, no mesh), so every run that evaluates the
+    same number of sequences of the same data sees the same ones, however its batch is split
+    over ranks, micro-batches and accumulation steps.
+    """
+    _check_tokens(tokens)
+    if n_seqs < 1:
+        raise ValueError(f"n_seqs must be >= 1, got {n_seqs}")
+    last = len(tokens) - seq_len - 1  # the window at `last` still has its target token
+    if last < 0:
+        raise ValueError(f"the evaluation split has {len(tokens)} tokens but seq_len={seq_len} needs at "
+                         f"least seq_len + 1 = {seq_len + 1}; reduce --seq-len or use a bigger corpus")
+    starts = torch.arange(n_seqs) * last // max(n_seqs - 1, 1)
+    return _gather(tokens, starts, seq_len)

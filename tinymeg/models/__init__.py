@@ -1,3 +1,4 @@
-from .gpt2 import GPT2Model, GPTConfig
+from .gpt2 import CausalAttention, GPT2Model, GPTConfig
+from .moe import MoE
 
-__all__ = ["GPT2Model", "GPTConfig"]
+__all__ = ["GPT2Model", "GPTConfig", "CausalAttention", "MoE"]

@@ -25,14 +25,15 @@ _c10d = torch.ops.c10d
 @dataclass(frozen=True, order=True)
 class Collective:
     phase: str      # forward | backward
-    kind: str       # all_reduce | all_gather | reduce_scatter | broadcast
+    kind: str       # all_reduce | all_gather | reduce_scatter | broadcast | all_to_all
     dim: str        # mesh dim name (tp, dp) or the group's name
     ranks: int      # group size
     nbytes: int     # bytes of the full tensor (see module docstring)
 
     @property
     def wire_bytes(self) -> float:
-        """Bytes each rank sends (ring algorithms)."""
+        """Bytes each rank sends (ring algorithms; an all-to-all sends all but its own share,
+        (n-1)/n of its input when the splits are even)."""
         share = (self.ranks - 1) / self.ranks * self.nbytes
         return 2 * share if self.kind == "all_reduce" else share
 
@@ -61,6 +62,12 @@ class CommCounter(TorchDispatchMode):
             record = ("all_reduce", args[1], sum(_nbytes(t) for t in args[0]))
         elif packet is _c10d.broadcast_:
             record = ("broadcast", args[1], sum(_nbytes(t) for t in args[0]))
+        elif packet is _funcol.all_to_all_single:  # EP: input bytes (variable splits)
+            record = ("all_to_all", args[3], _nbytes(args[0]))
+        elif packet is _c10d._reduce_scatter_base_:   # ZeRO and FSDP2's gradient reduce-scatter
+            record = ("reduce_scatter", args[2], _nbytes(args[1]))
+        elif packet is _c10d._allgather_base_:        # ZeRO and FSDP2's parameter all-gather
+            record = ("all_gather", args[2], _nbytes(args[0]))
         if record is not None:
             kind, group, nbytes = record
             self.records.append(Collective(self.phase, kind, *self._group(group), nbytes))
@@ -71,16 +78,22 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def comm_report(model, idx: torch.Tensor, targets: torch.Tensor, ctx, **forward_kwargs) -> Counter:
-    """Collectives of one forward + backward (including DP's gradient sync): a Counter of
+def comm_report(model, idx: torch.Tensor, targets: torch.Tensor, ctx, optimizer=None,
+                **forward_kwargs) -> Counter:
+    """Collectives of one forward + backward (including DP's gradient sync) and, given an
+    optimizer, of its step (phase "step": ZeRO's parameter all-gather): a Counter of
     Collective -> count. forward_kwargs go to the model (GPT2Model: return_logits=False is
     the training step's loss path)."""
     dims = {ctx.mesh[d].get_group().group_name: d for d in ("tp", "dp")}
+    dims.setdefault(ctx.dp_cp_mesh.get_group().group_name, "dp_cp")
     counter = CommCounter(dims)
     with counter:
         loss = model(idx, targets, **forward_kwargs)[1]
         counter.phase = "backward"
         loss.backward()
+        if optimizer is not None:
+            counter.phase = "step"
+            optimizer.step()
     return Counter(counter.records)
 
 
@@ -121,8 +134,44 @@ def expected_gpt2_comm(model, batch: int, seq: int, ctx, sequence_parallel: bool
             # ln_1, ln_2 per block and ln_f; plus attn.c_proj.bias and mlp.c_proj.bias per block
             want[Collective("backward", "all_reduce", "tp", tp, c)] += per_norm * (2 * L + 1) + (2 * L if cfg.bias else 0)
     if ctx.dp_size > 1:
-        for bucket in model.grad_sync.buckets:
-            want[Collective("backward", "all_reduce", "dp", ctx.dp_size, _nbytes(bucket.buffer))] += 1
+        want += expected_dp_comm(model, ctx)
+    return want
+
+
+def expected_dp_comm(model, ctx, step: bool = True) -> Counter:
+    """The data-parallel collectives of one step (``step``: with the optimizer step's), by stage.
+
+    0: one all-reduce per bucket in backward (the local gradients in the reduction dtype, and one
+    used flag per parameter). 1-2: a reduce-scatter of the same buckets (each chunk padded to the
+    largest) and, after the step, an all-gather of the updated parameters in their own dtype:
+    together the all-reduce's bytes on the wire. 3 (FSDP2): per FSDP group, an all-gather of its
+    parameters (padded, compute dtype) in forward and, except the root's, again in backward, and
+    a reduce-scatter of its gradients (fp32) in backward."""
+    want, n = Counter(), ctx.dp_size
+    sync = getattr(model, "grad_sync", None)
+    if sync is not None:
+        for b in sync.buckets:
+            kind = "all_reduce" if b.parts == 1 else "reduce_scatter"
+            want[Collective("backward", kind, "dp", n, b.nbytes)] += 1
+            if b.parts > 1 and step:
+                itemsize = b.slots[0].param.element_size()
+                want[Collective("step", "all_gather", "dp", n, b.parts * b.grad_numel * itemsize)] += 1
+        return want
+    from torch.distributed.fsdp import FSDPModule
+    root = model
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        group = module._get_fsdp_state()._fsdp_param_group
+        if group is None:
+            continue
+        padded = sum(p.padded_sharded_param_size.numel() for p in group.fsdp_params)
+        dtype = group.mp_policy.param_dtype or group.fsdp_params[0].sharded_param.dtype
+        gathered = n * padded * dtype.itemsize
+        want[Collective("forward", "all_gather", "dp", n, gathered)] += 1
+        if module is not root:
+            want[Collective("backward", "all_gather", "dp", n, gathered)] += 1
+        want[Collective("backward", "reduce_scatter", "dp", n, n * padded * 4)] += 1
     return want
 
 

@@ -43,6 +43,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from ..context import ParallelContext
 from ..models.gpt2 import GPT2Model, lm_head_loss
 from ..nn.layers import local
+from .zero import optimizer_param
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
 
@@ -113,11 +114,14 @@ class _Stage(nn.Module):
     def __init__(self, model: GPT2Model, layers: range, first: bool, last: bool):
         super().__init__()
         self.first, self.last = first, last
+        self.region = getattr(model, "tp_region", None)  # TP's activation state (tinymeg.nn.region)
         self.embed = nn.ModuleDict({k: model.transformer[k] for k in ("wte", "wpe", "drop")} if first else {})
         self.blocks = nn.ModuleList(model.transformer.h[str(i)] for i in layers)
         self.ln_f = model.transformer.ln_f if last else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.region is not None:  # as the model's root does at every forward
+            self.region.reset()
         if self.first:  # token ids -> embeddings, as GPT2Model.forward does
             pos = torch.arange(x.size(1), device=x.device)
             x = self.embed.drop(self.embed.wte(x) + self.embed.wpe(pos))
@@ -192,8 +196,13 @@ class PipelineParallelMixin:
         return self.pipeline.ctx.pp_rank != 0
 
     @property
+    def output_sequence_sharded(self) -> bool:
+        """Under sequence parallelism, stages before the last send their output still split."""
+        return not self.holds_lm_head
+
+    @property
     def holds_lm_head(self) -> bool:
-        return "lm_head" in self._modules
+        return self.pipeline.ctx.pp_rank == self.pipeline.ctx.pp_size - 1
 
     # ---- training
 
@@ -216,18 +225,19 @@ class PipelineParallelMixin:
         return self._from_last_stage(loss)
 
     def reduce_gradients(self) -> None:
-        """After the last microbatch of an optimizer step: gradients averaged over dp (plain DP,
-        tinymeg.parallel.data_parallel; ZeRO would reduce-scatter here instead), then the tied
-        embedding's copies summed over the first and last stage."""
+        """After the last microbatch of an optimizer step: gradients averaged over dp x cp
+        (tinymeg.parallel.grad_sync: all-reduced, or reduce-scattered into ZeRO 1-2's shards),
+        then the tied embedding's copies summed over the first and last stage (both stages' dp
+        ranks hold the same shard of it, so ZeRO's shards are summed alike)."""
         sync = getattr(self, "grad_sync", None)
-        if sync is not None and sync.dp_size > 1:
-            sync.finish()  # launches every bucket's all-reduce, waits, writes the averages back
+        if sync is not None:
+            sync.reduce_accumulated()
         tied = self.pipeline.tied_group
         if tied is not None:
-            weight = self.transformer.wte.weight
-            if weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
-            dist.all_reduce(local(weight.grad), group=tied)
+            held = optimizer_param(self.transformer.wte.weight)  # the parameter, or its ZeRO shard
+            if held.grad is None:
+                held.grad = torch.zeros_like(held)
+            dist.all_reduce(local(held.grad), group=tied)
 
     def grad_norm_args(self) -> dict:
         """Keyword arguments for tinymeg.train.optim.clip_grad_norm_: the norm is summed over the
@@ -445,6 +455,11 @@ def apply_pipeline_parallel(model: GPT2Model, ctx: ParallelContext, schedule: st
     if ctx.cp_size > 1:
         raise NotImplementedError(f"pipeline parallelism with context parallelism (cp={ctx.cp_size}) is not "
                                   f"built or tested yet (the stages' loss would need CP's): use cp=1 with pp > 1")
+    if model.config.n_experts:
+        raise NotImplementedError(
+            f"pipeline parallelism of a mixture-of-experts model (n_experts={model.config.n_experts}) is not "
+            f"built yet: the MoE layers' balancing loss is added to the LM loss, which only the last stage "
+            f"computes. Use pp=1 with --n-experts (expert parallelism: --ep), or a dense model with pp > 1")
     pp = ctx.pp_size
     microbatches = pp if microbatches is None else microbatches
     layers = check_pipeline(model.config.n_layer, pp, schedule, microbatches, stages_per_rank, split_points, uneven)

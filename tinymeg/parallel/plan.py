@@ -41,16 +41,30 @@ class VocabParallel:
 
 Style = ColumnParallel | RowParallel | VocabParallel
 
-# The seed's plan for tinymeg's GPT-2, used when apply_tensor_parallel gets no plan.
+# The seed's plan for tinymeg's GPT-2, used when apply_tensor_parallel gets no plan. With
+# sequence parallelism, the sequence is gathered by the vocab-sharded lm_head (so ln_f runs
+# on sequence shards too, and the gather's backward is a reduce-scatter).
 GPT2_TP_CONFIG = {
     "column_linear_patterns": ["attn.c_attn", "mlp.c_fc"],
     "row_linear_patterns": ["attn.c_proj", "mlp.c_proj"],
+    "sequence_parallel_exit": "lm_head",
 }
+
+
+def gpt2_tp_config(config=None) -> dict:
+    """GPT-2's plan for a model with this GPTConfig: GPT2_TP_CONFIG, except that a model whose
+    every block's MLP is a mixture of experts has no dense MLP to shard (MoE layers are not
+    tensor-parallel: see tinymeg.parallel.expert_parallel)."""
+    if getattr(config, "n_experts", 0) and config.moe_every == 1:
+        return {"column_linear_patterns": ["attn.c_attn"], "row_linear_patterns": ["attn.c_proj"]}
+    return GPT2_TP_CONFIG
+
 
 _DICT_KEYS = {"column_linear_patterns": ColumnParallel, "row_linear_patterns": RowParallel,
               "vocab_embedding_patterns": VocabParallel}
 # Keys that switch features on and off rather than name modules.
-OPTION_KEYS = {"sequence_parallel", "sequence_parallel_entry", "loss_parallel"}
+OPTION_KEYS = {"sequence_parallel", "sequence_parallel_entry", "sequence_parallel_exit", "loss_parallel",
+               "sharded_attributes"}
 
 
 def normalize_plan(tp_config: dict, model: nn.Module) -> dict[str, Style]:
@@ -116,3 +130,48 @@ def tied_embedding_names(model: nn.Module) -> list[str]:
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     return [n for n, m in model.named_modules()
             if isinstance(m, nn.Embedding) and id(m.weight) in linear_weights]
+
+
+def check_pairing(model: nn.Module, plan: dict[str, Style]) -> None:
+    """Column- and row-parallel layers come in pairs, inside the module that holds them (an
+    attention: q/k/v then o; an MLP: gate/up then down; GPT-2's fused c_attn then c_proj).
+    A column layer leaves its output sharded on features and only a row layer takes such an
+    input, so in the subtree of a planned layer's parent module:
+
+    - a RowParallel layer needs a ColumnParallel one (without gather_output) registered before
+      it (modules register their layers in the order they run, as PyTorch and Hugging Face
+      models do): none at all is "row without column", none before it is a swapped pair;
+    - a ColumnParallel layer without gather_output needs a RowParallel one.
+
+    Several columns may feed one row (q, k, v -> o), and a row may sit between columns
+    (Mixtral's w1, w2, w3)."""
+    names = [n for n, _ in model.named_modules()]
+    order = {n: i for i, n in enumerate(names)}
+    for name, style in sorted(plan.items(), key=lambda item: order[item[0]]):
+        parent = name.rpartition(".")[0]
+        inside = [n for n in plan if n != name and n.startswith(parent + ".")] if parent else \
+            [n for n in plan if n != name]
+        columns = [n for n in inside if isinstance(plan[n], ColumnParallel) and not plan[n].gather_output]
+        rows = [n for n in inside if isinstance(plan[n], RowParallel)]
+        where = f"{parent!r}" if parent else "the model"
+        linears = [n for n in names if n.startswith(parent + ".") and n != name and
+                   hasattr(model.get_submodule(n), "weight") and not list(model.get_submodule(n).children())][:6]
+        if isinstance(style, RowParallel):
+            if not columns:
+                raise ValueError(
+                    f"{name!r} is RowParallel, but nothing in {where} is ColumnParallel: a row-parallel "
+                    f"layer takes its input sharded on features, as only a column-parallel layer leaves it. "
+                    f"Plan the layers that feed it as ColumnParallel (modules there: {linears}), or take "
+                    f"{name!r} out of the row patterns")
+            if not any(order[c] < order[name] for c in columns):
+                raise ValueError(
+                    f"{name!r} is RowParallel but comes before every ColumnParallel layer of {where} "
+                    f"({', '.join(repr(c) for c in columns)}): the column and row patterns look swapped. "
+                    f"The layers that take the block's input (q/k/v, c_attn, c_fc, gate/up) are "
+                    f"ColumnParallel; the ones that produce its output (o, c_proj, down) are RowParallel")
+        elif isinstance(style, ColumnParallel) and not style.gather_output and not rows:
+            raise ValueError(
+                f"{name!r} is ColumnParallel, which leaves its output sharded over tp, but nothing in "
+                f"{where} is RowParallel to take it back. Plan the layer that consumes its output as "
+                f"RowParallel (modules there: {linears}), or use ColumnParallel(gather_output=True) "
+                f"to gather its output on every rank")

@@ -57,13 +57,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from tqdm import tqdm
 
 from ..data import CharTokenizer, GPT2Tokenizer
 from ..models import GPT2Model, GPTConfig
+# torch's get/set_state_dict, extended to ZeRO shards and fp32 master weights (any stage, any mesh)
+from ..parallel.zero import get_state_dict, set_state_dict, stacked_count
+from .checks import check_flags, run_checked
+from .optim import set_weight_decay
 
 META = "tinymeg.json"
 LATEST = "latest"
@@ -72,7 +75,10 @@ _STEP_DIR = re.compile(r"step_(\d+)$")
 # Training settings that change the run's trajectory: resuming with other values works, but
 # the result is not what the uninterrupted run would have given (warned about, not an error).
 _TRAJECTORY_FIELDS = ("seed", "lr", "min_lr", "warmup", "steps", "weight_decay", "grad_clip",
-                      "data", "tokenizer", "dropout")
+                      "data", "tokenizer", "dropout", "top_k")
+# Model config fields that do not change which weights there are or what they mean: dropout and
+# the MoE routing's k and loss weights (a change is a trajectory change, warned about above).
+_TRAINING_ONLY_MODEL_FIELDS = ("dropout", "top_k", "aux_loss_weight", "z_loss_weight")
 
 
 def step_dir_name(step: int) -> str:
@@ -173,9 +179,7 @@ def _stacked_counts(model: nn.Module) -> dict[str, int]:
     counts = {}
     for mod_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
-            k = getattr(module, "output_chunks", 1)
-            if isinstance(p, DTensor):
-                k = next((pl.split_factor for pl in p.placements if isinstance(pl, _StridedShard)), k)
+            k = stacked_count(module, p)   # (not fooled by ZeRO-3's dp _StridedShard)
             if k > 1:
                 counts[f"{mod_name}.{name}" if mod_name else name] = k
     return counts
@@ -221,7 +225,24 @@ def _tied(model: nn.Module) -> dict[str, str]:
 # every key names one parameter. Pipeline stages hold different parameters and each writes its
 # own keys; a nested "param_groups" list (one per rank, naming that rank's parameters) would be
 # written once, by one stage, and given to all. The same flat keys load on any pp size.
-_STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+# (torch's StateDictOptions(flatten_optimizer_state_dict=True) does this too, but ZeRO's
+# get_state_dict is not torch's: one flattening for both.)
+
+def _flatten_optim(optim_sd: dict) -> dict:
+    flat = {f"state.{fqn}.{k}": v for fqn, s in optim_sd["state"].items() for k, v in s.items()}
+    for group in optim_sd["param_groups"]:
+        for fqn in group["params"]:
+            flat.update({f"param_groups.{fqn}.{k}": v for k, v in group.items() if k != "params"})
+    return flat
+
+
+def _unflatten_optim(flat: dict, like: dict) -> dict:
+    """The nested state dict ``like`` (this rank's, from get_state_dict) with ``flat``'s values."""
+    state = {fqn: {k: flat[f"state.{fqn}.{k}"] for k in s} for fqn, s in like["state"].items()}
+    groups = [{**{k: flat.get(f"param_groups.{g['params'][0]}.{k}", v) if g["params"] else v
+                  for k, v in g.items() if k != "params"}, "params": g["params"]}
+              for g in like["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def _optim_fqn(key: str) -> str | None:
@@ -262,13 +283,24 @@ def _shapes(model: nn.Module) -> dict[str, list[int]]:
 
 
 def check_compatible(meta: dict, model: nn.Module, path: str, shapes: dict | None = None) -> None:
-    """Parameter names and global shapes must match; name every one that does not. ``shapes``:
-    the whole model's (_whole_model), when this rank holds only a part of it."""
+    """Parameter names and global shapes must match, and so must every model config field
+    that changes what the model computes (n_head, vocab_size, ...: parameters of the same
+    shapes can mean another model); name every one that does not. ``shapes``: the whole
+    model's (_whole_model), when this rank holds only a part of it (a pipeline stage)."""
     saved, now = meta["param_shapes"], _shapes(model) if shapes is None else shapes
     bad = [f"{k}: checkpoint {tuple(saved[k]) if k in saved else 'absent'}, model "
            f"{tuple(now[k]) if k in now else 'absent'}"
            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if not bad:
+        ours, theirs = _model_config(model) or {}, meta.get("model_config") or {}
+        # A field the checkpoint lacks is one added since: the saving run had its default.
+        diff = [f"{f}={theirs[f]!r} (now {v!r})" for f, v in ours.items()
+                if f not in _TRAINING_ONLY_MODEL_FIELDS and f in theirs and theirs[f] != v]
+        if diff:
+            raise ValueError(
+                f"checkpoint {path!r} holds a model with other settings: {', '.join(diff)}. Its parameters "
+                f"have the shapes of this model's but compute something else. Pass the settings of the run "
+                f"that saved it (--n-head, --data/--tokenizer for the vocabulary, ...), or start a fresh run")
         return
     ours, fields = _model_config(model), ""
     if ours and meta.get("model_config"):
@@ -338,13 +370,29 @@ def _commit(tmp: str, final: str, ckpt_dir: str) -> None:
     _fsync_dir(ckpt_dir)
 
 
-def _prune(ckpt_dir: str, keep_last: int) -> None:
-    """Rank 0, after a commit: drop unfinished saves and all but the keep_last newest checkpoints."""
+def _step_of(path: str) -> int:
+    return int(_STEP_DIR.match(os.path.basename(path)).group(1))
+
+
+def _prune(ckpt_dir: str, latest: str, keep_last: int) -> None:
+    """Rank 0, after committing `latest`: drop unfinished saves, checkpoints numbered after
+    `latest`, and all but the keep_last newest up to `latest`.
+
+    A checkpoint numbered after the one just committed was renamed by an attempt that died
+    before naming it `latest`; this run resumed from an older one and went on without it, so
+    it is not part of this run's history (and would count as the newest: keep_last would
+    then delete `latest` itself)."""
     for name in os.listdir(ckpt_dir):
         if name.endswith(".tmp") and _STEP_DIR.match(name[:-4]):
             shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+    history = []
+    for path in list_checkpoints(ckpt_dir):
+        if _step_of(path) > _step_of(latest):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            history.append(path)
     if keep_last > 0:
-        for path in list_checkpoints(ckpt_dir)[:-keep_last]:
+        for path in history[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -363,8 +411,8 @@ def save(ckpt_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Opti
         os.makedirs(os.path.join(tmp, "rng"))
     dist.barrier()
     whole = _whole_model(model, ctx)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_STATE_DICT_OPTIONS)
-    dcp.save(_on_disk(model, model_sd, optim_sd), checkpoint_id=tmp)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save(_on_disk(model, model_sd, _flatten_optim(optim_sd)), checkpoint_id=tmp)
     with open(os.path.join(tmp, "rng", f"rank_{ctx.rank:05d}.pt"), "wb") as f:
         torch.save(_rng_state(ctx.device), f)
         f.flush()
@@ -378,7 +426,7 @@ def save(ckpt_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Opti
                   "model_config": _model_config(model), **(meta or {}), **whole, "files": files}
         _write(os.path.join(tmp, META), json.dumps(record, indent=1).encode())
         _commit(tmp, final, ckpt_dir)
-        _prune(ckpt_dir, keep_last)
+        _prune(ckpt_dir, final, keep_last)
     dist.barrier()                                      # nobody runs ahead of `latest`
     return final
 
@@ -394,14 +442,17 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, ctx, see
                          f"{FORMAT} (the optimizer state is laid out differently): resume it with the "
                          f"tinymeg that saved it, or export its model (recipes/export.py) and start anew")
     check_compatible(meta, model, path, _whole_model(model, ctx)["param_shapes"])
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_STATE_DICT_OPTIONS)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    flat = _flatten_optim(optim_sd)
+    on_disk = _on_disk(model, model_sd, flat)
     try:
         # DCP reads into the tensors of this dict in place: the views share the parameters' memory.
-        dcp.load(_on_disk(model, model_sd, optim_sd), checkpoint_id=path)
+        dcp.load(on_disk, checkpoint_id=path)
     except Exception as e:  # noqa: BLE001 - DCP's errors can be long; say which checkpoint first
         raise RuntimeError(f"could not load checkpoint {path!r} (damaged?): {e}") from e
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=_STATE_DICT_OPTIONS)
+    # values that are not tensors (lr, betas...) DCP replaced in on_disk's dict
+    flat.update({k: v for k, v in on_disk["optim"].items() if not torch.is_tensor(flat[k])})
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=_unflatten_optim(flat, optim_sd))
 
     if {**{d: 1 for d in ctx.sizes}, **meta["mesh"]} == ctx.sizes:  # the same mesh: the same ranks
         with open(os.path.join(path, "rng", f"rank_{ctx.rank:05d}.pt"), "rb") as f:
@@ -468,24 +519,37 @@ class Checkpointer:
         self.cfg, self.ctx, self.model, self.optimizer = cfg, ctx, model, optimizer
         self.tokenizer = tokenizer
         self.start_step = 0
+        self.resumed_from: str | None = None   # the checkpoint restore() loaded
+        self.last_saved: str | None = None     # the checkpoint after_step() saved last
 
     def restore(self) -> int:
+        """Load the checkpoint the flags name, if any, and return its step (0: a fresh start).
+        Every check that reads files runs on every rank before any collective, and all ranks
+        agree on the outcome (checks.run_checked): a bad checkpoint is one error, not a hang."""
         cfg = self.cfg
-        check_flags(cfg)
-        if cfg.ckpt_dir:
-            check_writable(cfg.ckpt_dir)
-        path = self._source()
+        self.whole_shapes = _whole_model(self.model, self.ctx)["param_shapes"]  # pp: every stage's
+        path = run_checked(self.ctx, self._checked_source)
         if path is None:
             return 0
         t0 = time.perf_counter()
         meta = load(path, self.model, self.optimizer, self.ctx, cfg.seed)
-        self.start_step = meta["step"]
+        set_weight_decay(self.optimizer, cfg.weight_decay)  # the restored groups carry the saving run's
+        self.start_step, self.resumed_from = meta["step"], path
         if self.ctx.is_main:
             self._warn_changes(meta, path)
-            if cfg.progress:
-                tqdm.write(f"resumed from {path} at step {self.start_step} ({_mib(meta):.1f} MiB "
-                           f"loaded in {time.perf_counter() - t0:.2f} s)")
+            tqdm.write(f"resumed from {path} at step {self.start_step} ({_mib(meta):.1f} MiB "
+                       f"loaded in {time.perf_counter() - t0:.2f} s)")
         return self.start_step
+
+    def _checked_source(self) -> str | None:
+        """The checkpoint to load (None: start fresh), verified to be complete and to fit the model."""
+        check_flags(self.cfg)
+        if self.cfg.ckpt_dir:
+            check_writable(self.cfg.ckpt_dir)
+        path = self._source()
+        if path is not None:
+            check_compatible(verify(path), self.model, path, self.whole_shapes)
+        return path
 
     def _source(self) -> str | None:
         cfg = self.cfg
@@ -527,8 +591,8 @@ class Checkpointer:
             changed.append(f"global batch (dp x micro_batch x grad_accum): {old_batch} -> {self.cfg.global_batch}")
         if changed:
             print(f"warning: resuming {path} with other settings than the run that saved it "
-                  f"({'; '.join(changed)}): training continues, but not as that run would have",
-                  file=sys.stderr, flush=True)
+                  f"({'; '.join(changed)}): the new values apply from step {meta['step'] + 1}, so training "
+                  f"continues, but not as that run would have", file=sys.stderr, flush=True)
 
     def due(self, step_done: int) -> bool:
         cfg = self.cfg
@@ -543,25 +607,13 @@ class Checkpointer:
             return None
         t0 = time.perf_counter()
         meta = {"train_config": dataclasses.asdict(self.cfg), "tokenizer": tokenizer_meta(self.tokenizer)}
-        path = save(self.cfg.ckpt_dir, step_done, self.model, self.optimizer, self.ctx, meta,
-                    self.cfg.keep_last)
-        if self.ctx.is_main and self.cfg.progress:
+        path = self.last_saved = save(self.cfg.ckpt_dir, step_done, self.model, self.optimizer, self.ctx,
+                                      meta, self.cfg.keep_last)
+        if self.ctx.is_main:
             with open(os.path.join(path, META)) as f:
                 size = _mib(json.load(f))
             tqdm.write(f"saved {path} ({size:.1f} MiB) in {time.perf_counter() - t0:.2f} s")
         return path
-
-
-def check_flags(cfg) -> None:
-    """Contradictory or incomplete checkpoint settings, as errors that name the flags."""
-    if (cfg.resume or cfg.auto_resume or cfg.ckpt_every) and not cfg.ckpt_dir:
-        flag = "--resume" if cfg.resume else "--auto-resume" if cfg.auto_resume else "--ckpt-every"
-        raise ValueError(f"{flag} needs --ckpt-dir (where checkpoints are saved and found)")
-    if cfg.resume and (cfg.auto_resume or cfg.resume_from):
-        raise ValueError("--resume (the latest in --ckpt-dir, which must exist) cannot be combined with "
-                         "--auto-resume or --resume-from")
-    if cfg.ckpt_every < 0 or cfg.keep_last < 0:
-        raise ValueError(f"--ckpt-every and --keep-last must be >= 0, got {cfg.ckpt_every}, {cfg.keep_last}")
 
 
 def maybe_inject_fault(step: int, ctx) -> None:

@@ -1,60 +1,114 @@
-"""Command line of the training recipes: flags map one to one onto TrainConfig fields."""
+"""Command line of the training recipes: flags map one to one onto TrainConfig fields.
+
+Every rank of a torchrun job parses the same flags and runs the same checks
+(``checks.check_config``) before any process group exists, so a bad flag is found at once and
+everywhere; only rank 0 prints it (one line and the fix), the others exit quietly with the
+same status. ``main`` ends the process cleanly (``exit_process``).
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import sys
+import time
+import traceback
 
-from ..parallel.pipeline_parallel import check_pipeline
-from .checkpoint import check_flags
-from .trainer import TrainConfig, pipeline_args, train
+import torch.distributed as dist
+
+from .checks import ConfigError, PeerError, check_config, rank_from_env, world_size_from_env
+from .trainer import TrainConfig, mesh_sizes, train
+
+USAGE_ERROR, SETUP_ERROR = 2, 1  # exit statuses: a bad flag (as argparse), a failed setup check
+PRINTER_GRACE_S = 2.0           # how long a failing rank that prints nothing lets the printer print
 
 
-def parse_args(argv=None, **defaults) -> TrainConfig:
-    base = dataclasses.replace(TrainConfig(), **defaults)
-    p = argparse.ArgumentParser(description="Train a GPT-2 with tinymeg (launch with torchrun).")
+class _Parser(argparse.ArgumentParser):
+    """argparse whose messages (help, errors) come from rank 0 only, errors in one line."""
+
+    def _print_message(self, message, file=None):
+        if rank_from_env() == 0:
+            super()._print_message(message, file)
+
+    def error(self, message):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
+def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentParser:
+    differs = {k: v for k, v in recipe_defaults.items() if getattr(TrainConfig(), k) != v}
+    epilog = ("This recipe's defaults differ from recipes/train.py's: "
+              + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in differs.items()) if differs else None)
+    p = _Parser(prog=os.path.basename(sys.argv[0]) if sys.argv[0] else "train.py",
+                description="Train a GPT-2 with tinymeg. Launch with torchrun, e.g. "
+                            "`torchrun --nproc_per_node=4 recipes/train.py --tp 2` (dp: the rest).",
+                epilog=epilog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--tp", type=int, default=base.tp, help="tensor-parallel size")
-    add("--dp", type=int, default=base.dp, help="data-parallel size; pp*dp*tp must equal the world size")
-    add("--pp", type=int, default=base.pp, help="pipeline-parallel size (stages, split by blocks)")
-    add("--pp-schedule", default=base.pp_schedule, choices=["gpipe", "1f1b", "interleaved-1f1b"])
-    add("--pp-microbatches", type=int, default=base.pp_microbatches, metavar="M",
-        help="pipeline microbatches per micro-batch (must divide --micro-batch); 0: pp")
-    add("--pp-stages-per-rank", type=int, default=base.pp_stages_per_rank, metavar="V",
-        help="virtual stages per rank, > 1 only with interleaved-1f1b")
-    add("--pp-split-points", default=base.pp_split_points, metavar="I,J,...",
-        help="the blocks where stages 2.. begin (default: an even split)")
-    add("--pp-uneven", action="store_true", default=base.pp_uneven,
-        help="split the blocks as evenly as possible when pp x V does not divide --n-layer")
-    add("--steps", type=int, default=base.steps)
-    add("--micro-batch", type=int, default=base.micro_batch, help="sequences per rank per micro-step")
-    add("--grad-accum", type=int, default=base.grad_accum, help="micro-steps per optimizer step")
-    add("--seq-len", type=int, default=base.seq_len)
-    add("--n-layer", type=int, default=base.n_layer)
-    add("--n-head", type=int, default=base.n_head)
-    add("--n-embd", type=int, default=base.n_embd)
-    add("--dropout", type=float, default=base.dropout)
-    add("--lr", type=float, default=base.lr)
-    add("--min-lr", type=float, default=base.min_lr)
-    add("--warmup", type=int, default=base.warmup)
-    add("--weight-decay", type=float, default=base.weight_decay)
-    add("--grad-clip", type=float, default=base.grad_clip, help="global-norm clip; 0 disables")
-    add("--seed", type=int, default=base.seed)
-    add("--eval-every", type=int, default=base.eval_every, help="0: evaluate at the end only")
-    add("--eval-iters", type=int, default=base.eval_iters)
-    add("--data", default=base.data, metavar="PATH", help=".txt or nanoGPT/llm.c uint16 .bin; default: shipped Shakespeare")
-    add("--tokenizer", default=base.tokenizer, choices=["char", "gpt2"])
+    mesh = p.add_argument_group("mesh (their product is the number of processes torchrun starts)")
+    mesh.add_argument("--tp", type=int, default=base.tp, help="tensor-parallel size")
+    mesh.add_argument("--dp", type=int, default=base.dp,
+                      help="data-parallel size; -1: the processes the other dims leave (world / (pp x tp x cp))")
+    mesh.add_argument("--cp", type=int, default=base.cp,
+                      help="context-parallel size: each sequence split over cp ranks (--seq-len a multiple of 2 x cp)")
+    mesh.add_argument("--ep", type=int, default=base.ep,
+                      help="expert-parallel size, carved out of dp (must divide it; needs --n-experts)")
+    mesh.add_argument("--pp", type=int, default=base.pp,
+                      help="pipeline-parallel size: the blocks split into pp stages (outermost mesh dim)")
+    mesh.add_argument("--pp-schedule", default=base.pp_schedule, choices=["gpipe", "1f1b", "interleaved-1f1b"],
+                      help="pipeline schedule (torch.distributed.pipelining)")
+    mesh.add_argument("--pp-microbatches", type=int, default=base.pp_microbatches, metavar="M",
+                      help="pipeline microbatches per micro-batch (must divide --micro-batch); 0: pp")
+    mesh.add_argument("--pp-stages-per-rank", type=int, default=base.pp_stages_per_rank, metavar="V",
+                      help="virtual stages per rank, > 1 only with interleaved-1f1b")
+    mesh.add_argument("--pp-split-points", default=base.pp_split_points, metavar="I,J,...",
+                      help="the blocks where stages 2.. begin (default: an even split)")
+    mesh.add_argument("--pp-uneven", action="store_true", default=base.pp_uneven,
+                      help="split the blocks as evenly as possible when pp x V does not divide --n-layer")
+    add("--steps", type=int, default=base.steps, help="optimizer steps to train for")
+    add("--micro-batch", type=int, default=base.micro_batch, help="sequences per dp rank per micro-step")
+    add("--grad-accum", type=int, default=base.grad_accum,
+        help="micro-steps per optimizer step; global batch = dp x micro-batch x grad-accum")
+    add("--seq-len", type=int, default=base.seq_len, help="tokens per sequence (the model's context)")
+    add("--n-layer", type=int, default=base.n_layer, help="transformer blocks")
+    add("--n-head", type=int, default=base.n_head, help="attention heads (divisible by --tp)")
+    add("--n-embd", type=int, default=base.n_embd, help="model width (divisible by --n-head)")
+    add("--dropout", type=float, default=base.dropout, help="dropout probability")
+    add("--n-experts", type=int, default=base.n_experts, help="> 0: mixture-of-experts MLPs with this many experts")
+    add("--top-k", type=int, default=base.top_k, help="experts per token (with --n-experts)")
+    add("--lr", type=float, default=base.lr, help="peak learning rate, reached after --warmup steps")
+    add("--min-lr", type=float, default=base.min_lr, help="learning rate at the end of the cosine decay")
+    add("--warmup", type=int, default=argparse.SUPPRESS,
+        help=f"linear warmup steps (default: {base.warmup}, or a tenth of --steps if that is fewer)")
+    add("--weight-decay", type=float, default=base.weight_decay, help="AdamW weight decay of matrices and embeddings")
+    add("--grad-clip", type=float, default=base.grad_clip, help="clip gradients to this global norm; 0 disables")
+    add("--seed", type=int, default=base.seed, help="seeds the model's init, the batches and dropout")
+    add("--eval-every", type=int, default=base.eval_every, help="evaluate every N steps; 0: at the end only")
+    add("--eval-iters", type=int, default=base.eval_iters,
+        help="the validation set: eval-iters x global batch fixed sequences of the val split")
+    add("--data", default=base.data, metavar="PATH",
+        help=".txt (.txt.gz) text or a nanoGPT/llm.c uint16 .bin; None: the shipped Tiny Shakespeare")
+    add("--tokenizer", default=base.tokenizer, choices=["char", "gpt2"],
+        help="for .txt data: characters, or GPT-2 BPE (pip install tiktoken, see README)")
     add("--log-jsonl", default=base.log_jsonl, metavar="PATH", help="append one JSON line of metrics per step")
-    add("--compile", action=argparse.BooleanOptionalAction, default=base.compile, help="torch.compile the model")
-    add("--device", default=base.device, choices=["auto", "cpu", "cuda"])
-    add("--sample-tokens", type=int, default=base.sample_tokens)
+    add("--compile", action=argparse.BooleanOptionalAction, default=base.compile,
+        help="torch.compile the model (fullgraph); the first step then takes a while")
+    add("--device", default=base.device, choices=["auto", "cpu", "cuda"],
+        help="auto: cuda (nccl) when there is a GPU, else cpu (gloo)")
+    add("--sample-tokens", type=int, default=base.sample_tokens, help="tokens of text to sample at the end; 0: none")
     add("--sequence-parallel", action=argparse.BooleanOptionalAction, default=base.sequence_parallel,
         help="with --tp > 1: shard activations on the sequence dim outside TP regions")
     add("--loss-parallel", action=argparse.BooleanOptionalAction, default=base.loss_parallel,
         help="with --tp > 1: compute the loss from vocab-sharded logits")
-    add("--bucket-mb", type=float, default=base.bucket_mb, help="DP all-reduce bucket size")
+    add("--bucket-mb", type=float, default=base.bucket_mb, help="DP gradient all-reduce bucket size (MiB)")
+    add("--zero", type=int, default=base.zero, choices=[0, 1, 2, 3],
+        help="ZeRO stage over dp: 0 replicated, 1 optimizer states sharded, 2 + gradients, 3 + parameters (FSDP2)")
+    add("--dtype", default=base.dtype, choices=["fp32", "bf16"],
+        help="bf16: bf16 parameters and compute, fp32 master weights, optimizer states and gradient reduction")
     add("--timeout-s", type=float, default=base.timeout_s,
         help="collective timeout in seconds: a dead or stuck peer becomes an error after this long")
+    add("--progress", action=argparse.BooleanOptionalAction, default=base.progress,
+        help="a progress bar on rank 0 (--no-progress for log files: plain lines only)")
+    add("--peak-tflops", type=float, default=base.peak_tflops,
+        help="peak TFLOP/s of one device, for MFU; 0: a table of GPUs, or measured on CPU")
     ck = p.add_argument_group("checkpoints (see README: Checkpoints and restarts)")
     ck.add_argument("--ckpt-dir", default=base.ckpt_dir, metavar="DIR", help="save checkpoints here")
     ck.add_argument("--ckpt-every", type=int, default=base.ckpt_every, metavar="N",
@@ -69,28 +123,76 @@ def parse_args(argv=None, **defaults) -> TrainConfig:
                              "fresh: use with torchrun --max-restarts for crash recovery")
     ck.add_argument("--resume-from", default=base.resume_from, metavar="PATH",
                     help="resume from this checkpoint (or this directory's latest) on any mesh")
+    add("--init-from", default=base.init_from, metavar="DIR",
+        help="fine-tune: start from the GPT-2 in this Hugging Face directory (config.json + "
+             "model.safetensors, e.g. from recipes/export.py --format hf); its shape replaces --n-layer/--n-head/--n-embd")
+    return p
+
+
+def parse_args(argv=None, **defaults) -> TrainConfig:
+    """Flags -> a checked TrainConfig (dp resolved for the world torchrun started).
+    ``defaults`` are the recipe's (hybrid.py: tp=2, steps=2000, ...)."""
+    base = dataclasses.replace(TrainConfig(), **defaults)
+    p = build_parser(base, defaults)
     args = p.parse_args(argv)
-
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.pp > 1 and args.tp * args.dp * args.pp != world:
-        n = args.pp * args.dp * args.tp
-        p.error(f"--pp {args.pp} x --dp {args.dp} x --tp {args.tp} = {n} ranks, but torchrun started "
-                f"{world} process(es): pass --pp/--dp/--tp whose product is {world}, or launch with "
-                f"`torchrun --nproc_per_node={n}`")
-    if args.tp * args.dp * args.pp != world:
-        p.error(f"--tp {args.tp} x --dp {args.dp} = {args.tp * args.dp} ranks, but torchrun started "
-                f"{world} process(es): pass --tp/--dp whose product is {world}, or launch with "
-                f"`torchrun --nproc_per_node={args.tp * args.dp}`")
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                         if hasattr(args, f.name)})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if "warmup" not in values:  # the default warmup never outlasts a short run
+        values["warmup"] = min(base.warmup, max(1, values["steps"] // 10))
+    cfg = TrainConfig(**{**dataclasses.asdict(base), **values})
     try:
-        check_flags(cfg)
-        if cfg.pp > 1:
-            check_pipeline(cfg.n_layer, cfg.pp, micro_batch=cfg.micro_batch, **pipeline_args(cfg))
-    except ValueError as e:
+        return check_config(cfg, world_size_from_env(), mesh_sizes(cfg))
+    except ConfigError as e:
         p.error(str(e))
-    return cfg
 
 
-def main(argv=None, **defaults) -> dict:
-    return train(parse_args(argv, **defaults))
+def main(argv=None, **defaults) -> None:
+    """The recipes' entry point: parse, train, and end the process (``exit_process``), with
+    status 0 on success. An error that a user can fix is one line on stderr (from rank 0, or
+    from the first rank that failed a setup check), and every rank exits with the same status:
+    2 for a bad flag, 1 for a failed setup check (files, checkpoints). Anything else prints
+    its traceback and exits 1. (In Python code, call ``train(parse_args(argv))`` instead.)"""
+    try:
+        cfg = parse_args(argv, **defaults)   # a bad flag: SystemExit(2), printed by rank 0 only
+        train(cfg)
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+        exit_process(status, printed_elsewhere=status != 0 and rank_from_env() != 0)
+    except (ConfigError, PeerError) as e:
+        _exit_with(e, USAGE_ERROR if isinstance(e, ConfigError) else SETUP_ERROR)
+    except Exception as e:  # noqa: BLE001
+        if hasattr(e, "first_failed_rank"):  # a setup check's error: the user's to fix
+            _exit_with(e, SETUP_ERROR)
+        traceback.print_exc()
+        exit_process(1)
+    exit_process(0, barrier=True)
+
+
+def _exit_with(error: Exception, status: int) -> None:
+    printer = not isinstance(error, PeerError) and getattr(error, "first_failed_rank", 0) == rank_from_env()
+    if printer:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    exit_process(status, printed_elsewhere=not printer)
+
+
+def exit_process(status: int = 0, barrier: bool = False, printed_elsewhere: bool = False) -> None:
+    """End the process now with ``status``, skipping the interpreter's teardown.
+
+    Why: torch's gloo process groups run worker threads that may still be dropping the last
+    reference to a finished collective's tensors when Python shuts down; that needs the GIL,
+    which a finalizing interpreter no longer hands out, and the thread's unwinding calls
+    std::terminate: "terminate called without an active exception", SIGABRT, status -6, in
+    about one run in ten (more sub-groups, more often; destroy_process_group() does not
+    prevent it). ``os._exit`` ends the process without that teardown, after flushing what
+    Python buffers. ``barrier``: first wait for every rank (success path), so that no peer is
+    still talking to this one. ``printed_elsewhere``: another rank prints this failure; wait a
+    moment first, since torchrun stops every rank as soon as one exits with an error."""
+    if barrier and dist.is_initialized():
+        dist.barrier()
+    if printed_elsewhere:
+        time.sleep(PRINTER_GRACE_S)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing left to save
+            pass
+    os._exit(status)

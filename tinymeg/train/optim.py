@@ -6,20 +6,43 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
+from ..models.moe import moe_layers
 from ..nn.layers import local as _local
+from ..parallel.zero import optimizer_param, shard_optimizer
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
                     betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with two groups: matrices and embeddings decay, biases and norms do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps,
-                             foreach=True)  # torch defaults to a per-tensor loop on CPU: slow with DTensors
+    """AdamW with two groups: matrices and embeddings decay (``"decays": True``), biases and
+    norms do not. Under ZeRO
+    1-2 or mixed precision it steps this rank's shards / fp32 masters (``shard_optimizer``).
+
+    MoE layers' parameters get two groups of their own (their experts' biases are stacked
+    into matrices, so biases are told apart by name): under expert parallelism they live on
+    the ep mesh, and one foreach kernel cannot mix them with the other parameters. The groups
+    depend on the model, not the mesh, so a checkpoint's optimizer state loads on any mesh."""
+    in_moe = {id(p) for m in moe_layers(model) for p in m.parameters()}
+    groups = {(moe, decay): [] for moe in (False, True) for decay in (True, False)}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[id(p) in in_moe, p.dim() >= 2 and not name.endswith("bias")].append(p)
+    optimizer = torch.optim.AdamW([{"params": params, "weight_decay": weight_decay if decay else 0.0, "decays": decay}
+                                   for (moe, decay), params in groups.items() if params or not moe],
+                                  lr=lr, betas=betas, eps=eps,
+                                  foreach=True)  # torch defaults to a per-tensor loop on CPU: slow with DTensors
+    return shard_optimizer(model, optimizer)
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Give build_optimizer's decaying groups this weight decay. Loading a checkpoint restores
+    the groups as the saving run had them; the run's own setting applies after it (as the LR
+    does: the trainer sets it every step)."""
+    for group in optimizer.param_groups:
+        if group.get("decays"):
+            group["weight_decay"] = weight_decay
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
@@ -37,31 +60,37 @@ def clip_grad_norm_(params, max_norm: float, group: dist.ProcessGroup | None = N
                     shared=()) -> torch.Tensor:
     """Clip gradients by their global L2 norm and return that norm (before clipping).
 
-    The norm is the unsharded model's: squares of sharded gradients are summed over their
-    mesh (each rank holds different elements), replicated ones are counted once. DP
-    replicas hold identical gradients after the all-reduce, so no dp reduction is needed.
+    The norm is the unsharded model's. A parameter's gradient is read where data parallelism
+    left it (``optimizer_param``: its dp shard or fp32 master under ZeRO/mixed precision, the
+    parameter itself otherwise). Squares of a sharded gradient are summed over every mesh dim
+    that shards it (tp, dp, or both: each rank holds different elements); replicated ones are
+    counted once. Gradients are averaged over dp before this, so whether a gradient exists is
+    the same on every rank, and so are the collectives below.
     Under pipeline parallelism each stage holds other parameters: ``group`` (the pp group) sums
     the stages' squares, and ``shared`` are parameters another stage holds too (the tied
     embedding's second copy): clipped, but counted there only (``model.grad_norm_args()``).
     """
-    params = [p for p in params if p.grad is not None]
-    grads = [p.grad for p in params]
+    counted_elsewhere = {id(p) for p in shared}
+    grads, counted = [], []
+    for p in dict.fromkeys(params):
+        if (g := optimizer_param(p).grad) is not None:
+            grads.append(g)
+            counted.append(id(p) not in counted_elsewhere)
     if not grads:
         return torch.zeros(())
-    counted_elsewhere = {id(p) for p in shared}
-    replicated = torch.zeros((), dtype=torch.float32, device=_local(grads[0]).device)
-    sharded: dict = {}  # mesh -> sum of squares of this rank's shards
-    for p, g in zip(params, grads):
-        if id(p) in counted_elsewhere:
+    device = _local(grads[0]).device
+    sums: dict[tuple, torch.Tensor] = {}  # the groups that shard a gradient -> sum of its squares
+    for g, count in zip(grads, counted):
+        if not count:
             continue
-        sq = _local(g).float().pow(2).sum()
-        if isinstance(g, DTensor) and any(not isinstance(pl, Replicate) for pl in g.placements):
-            sharded[g.device_mesh] = sharded.get(g.device_mesh, 0) + sq
-        else:
-            replicated += sq
-    total = replicated
-    for mesh, sq in sharded.items():
-        dist.all_reduce(sq, group=mesh.get_group())
+        groups = tuple(g.device_mesh.get_group(i) for i, pl in enumerate(g.placements)
+                       if isinstance(pl, (Shard, _StridedShard))) if isinstance(g, DTensor) else ()
+        sums[groups] = sums.get(groups, torch.zeros((), dtype=torch.float32, device=device)) \
+            + _local(g).float().pow(2).sum()
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for groups, sq in sums.items():
+        for group in groups:
+            dist.all_reduce(sq, group=group)
         total = total + sq
     if group is not None:
         dist.all_reduce(total, group=group)

@@ -1,4 +1,17 @@
-"""The training loop shared by every recipe: build, parallelize, train, evaluate, sample."""
+"""The training loop shared by every recipe.
+
+A run, in order, one function each (a new parallelism adds its part in one place):
+
+1. ``check_config`` (checks.py): a config that cannot run is an error before any rank works.
+2. ``mesh_sizes(cfg)``: the mesh dims the flags ask for; ``build_context`` makes the mesh.
+3. ``build_model``: the plain model, then parallelized in DESIGN.md's order.
+4. ``train_step`` for each step, ``evaluate`` every ``eval_every`` steps, checkpoints
+   (checkpoint.py), a JSONL line per step.
+5. ``generate_sample`` at the end; rank 0 prints a banner first and a summary last (report.py).
+
+Steps are counted as optimizer steps done: step 1 is the first; the console, the JSONL log
+(``"step"``) and checkpoint names (``step_000100`` = after 100 steps) all use that number.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -11,20 +24,26 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..context import ParallelContext
-from ..data import get_batch, load_corpus
+from ..context import ParallelContext, resolve_sizes
+from ..data import eval_batch, get_batch, load_corpus
 from ..models import GPT2Model, GPTConfig
+from ..models.hf_gpt2 import init_from_pretrained
 from ..ops import synchronized
-from ..parallel import GPT2_TP_CONFIG, apply_data_parallel, apply_tensor_parallel
-from ..parallel.pipeline_parallel import apply_pipeline_parallel
+from ..parallel import compile_model, gpt2_tp_config, parallelize
+from ..parallel.zero import memory_mb
+from . import report
 from .checkpoint import Checkpointer, maybe_inject_fault
+from .checks import ConfigError, check_config, pipeline_args, rank_from_env, run_checked, world_size_from_env
 from .optim import build_optimizer, clip_grad_norm_, lr_at
+from .routing import RoutingLog
 
 
 @dataclass
 class TrainConfig:
     tp: int = 1
-    dp: int = 1
+    dp: int = -1                   # -1: the ranks the other dims leave (world / (tp x cp))
+    cp: int = 1                    # context parallel: each sequence split over cp ranks
+    ep: int = 1                    # expert parallel: experts sharded over ep of the dp ranks
     pp: int = 1                    # pipeline stages (tinymeg/parallel/pipeline_parallel.py)
     pp_schedule: str = "1f1b"      # gpipe | 1f1b | interleaved-1f1b
     pp_microbatches: int = 0       # each micro-batch is cut into this many; 0: pp
@@ -39,6 +58,8 @@ class TrainConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    n_experts: int = 0             # > 0: every block's MLP is a mixture of n_experts experts
+    top_k: int = 2                 # experts per token (with n_experts > 0)
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup: int = 20
@@ -46,7 +67,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1337
     eval_every: int = 100          # 0: evaluate only at the end
-    eval_iters: int = 10
+    eval_iters: int = 10           # the val set: eval_iters x global_batch fixed sequences
     data: str | None = None        # None: the shipped Shakespeare
     tokenizer: str = "char"
     log_jsonl: str | None = None
@@ -54,10 +75,13 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda
     sample_tokens: int = 200       # 0: no sample at the end
     bucket_mb: float = 25.0
+    zero: int = 0                  # ZeRO stage over dp: 0 replicated, 1 optimizer states, 2 + grads, 3 + params
+    dtype: str = "fp32"            # fp32 | bf16 (bf16 compute, fp32 master weights/states/grad reduction)
     sequence_parallel: bool = False  # tp > 1: shard activations on the sequence outside TP regions
     loss_parallel: bool = False      # tp > 1: keep the logits vocab-sharded in the loss
-    progress: bool = True          # tqdm bar on rank 0
+    progress: bool = True          # tqdm bar on rank 0 (the banner, eval lines and summary print anyway)
     timeout_s: float = 600.0       # collective timeout: a dead peer is an error after this long
+    peak_tflops: float = 0.0       # one device's peak, for MFU; 0: a GPU table, or measured on CPU
     # Checkpoints (tinymeg/train/checkpoint.py): saved every ckpt_every steps and at the end.
     ckpt_dir: str | None = None
     ckpt_every: int = 0            # 0: only at the end (when ckpt_dir is set)
@@ -65,11 +89,45 @@ class TrainConfig:
     resume: bool = False           # from ckpt_dir's latest, which must exist
     auto_resume: bool = False      # from ckpt_dir's latest if any (crash recovery)
     resume_from: str | None = None # a checkpoint, or a ckpt dir (its latest)
+    init_from: str | None = None   # start from a Hugging Face GPT-2 directory (its shape, not n_layer...)
 
     @property
     def global_batch(self) -> int:
         """Sequences per optimizer step, whatever the mesh."""
+        if self.dp < 1:
+            raise ValueError("dp=-1 is resolved from the world size by check_config (train does it)")
         return self.dp * self.micro_batch * self.grad_accum
+
+
+def mesh_sizes(cfg: TrainConfig) -> dict[str, int]:
+    """The mesh dims the config asks for (dp=-1: the ranks the others leave). A parallelism
+    with its own flag adds its dim here."""
+    return {"pp": cfg.pp, "dp": cfg.dp, "ep": cfg.ep, "cp": cfg.cp, "tp": cfg.tp}
+
+
+def build_context(cfg: TrainConfig) -> ParallelContext:
+    device_type = None if cfg.device == "auto" else cfg.device
+    return ParallelContext(mesh_sizes(cfg), device_type=device_type, timeout=cfg.timeout_s)
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    return GPTConfig(block_size=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
+                     n_experts=cfg.n_experts, top_k=cfg.top_k)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> GPT2Model:
+    """The same seed on every rank builds the same model; then ``tm.parallelize`` applies
+    every dim that is on, in DESIGN.md's order (TP + SP/loss parallel, CP, EP, DP/ZeRO)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from:  # GPT-2's published weights: a dense model (checks refuse --n-experts with it)
+        model = init_from_pretrained(cfg.init_from, vocab_size, cfg.seq_len, cfg.dropout).to(ctx.device)
+    else:
+        model = GPT2Model(model_config(cfg, vocab_size)).to(ctx.device)
+    return parallelize(model, ctx, gpt2_tp_config(model.config), sequence_parallel=cfg.sequence_parallel,
+                       loss_parallel=cfg.loss_parallel, bucket_mb=cfg.bucket_mb, zero=cfg.zero,
+                       param_dtype=cfg.dtype, compile=cfg.compile and cfg.pp > 1,  # pp: per stage
+                       pipeline=pipeline_args(cfg) if cfg.pp > 1 else None)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -78,138 +136,180 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux: process RSS
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> GPT2Model:
-    """The same seed on every rank builds the same model; then shard it over the mesh."""
-    torch.manual_seed(cfg.seed)
-    model = GPT2Model(GPTConfig(block_size=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                                n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)).to(ctx.device)
-    if ctx.pp_size > 1:  # split the stages first: TP, compile and DP then apply to this rank's part
-        model = apply_pipeline_parallel(model, ctx, **pipeline_args(cfg), compile=cfg.compile)
-    if ctx.tp_size > 1:  # at tp=1 plain tensors are cheaper than 1-rank DTensors
-        model = apply_tensor_parallel(model, ctx, {**GPT2_TP_CONFIG, "sequence_parallel": cfg.sequence_parallel,
-                                                   "loss_parallel": cfg.loss_parallel})
-    return apply_data_parallel(model, ctx, cfg.bucket_mb)
-
-
-def pipeline_args(cfg: TrainConfig) -> dict:
-    """apply_pipeline_parallel's arguments (the CLI checks them before anything starts)."""
-    try:
-        points = [int(p) for p in cfg.pp_split_points.split(",")] if cfg.pp_split_points else None
-    except ValueError:
-        raise ValueError(f"--pp-split-points {cfg.pp_split_points!r} must be block indices separated "
-                         f"by commas, e.g. 2,5") from None
-    return dict(schedule=cfg.pp_schedule, microbatches=cfg.pp_microbatches or cfg.pp,
-                stages_per_rank=cfg.pp_stages_per_rank, split_points=points, uneven=cfg.pp_uneven)
+def train_step(step: int, model, step_fn, optimizer, tokens: torch.Tensor, cfg: TrainConfig,
+               ctx: ParallelContext, routing: RoutingLog | None = None) -> tuple[float, torch.Tensor | None, float, dict]:
+    """One optimizer step (0-based ``step``) on the global batch of ``step``: returns the
+    mean train loss over the global batch, the gradient norm before clipping, the LR, and
+    what else the JSONL records (memory held after the step; MoE routing statistics)."""
+    lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=cfg.steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)  # also clears what a step that raised left behind
+    loss_sum = torch.zeros((), device=ctx.device)
+    for micro in range(cfg.grad_accum):
+        x, y = get_batch(tokens, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed,
+                         step=step, micro_step=micro, grad_accum=cfg.grad_accum,
+                         dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
+        last = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if last else model.no_sync():  # one gradient reduction per step
+            if ctx.pp_size > 1:  # pipeline: the schedule runs every microbatch's forward and backward
+                loss = model.train_step(x.to(ctx.device), y.to(ctx.device), grad_scale=1 / cfg.grad_accum)
+            else:
+                loss = step_fn(x.to(ctx.device), y.to(ctx.device), return_logits=False)[1]
+                (loss / cfg.grad_accum).backward()  # the mean over the global batch
+        loss_sum += loss.detach()
+        if routing is not None:
+            routing.add()
+    norm_args = model.grad_norm_args() if ctx.pp_size > 1 else {}  # pp: summed over the stages
+    grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip, **norm_args) if cfg.grad_clip > 0 else None
+    optimizer.step()
+    extras = memory_mb(model, optimizer)  # after the step, before zero_grad frees the gradients
+    optimizer.zero_grad(set_to_none=True)
+    if routing is not None:
+        extras.update(routing.summary())
+    return _dp_mean(loss_sum / cfg.grad_accum, ctx), grad_norm, lr, extras
 
 
 @torch.no_grad()
 def evaluate(model, tokens: torch.Tensor, cfg: TrainConfig, ctx: ParallelContext) -> float:
-    """Mean loss over eval_iters fixed batches of `tokens`, averaged over dp ranks."""
-    model.eval()
+    """Mean loss over the validation set: ``eval_iters x global_batch`` sequences at fixed,
+    evenly spaced offsets of ``tokens`` (data.eval_batch). The same sequences whatever the
+    mesh, micro-batch and accumulation, so the val loss is split-independent like the train
+    loss: each dp rank takes its share of the rows, in micro-batches."""
+    n = cfg.eval_iters * cfg.global_batch
+    x, y = eval_batch(tokens, seq_len=cfg.seq_len, n_seqs=n)
+    mine = slice(ctx.dp_rank * n // ctx.dp_size, (ctx.dp_rank + 1) * n // ctx.dp_size)
     total = torch.zeros((), device=ctx.device)
-    for i in range(cfg.eval_iters):
-        x, y = get_batch(tokens, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed + 1,
-                         step=i, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
-        total += model(x.to(ctx.device), y.to(ctx.device), return_logits=False)[1]
-    model.train()
-    return _dp_mean(total / cfg.eval_iters, ctx)
+    was_training = model.training
+    model.eval()
+    try:
+        for xb, yb in zip(x[mine].split(cfg.micro_batch), y[mine].split(cfg.micro_batch)):
+            loss = model(xb.to(ctx.device), yb.to(ctx.device), return_logits=False)[1]
+            total += loss * len(xb)  # every sequence has seq_len targets: weight by rows
+    finally:
+        model.train(was_training)
+    return _dp_sum(total, ctx) / n
 
 
-def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
+def _dp_sum(value: torch.Tensor, ctx: ParallelContext) -> float:
     if ctx.dp_size > 1:
         value = value.clone()
         dist.all_reduce(value, group=ctx.mesh["dp"].get_group())
-        value /= ctx.dp_size
     return value.item()
+
+
+def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
+    return _dp_sum(value, ctx) / ctx.dp_size
+
+
+def _synchronized(ctx: ParallelContext):
+    """ops.synchronized() (rank 0 tunes kernels for all), where every rank runs the same ops: not
+    under pipeline parallelism, whose stages run different layers (each rank keeps the defaults)."""
+    return synchronized() if ctx.pp_size == 1 else contextlib.nullcontext()
+
+
+def _say(ctx: ParallelContext | None, message: str) -> None:
+    """Print on rank 0 (above the progress bar, if there is one)."""
+    if ctx.is_main if ctx is not None else rank_from_env() == 0:
+        tqdm.write(message)
 
 
 def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     """Train as cfg says (resuming from a checkpoint if cfg says so). Returns the losses of the
-    steps run here (from ``start_step``), the last val loss, throughput, the model and optimizer."""
-    device_type = None if cfg.device == "auto" else cfg.device
-    ctx = ctx or ParallelContext(pp=cfg.pp, tp=cfg.tp, dp=cfg.dp, device_type=device_type, timeout=cfg.timeout_s)
-    if (ctx.pp_size, ctx.tp_size, ctx.dp_size) != (cfg.pp, cfg.tp, cfg.dp):
-        raise ValueError(f"config asks for pp={cfg.pp} tp={cfg.tp} dp={cfg.dp} but the context has "
-                         f"pp={ctx.pp_size} tp={ctx.tp_size} dp={ctx.dp_size}")
-    corpus = load_corpus(cfg.data, cfg.tokenizer)
+    steps run here, their JSONL records, the last val loss, throughput, the sample, the model
+    and the optimizer."""
+    world = ctx.world_size if ctx is not None else world_size_from_env()
+    cfg = check_config(cfg, world, mesh_sizes(cfg))
+    wall_start = time.perf_counter()
+    _say(ctx, f"tinymeg: {world} process(es), {' x '.join(f'{d}={s}' for d, s in mesh_sizes(cfg).items())}: "
+              f"setting up the mesh, the data and the model...")
+    ctx = ctx or build_context(cfg)
+    want = resolve_sizes(mesh_sizes(cfg), ctx.world_size)
+    if any(ctx.sizes[d] != size for d, size in want.items()):
+        raise ConfigError(f"the config asks for {want} but the context has {ctx.sizes}: build the "
+                          f"ParallelContext from the same sizes (trainer.build_context(cfg))")
+
+    corpus = run_checked(ctx, lambda: load_corpus(cfg.data, cfg.tokenizer))
     model = build_model(cfg, corpus.vocab_size, ctx)
     torch.manual_seed(cfg.seed + 1 + ctx.dp_rank)  # dropout: same on tp ranks, differs across dp
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    step_fn = torch.compile(model, fullgraph=True) if cfg.compile and ctx.pp_size == 1 else model  # pp: per stage
     ckpt = Checkpointer(cfg, ctx, model, optimizer, corpus.tokenizer)
     start_step = ckpt.restore()  # 0, or the step of the checkpoint resumed from
+    peak = report.peak_flops(ctx.device, configured_tflops=cfg.peak_tflops)
+    _say(ctx, report.banner(cfg, ctx, model, corpus, peak=peak, start_step=start_step,
+                            resumed_from=ckpt.resumed_from))
+    step_fn = compile_model(model) if cfg.compile and ctx.pp_size == 1 else model  # ZeRO-3: per block; pp: per stage
+    if cfg.compile and start_step < cfg.steps:
+        _say(ctx, "compiling the model (torch.compile, fullgraph): the first step takes a while...")
 
+    records, losses, val_loss, train_s = [], [], None, 0.0
     log = open(cfg.log_jsonl, "a") if cfg.log_jsonl and ctx.is_main else None
-    tokens_per_step = cfg.global_batch * cfg.seq_len
-    losses, val_loss, start = [], None, time.perf_counter()
+    routing = RoutingLog(model) if cfg.n_experts else None  # aux_loss, expert token fractions
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
                disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
-    for step in bar:
-        maybe_inject_fault(step, ctx)  # TINYMEG_FAULT_AT_STEP, for crash-recovery tests
-        t0 = time.perf_counter()
-        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=cfg.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=ctx.device)
-        for micro in range(cfg.grad_accum):
-            x, y = get_batch(corpus.train, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed,
-                             step=step, micro_step=micro, grad_accum=cfg.grad_accum,
-                             dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
-            last = micro == cfg.grad_accum - 1
-            # one gradient all-reduce per step; the first step tunes kernels, the same on all ranks
-            # (not under pp: the stages run different kernels, so they keep the defaults)
-            with (contextlib.nullcontext() if last else model.no_sync(),
-                  synchronized() if step == start_step and ctx.pp_size == 1 else contextlib.nullcontext()):
-                if ctx.pp_size > 1:  # the schedule runs the forward and backward of every microbatch
-                    loss = model.train_step(x.to(ctx.device), y.to(ctx.device), grad_scale=1 / cfg.grad_accum)
-                else:
-                    loss = step_fn(x.to(ctx.device), y.to(ctx.device), return_logits=False)[1]
-                    (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-        norm_args = model.grad_norm_args() if ctx.pp_size > 1 else {}  # pp: summed over the stages
-        grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip, **norm_args) if cfg.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_loss = _dp_mean(loss_sum / cfg.grad_accum, ctx)
-        losses.append(train_loss)
-        dt = time.perf_counter() - t0
-
-        record = {"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_step / dt,
-                  "ms_per_step": 1000 * dt, "peak_mem_mb": _peak_memory_mb(ctx.device)}
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm.item()
-        last_step = step == cfg.steps - 1
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step:
-            val_loss = record["val_loss"] = evaluate(model, corpus.val, cfg, ctx)
-            if ctx.is_main and cfg.progress:
-                bar.write(f"step {step + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", ms=f"{1000 * dt:.0f}")
+    try:
+        for step in bar:
+            maybe_inject_fault(step, ctx)  # TINYMEG_FAULT_AT_STEP, for crash-recovery tests
+            done = step + 1                # steps are numbered by optimizer steps done
+            t0 = time.perf_counter()
+            # the first step tunes kernels: every rank runs the same ops, so rank 0 decides for all
+            with _synchronized(ctx) if step == start_step else contextlib.nullcontext():
+                train_loss, grad_norm, lr, extras = train_step(step, model, step_fn, optimizer, corpus.train,
+                                                               cfg, ctx, routing)
+            dt = time.perf_counter() - t0
+            train_s += dt
+            if cfg.compile and step == start_step:
+                _say(ctx, f"compiled; the first step took {dt:.1f} s")
+            losses.append(train_loss)
+            record = {"step": done, "loss": train_loss, "lr": lr,
+                      "tokens_per_s": cfg.global_batch * cfg.seq_len / dt, "ms_per_step": 1000 * dt,
+                      "peak_mem_mb": _peak_memory_mb(ctx.device), **extras}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm.item()
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                with _synchronized(ctx):  # new shapes may be tuned: decided once, on rank 0
+                    val_loss = record["val_loss"] = evaluate(model, corpus.val, cfg, ctx)
+                _say(ctx, f"step {done}/{cfg.steps}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                          f"lr {lr:.3g}, {record['tokens_per_s']:,.0f} tokens/s")
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", ms=f"{1000 * dt:.0f}")
+            records.append(record)
+            if log:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            ckpt.after_step(done)  # every ckpt_every steps and at the end
+    finally:
+        bar.close()
         if log:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        ckpt.after_step(step + 1)  # every ckpt_every steps and at the end
-    wall = time.perf_counter() - start
-    if log:
-        log.close()
-
+            log.close()
+    if start_step >= cfg.steps:
+        _say(ctx, f"nothing to train: the checkpoint is at step {start_step} and --steps is {cfg.steps}")
     sample = generate_sample(model, corpus.tokenizer, cfg, ctx) if cfg.sample_tokens else None
-    if sample is not None and ctx.is_main and cfg.progress:
-        print(f"--- sample ---\n{sample}\n--------------")
-    return {"losses": losses, "start_step": start_step, "val_loss": val_loss, "wall_s": wall,
-            "tokens_per_s": tokens_per_step * (cfg.steps - start_step) / wall, "sample": sample,
-            "config": asdict(cfg), "model": model, "optimizer": optimizer}
+    if sample is not None:
+        _say(ctx, f"--- sample ---\n{sample}\n--------------")
+    wall = time.perf_counter() - wall_start
+    _say(ctx, report.summary(cfg, ctx, model, steps_run=len(losses), wall_s=wall, train_s=train_s,
+                             last_loss=losses[-1] if losses else None, val_loss=val_loss, peak=peak,
+                             checkpoint=ckpt.last_saved))
+    return {"losses": losses, "records": records, "start_step": start_step, "val_loss": val_loss,
+            "wall_s": wall, "tokens_per_s": cfg.global_batch * cfg.seq_len * len(losses) / max(train_s, 1e-9),
+            "sample": sample, "config": asdict(cfg), "model": model, "optimizer": optimizer}
 
 
+@torch.no_grad()
 def generate_sample(model, tokenizer, cfg: TrainConfig, ctx: ParallelContext) -> str | None:
-    """Every rank runs the model (TP needs them all) with the same generator; the text is
-    the same everywhere."""
+    """Sample cfg.sample_tokens after a newline, with the KV cache. Every rank runs the model
+    (TP needs them all) with the same generator: the text is the same everywhere. Under
+    sequence parallelism the model's inputs are right-padded to a multiple of tp (exact)."""
     if tokenizer is None:
         return None
-    model.eval()
-    multiple = ctx.tp_size if cfg.sequence_parallel else 1  # SP splits the context over tp ranks
-    prompt = torch.tensor([tokenizer.encode("\n") * multiple], device=ctx.device)
+    prompt = torch.tensor([tokenizer.encode("\n")], device=ctx.device)
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
-    out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50, generator=gen,
-                         context_multiple=multiple)
-    model.train()
+    was_training = model.training
+    model.eval()
+    try:
+        with _synchronized(ctx):  # generation's shapes are new: tuned once, on rank 0, for all
+            out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50, generator=gen,
+                                 context_multiple=ctx.tp_size if cfg.sequence_parallel else 1)
+    finally:
+        model.train(was_training)
     return tokenizer.decode(out[0].tolist())

@@ -1,0 +1,70 @@
+"""The banner/summary numbers: FLOPs per token counted by hand, the peak FLOPs table, MFU, and
+run_checked (a setup check that fails on some ranks is reported once, by the first of them)."""
+import types
+
+import pytest
+import torch
+
+from rank_pool import world
+from tinymeg.models import GPT2Model, GPTConfig
+from tinymeg.train import report
+
+
+def test_flops_per_token_by_hand():
+    """Tiny GPT-2 (2 layers, width 32, vocab 65 padded to 128, context 32), sequences of 16:
+    6 x (the weights every token multiplies) + 12 x layers x seq x width for attention."""
+    model = GPT2Model(GPTConfig.tiny())
+    C, L = 32, 2
+    block = 12 * C * C + 9 * C + 4 * C       # c_attn, c_proj, c_fc, mlp.c_proj weights; 4 biases; 2 norms
+    weights = 128 * C + L * block + 2 * C     # tied wte / lm_head, the blocks, ln_f (wpe: a lookup)
+    assert report.flops_per_token(model, 16) == 6 * weights + 12 * L * 16 * C
+
+
+def test_peak_flops_from_the_table_the_flag_or_a_measurement(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda = types.SimpleNamespace(type="cuda")
+    assert report.peak_flops(cuda, torch.bfloat16) == (pytest.approx(989e12), "NVIDIA H100 80GB HBM3, bf16 dense, datasheet")
+    assert report.peak_flops(cuda, torch.float32)[0] == pytest.approx(66.9e12)   # fp32 matmuls at "highest"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert report.peak_flops(cuda, torch.bfloat16)[0] == pytest.approx(756e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert report.peak_flops(cuda)[0] == 0 and "pass --peak-tflops" in report.peak_flops(cuda)[1]
+    assert report.peak_flops(cuda, configured_tflops=123.0) == (123e12, "--peak-tflops")
+    flops, source = report.peak_flops(torch.device("cpu"), measure_s=0.05)
+    assert flops > 1e8 and source.startswith("measured")
+
+
+def test_summary_mfu_is_achieved_over_peak():
+    from tinymeg.train import TrainConfig
+    model = GPT2Model(GPTConfig.tiny(block_size=16))
+    cfg = TrainConfig(dp=2, micro_batch=4, seq_len=16, steps=10)
+    ctx = types.SimpleNamespace(world_size=2)
+    text = report.summary(cfg, ctx, model, steps_run=10, wall_s=12.0, train_s=10.0, last_loss=2.0, val_loss=2.5,
+                          peak=(1e9, "test"), checkpoint=None)
+    tok_s = 10 * 8 * 16 / 10.0
+    mfu = 100 * tok_s * report.flops_per_token(model, 16) / 2e9
+    assert f"{tok_s:,.0f} tokens/s, MFU {mfu:.2f}% of 2 x 0.001 TFLOP/s (test)" in text
+    assert "train 2.0000, val 2.5000 at step 10" in text
+
+
+def _run_checked_body(failing):
+    from rank_pool import get_ctx
+    from tinymeg.train.checks import PeerError, run_checked
+    ctx = get_ctx(dp=2)
+
+    def check():
+        if ctx.rank in failing:
+            raise FileNotFoundError(f"rank {ctx.rank}'s file")
+        return "ok"
+    try:
+        return run_checked(ctx, check)
+    except PeerError:
+        return "peer"
+    except FileNotFoundError as e:
+        return f"own error, first failed: {e.first_failed_rank}"
+
+
+@pytest.mark.parametrize("failing,want", [((), ["ok", "ok"]), ((1,), ["peer", "own error, first failed: 1"]),
+                                          ((0, 1), ["own error, first failed: 0"] * 2)])
+def test_run_checked_makes_every_rank_agree(failing, want):
+    assert world(2).run(_run_checked_body, failing) == want
