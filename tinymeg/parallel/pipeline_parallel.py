@@ -316,10 +316,12 @@ class PipelineParallelMixin:
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 context_multiple: int = 1) -> torch.Tensor:
+                 context_multiple: int = 1, kv_cache: bool = False) -> torch.Tensor:
         """GPT2Model.generate with the last stage sampling: it draws each token exactly as the
         unsharded model does (same logits, same generator) and sends it to the other stages, so
-        every rank returns the same text. Only the last stage's ranks use ``generator``."""
+        every rank returns the same text. Only the last stage's ranks use ``generator``.
+        Without a KV cache (``kv_cache`` is accepted for GPT2Model's signature and ignored):
+        each token recomputes the context, as ``GPT2Model.generate(kv_cache=False)`` does."""
         if idx.size(1) < context_multiple:
             raise ValueError(f"the prompt needs at least {context_multiple} tokens, got {idx.size(1)}")
         st = self.pipeline

@@ -89,10 +89,10 @@ def clip_grad_norm_(params, max_norm: float, group: dist.ProcessGroup | None = N
             + _local(g).float().pow(2).sum()
     total = torch.zeros((), dtype=torch.float32, device=device)
     for groups, sq in sums.items():
-        for group in groups:
-            dist.all_reduce(sq, group=group)
+        for shard_group in groups:
+            dist.all_reduce(sq, group=shard_group)
         total = total + sq
-    if group is not None:
+    if group is not None:  # the pp group: the other stages' squares
         dist.all_reduce(total, group=group)
     norm = total.sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
