@@ -156,6 +156,7 @@ class PipelineState:
     group: dist.ProcessGroup                  # the pp group: this rank's stages' neighbours
     tied_group: dist.ProcessGroup | None      # first and last stage ranks (tied wte/lm_head)
     compile: bool = False
+    whole_num_params: int = 0                 # the unsplit model's GPT2Model.num_params()
     sync: bool = True                         # False inside no_sync() when DP is not applied
     grad_scale: float = 1.0
     schedule: object = None                   # built at the first train_step (after TP, DP)
@@ -203,6 +204,10 @@ class PipelineParallelMixin:
     @property
     def holds_lm_head(self) -> bool:
         return self.pipeline.ctx.pp_rank == self.pipeline.ctx.pp_size - 1
+
+    def num_params(self) -> int:
+        """The whole model's parameters (every stage's; the tied weight once), as GPT2Model counts them."""
+        return self.pipeline.whole_num_params
 
     # ---- training
 
@@ -469,6 +474,7 @@ def apply_pipeline_parallel(model: GPT2Model, ctx: ParallelContext, schedule: st
     stage_ids = list(range(ctx.pp_rank, n_stages, pp))
     first, last = ctx.pp_rank == 0, ctx.pp_rank == pp - 1
     tied = model.lm_head.weight is model.transformer.wte.weight
+    whole_num_params = model.num_params()
 
     # Keep this rank's blocks under their original indices; drop the rest.
     h = model.transformer.h
@@ -491,6 +497,6 @@ def apply_pipeline_parallel(model: GPT2Model, ctx: ParallelContext, schedule: st
 
     model.pipeline = PipelineState(ctx, schedule, microbatches, stages_per_rank, layers, stage_ids,
                                    ctx.mesh["pp"].get_group(), tied_group if (first or last) else None,
-                                   compile=compile)
+                                   compile=compile, whole_num_params=whole_num_params)
     model.__class__ = type(f"Pipelined{type(model).__name__}", (PipelineParallelMixin, type(model)), {})
     return model
