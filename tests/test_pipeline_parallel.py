@@ -296,8 +296,8 @@ def test_pipeline_errors_name_the_value_and_the_fix(args, message):
 def test_recipe_flags_are_checked_before_anything_starts(monkeypatch, capsys):
     from tinymeg.train.cli import parse_args
     monkeypatch.setenv("WORLD_SIZE", "4")
-    cases = [(["--pp", "2", "--tp", "2", "--dp", "2"], "--pp 2 x --dp 2 x --tp 2 = 8 ranks, but torchrun "
-              "started 4 process(es)"),
+    cases = [(["--pp", "2", "--tp", "2", "--dp", "2"], "mesh pp=2 x dp=2 x cp=1 x tp=2 = 8 ranks, but the world "
+              "has 4 processes"),
              (["--pp", "2", "--dp", "2", "--n-layer", "3"], "n_layer=3 blocks do not split evenly into 2"),
              (["--pp", "2", "--dp", "2", "--micro-batch", "3"], "2 pipeline microbatches do not divide the "
               "micro-batch of 3"),
