@@ -462,8 +462,8 @@ def test_recipe_trains_a_pipeline_under_torchrun(tmp_path):
     from test_train import _torchrun
     records, stdout = _torchrun("train.py", 2, "--pp", "2", "--n-layer", "4", "--pp-schedule", "interleaved-1f1b",
                                 "--pp-stages-per-rank", "2", tmp_path=tmp_path)
-    assert [r["step"] for r in records] == list(range(8))
-    assert [r["step"] for r in records if "val_loss" in r] == [3, 7]
+    assert [r["step"] for r in records] == list(range(1, 9))  # optimizer steps done
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
     losses, sample = world(1).run(_recipe_reference_body)[0]
     assert [r["loss"] for r in records] == pytest.approx(losses, rel=1e-5)
     assert f"--- sample ---\n{sample}\n" in stdout
@@ -482,7 +482,7 @@ def _old_format_body(path):
 def test_checkpoint_of_an_older_format_is_a_clear_error(tmp_path):
     """Format 2 flattened the optimizer state (one key per parameter, for pipeline stages)."""
     import json
-    world(1).run(_ckpt_train_body, steps=1, ckpt_every=0, ckpt_dir=str(tmp_path))
+    world(1).run(_ckpt_train_body, steps=1, warmup=1, ckpt_every=0, ckpt_dir=str(tmp_path))
     meta_path = tmp_path / "step_000001" / "tinymeg.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "format": 1}))
