@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import queue
 import sys
+import time
 import traceback
 from datetime import timedelta
 
@@ -19,6 +20,9 @@ from tinymeg.context import _free_port  # one home for "a free local port"
 
 COLLECTIVE_TIMEOUT_S = 60
 TEST_TIMEOUT_S = 300
+# Starting n ranks (each imports torch and connects) is not a test's time: on a loaded 2-core
+# machine an 8-rank pool can take minutes to come up.
+STARTUP_TIMEOUT_S = 900
 
 
 def _worker(rank, world_size, port, tasks, results, path):
@@ -30,6 +34,7 @@ def _worker(rank, world_size, port, tasks, results, path):
     torch.set_num_threads(1)  # 2 cores shared by up to 4 ranks: no oversubscription
     dist.init_process_group("gloo", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    results.put((rank, True, "ready"))
     while (task := tasks.get()) is not None:
         fn, args, kwargs = task
         try:
@@ -51,6 +56,16 @@ class RankPool:
                       for r in range(world_size)]
         for p in self.procs:
             p.start()
+        ready, deadline = 0, time.monotonic() + STARTUP_TIMEOUT_S
+        while ready < world_size:  # every rank says "ready" once its process group is up
+            try:
+                self.results.get(timeout=5)
+                ready += 1
+            except queue.Empty:
+                if not self.alive() or time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError(f"the {world_size}-rank pool did not start: "
+                                       f"{'a rank died' if not self.alive() else f'{STARTUP_TIMEOUT_S}s passed'}") from None
 
     def run(self, fn, *args, **kwargs) -> list:
         for q in self.tasks:

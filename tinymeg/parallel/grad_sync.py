@@ -321,6 +321,15 @@ class GradSync:
             bucket.work = dist.reduce_scatter_single(bucket.output, bucket.buffer, group=bucket.group,
                                                      async_op=True)
 
+    def reduce_accumulated(self) -> None:
+        """Reduce now, outside any backward, what backwards run under no_sync() accumulated: the
+        end of a synced backward, called by hand. Pipeline parallelism runs each microbatch's
+        backward separately (each covers one stage), so it reduces once after the schedule's last."""
+        if self.holders is None and self.default_mesh.size() == 1 and all(
+                data_parallel_mesh(p, self.default_mesh).size() == 1 for p in self.params):
+            return                            # nothing to average: the gradients are on p.grad
+        self._finish()
+
     def _finish(self) -> None:
         """End of a synced backward: launch what is left, wait, deliver the averaged gradients."""
         try:

@@ -4,7 +4,8 @@ A recipe builds the plain single-device model and calls ``parallelize(model, ctx
 (``ctx``) says which dims are on. The order matters and lives only here:
 
 1. **pipeline** (pp): split the model into stages first, so every later step sees only this
-   stage's layers.
+   stage's layers (``pipeline=dict(schedule=, microbatches=, ...)``: apply_pipeline_parallel's
+   options). Under pp, compile is per stage (when the schedule is built) and ZeRO-3 is refused.
 2. **tensor** (tp, + sequence and loss parallel): swap Linears/Embeddings for sharded ones; the
    parameters become DTensors on the tp mesh.
 3. **context** (cp): swap attention's core for ring attention and split the sequence; it reads
@@ -27,6 +28,7 @@ from .context_parallel import apply_context_parallel
 from .data_parallel import DEFAULT_BUCKET_MB, apply_data_parallel, compile_model
 from ..models.moe import moe_layers
 from .expert_parallel import apply_expert_parallel, unprepared_moe_layers
+from .pipeline_parallel import apply_pipeline_parallel
 from .plan import gpt2_tp_config
 from .tensor_parallel import apply_tensor_parallel
 
@@ -34,19 +36,29 @@ from .tensor_parallel import apply_tensor_parallel
 def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None, *,
                 sequence_parallel: bool = False, loss_parallel: bool = False,
                 bucket_mb: float = DEFAULT_BUCKET_MB, zero: int = 0, param_dtype=None, compile: bool = False,
-                cp_position_embedding: str | None = "wpe", cp_block: str = "auto") -> nn.Module:
+                cp_position_embedding: str | None = "wpe", cp_block: str = "auto",
+                pipeline: dict | None = None) -> nn.Module:
     """Apply every dim of ``ctx`` that is on to ``model`` (in place) and return it.
 
     ``plan``: the tensor-parallel plan (either form of ``apply_tensor_parallel``; default
     GPT-2's); ``sequence_parallel`` / ``loss_parallel`` switch those on in it (both need tp > 1
     and are ignored at tp = 1, where there is nothing to shard). ``bucket_mb``, ``zero``,
     ``param_dtype``: see ``apply_data_parallel``. ``compile``: ``torch.compile(fullgraph=True)`` the model's forward in place.
-    ``cp_position_embedding``, ``cp_block``: see ``apply_context_parallel``.
+    ``cp_position_embedding``, ``cp_block``: see ``apply_context_parallel``. ``pipeline``: the
+    keyword arguments of ``apply_pipeline_parallel`` (schedule, microbatches, stages_per_rank,
+    split_points, uneven) when pp > 1; train a pipelined model with ``model.train_step``.
     """
-    # 1. Pipeline parallelism: the lead wires in branch `pipeline`'s stage split here.
+    # 1. Pipeline parallelism: this rank keeps its stages' layers.
     if ctx.pp_size > 1:
-        raise NotImplementedError(f"pp={ctx.pp_size}: pipeline parallelism is not part of parallelize "
-                                  f"yet on this branch; use pp=1")
+        if zero == 3:
+            raise ValueError(f"zero=3 with pp={ctx.pp_size}: ZeRO-3 (FSDP2) gathers parameters in hooks on "
+                             f"the model's forward, which pipeline stages do not run as one; use zero 0, 1 or 2 "
+                             f"with pipeline parallelism")
+        model = apply_pipeline_parallel(model, ctx, **(pipeline or {}), compile=compile)
+        compile = False  # per stage, when the schedule is built
+    elif pipeline:
+        raise ValueError(f"pipeline options {sorted(pipeline)} given, but the mesh has pp=1: pass a "
+                         f"ParallelContext with pp > 1, or leave pipeline out")
     # 2. Tensor parallelism (+ sequence parallel, loss parallel).
     if ctx.tp_size > 1:  # at tp=1 plain tensors are cheaper than 1-rank DTensors
         tp_config = dict(gpt2_tp_config(getattr(model, "config", None)) if plan is None else plan)

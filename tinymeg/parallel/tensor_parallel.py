@@ -12,7 +12,7 @@ from ..nn.layers import (ColumnParallelLinear, ParallelDropout, RowParallelLinea
                          is_transposed_linear, replicate_module)
 from ..nn.region import RESIDUAL, Region
 from .plan import (ColumnParallel, RowParallel, Style, VocabParallel, check_pairing, gpt2_tp_config,
-                   normalize_plan, resolve_plan)
+                   matches, normalize_plan, resolve_plan)
 
 SEQ_DIM = 1
 
@@ -39,7 +39,12 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     _check_model(model, ctx)
     config = gpt2_tp_config(getattr(model, "config", None)) if tp_config is None else tp_config
     mesh, tp = ctx.mesh["tp"], ctx.tp_size
-    plan = resolve_plan(normalize_plan(config, model), model)
+    plan = normalize_plan(config, model)
+    if getattr(model, "pipeline", None) is not None:
+        # a pipeline stage holds some of the model: patterns for the other stages' modules match nothing here
+        names = [n for n, _ in model.named_modules() if n]
+        plan = {pattern: style for pattern, style in plan.items() if any(matches(pattern, n) for n in names)}
+    plan = resolve_plan(plan, model)
     for name, style in plan.items():
         _check_shardable(name, model.get_submodule(name), style, tp)
     _check_heads(model, plan, tp)
@@ -48,10 +53,12 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     sp = bool(config.get("sequence_parallel"))
     span = _sp_span(model, plan, config.get("sequence_parallel_entry")) if sp else None
     exit_name = config.get("sequence_parallel_exit") if sp else None
-    if exit_name is not None:
+    if getattr(model, "output_sequence_sharded", False):
+        exit_name = None  # a pipeline stage before the last: it sends its output on, still sharded
+    elif exit_name is not None:
         _get(model, exit_name, "sequence_parallel_exit")
     loss_parallel = bool(config.get("loss_parallel"))
-    if loss_parallel and not _has_vocab_sharded_head(model, plan):
+    if loss_parallel and getattr(model, "holds_lm_head", True) and not _has_vocab_sharded_head(model, plan):
         raise ValueError("loss_parallel needs a vocab-sharded LM head: a Linear tied to a "
                          "VocabParallel embedding, or one planned as ColumnParallel(gather_output=True)")
 
@@ -124,16 +131,23 @@ def _sp_span(model: nn.Module, plan: dict[str, Style], entry: str | None) -> lis
     start = _get(model, entry, "sequence_parallel_entry")
     parent_name, _, index = entry.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, nn.ModuleList) and index.isdigit():
-        return list(parent)[int(index):]
+    if _holds_blocks(parent) and index.isdigit():
+        blocks = list(parent.values()) if isinstance(parent, nn.ModuleDict) else list(parent)
+        return blocks[[m is start for m in blocks].index(True):]
     return [start]
+
+
+def _holds_blocks(module: nn.Module) -> bool:
+    """A ModuleList, or a ModuleDict keyed by block indices (a pipeline stage's blocks)."""
+    return isinstance(module, nn.ModuleList) or (
+        isinstance(module, nn.ModuleDict) and len(module) > 0 and all(k.isdigit() for k in module.keys()))
 
 
 def _default_sp_entry(model: nn.Module, plan: dict[str, Style]) -> str:
     columns = [n for n, s in plan.items() if isinstance(s, ColumnParallel)]
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList):
-            for i, _ in enumerate(module):
+        if _holds_blocks(module):
+            for i in (module.keys() if isinstance(module, nn.ModuleDict) else range(len(module))):
                 if any(c.startswith(f"{name}.{i}.") for c in columns):
                     return f"{name}.{i}"
     raise ValueError("sequence_parallel needs to know where the sequence is split: the model has no "
@@ -149,8 +163,11 @@ def _apply_sequence_parallel(model: nn.Module, region: Region, span: list[nn.Mod
         region.seq, region.where = True, RESIDUAL
         return _map_first_tensor(args, kwargs, lambda x: split_seq(x, mesh)) if first else None
 
+    # a pipeline stage after the first receives its input already split, from the stage before
+    split_input = not getattr(model, "input_sequence_sharded", False)
     for i, block in enumerate(span):
-        block.register_forward_pre_hook(lambda m, a, k, first=i == 0: enter_span(m, a, k, first), with_kwargs=True)
+        block.register_forward_pre_hook(lambda m, a, k, first=i == 0 and split_input: enter_span(m, a, k, first),
+                                        with_kwargs=True)
         for module in block.modules():
             # attention, MLP: the modules holding column-parallel layers get the whole sequence.
             # Not the block itself (its residual stays on shards): column layers held by the block
@@ -166,7 +183,9 @@ def _apply_sequence_parallel(model: nn.Module, region: Region, span: list[nn.Mod
         region.seq = False
         return gather_from_tp(x, mesh, dim=SEQ_DIM)
 
-    if exit_name is None:
+    if getattr(model, "output_sequence_sharded", False):
+        pass  # a pipeline stage before the last: its output goes to the next stage on sequence shards
+    elif exit_name is None:
         span[-1].register_forward_hook(lambda m, a, out: _map_first_tensor((out,), {}, leave_span)[0][0])
     elif not isinstance(model.get_submodule(exit_name), ColumnParallelLinear):
         model.get_submodule(exit_name).register_forward_pre_hook(

@@ -70,7 +70,7 @@ from .optim import set_weight_decay
 
 META = "tinymeg.json"
 LATEST = "latest"
-FORMAT = 1
+FORMAT = 2  # 2: the optimizer state flattened to one key per parameter (see _on_disk)
 _STEP_DIR = re.compile(r"step_(\d+)$")
 # Training settings that change the run's trajectory: resuming with other values works, but
 # the result is not what the uninterrupted run would have given (warned about, not an error).
@@ -221,6 +221,35 @@ def _tied(model: nn.Module) -> dict[str, str]:
     return tied
 
 
+# The optimizer's state dict is flattened: "state.<fqn>.exp_avg", "param_groups.<fqn>.lr"... so
+# every key names one parameter. Pipeline stages hold different parameters and each writes its
+# own keys; a nested "param_groups" list (one per rank, naming that rank's parameters) would be
+# written once, by one stage, and given to all. The same flat keys load on any pp size.
+# (torch's StateDictOptions(flatten_optimizer_state_dict=True) does this too, but ZeRO's
+# get_state_dict is not torch's: one flattening for both.)
+
+def _flatten_optim(optim_sd: dict) -> dict:
+    flat = {f"state.{fqn}.{k}": v for fqn, s in optim_sd["state"].items() for k, v in s.items()}
+    for group in optim_sd["param_groups"]:
+        for fqn in group["params"]:
+            flat.update({f"param_groups.{fqn}.{k}": v for k, v in group.items() if k != "params"})
+    return flat
+
+
+def _unflatten_optim(flat: dict, like: dict) -> dict:
+    """The nested state dict ``like`` (this rank's, from get_state_dict) with ``flat``'s values."""
+    state = {fqn: {k: flat[f"state.{fqn}.{k}"] for k in s} for fqn, s in like["state"].items()}
+    groups = [{**{k: flat.get(f"param_groups.{g['params'][0]}.{k}", v) if g["params"] else v
+                  for k, v in g.items() if k != "params"}, "params": g["params"]}
+              for g in like["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _optim_fqn(key: str) -> str | None:
+    """The parameter a flat optimizer-state key belongs to: "state.<fqn>.<name>" -> fqn."""
+    return key[len("state."):].rpartition(".")[0] if key.startswith("state.") else None
+
+
 def _on_disk(model: nn.Module, model_sd: dict, optim_sd: dict | None) -> dict:
     """The dict DCP saves and loads: the state dicts with stacked parameters as views, and a
     tied parameter once (it is one tensor: loading the first name loads it)."""
@@ -228,10 +257,20 @@ def _on_disk(model: nn.Module, model_sd: dict, optim_sd: dict | None) -> dict:
     out = {"model": {k: _stacked(v, stacked[k]) if k in stacked else v for k, v in model_sd.items()
                      if k not in tied}}
     if optim_sd is not None:
-        state = {fqn: {name: _stacked(v, stacked[fqn]) if fqn in stacked and torch.is_tensor(v) and v.dim() else v
-                       for name, v in s.items()} for fqn, s in optim_sd["state"].items()}
-        out["optim"] = {"state": state, "param_groups": optim_sd["param_groups"]}
+        out["optim"] = {k: _stacked(v, stacked[fqn]) if (fqn := _optim_fqn(k)) in stacked and torch.is_tensor(v)
+                        and v.dim() else v for k, v in optim_sd.items()}
     return out
+
+
+def _whole_model(model: nn.Module, ctx) -> dict:
+    """The stacked, tied and parameter shapes of the whole model. Under pipeline parallelism
+    each stage holds some of the parameters: the stages' lists are merged (a collective over pp)."""
+    mine = {"stacked": _stacked_counts(model), "tied": _tied(model), "param_shapes": _shapes(model)}
+    if getattr(ctx, "pp_size", 1) == 1:
+        return mine
+    stages = [None] * ctx.pp_size
+    dist.all_gather_object(stages, mine, group=ctx.mesh["pp"].get_group())
+    return {key: {k: v for stage in stages for k, v in stage[key].items()} for key in mine}
 
 
 def _model_config(model: nn.Module) -> dict | None:
@@ -243,11 +282,12 @@ def _shapes(model: nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_compatible(meta: dict, model: nn.Module, path: str) -> None:
+def check_compatible(meta: dict, model: nn.Module, path: str, shapes: dict | None = None) -> None:
     """Parameter names and global shapes must match, and so must every model config field
     that changes what the model computes (n_head, vocab_size, ...: parameters of the same
-    shapes can mean another model); name every one that does not."""
-    saved, now = meta["param_shapes"], _shapes(model)
+    shapes can mean another model); name every one that does not. ``shapes``: the whole
+    model's (_whole_model), when this rank holds only a part of it (a pipeline stage)."""
+    saved, now = meta["param_shapes"], _shapes(model) if shapes is None else shapes
     bad = [f"{k}: checkpoint {tuple(saved[k]) if k in saved else 'absent'}, model "
            f"{tuple(now[k]) if k in now else 'absent'}"
            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
@@ -370,8 +410,9 @@ def save(ckpt_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Opti
         shutil.rmtree(tmp, ignore_errors=True)          # a dead attempt's leftovers
         os.makedirs(os.path.join(tmp, "rng"))
     dist.barrier()
+    whole = _whole_model(model, ctx)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save(_on_disk(model, model_sd, optim_sd), checkpoint_id=tmp)
+    dcp.save(_on_disk(model, model_sd, _flatten_optim(optim_sd)), checkpoint_id=tmp)
     with open(os.path.join(tmp, "rng", f"rank_{ctx.rank:05d}.pt"), "wb") as f:
         torch.save(_rng_state(ctx.device), f)
         f.flush()
@@ -382,9 +423,7 @@ def save(ckpt_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Opti
                  for root, _, names in os.walk(tmp) for n in names}
         record = {"format": FORMAT, "step": step, "mesh": dict(ctx.sizes),
                   "world_size": ctx.world_size, "torch": torch.__version__, "saved_at": time.time(),
-                  "model_config": _model_config(model), **(meta or {}),
-                  "stacked": _stacked_counts(model), "tied": _tied(model), "param_shapes": _shapes(model),
-                  "files": files}
+                  "model_config": _model_config(model), **(meta or {}), **whole, "files": files}
         _write(os.path.join(tmp, META), json.dumps(record, indent=1).encode())
         _commit(tmp, final, ckpt_dir)
         _prune(ckpt_dir, final, keep_last)
@@ -398,14 +437,22 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, ctx, see
     Verifies the files and the parameter shapes first. Returns the checkpoint's tinymeg.json.
     """
     meta = verify(path)
-    check_compatible(meta, model, path)
+    if meta.get("format", 1) != FORMAT:
+        raise ValueError(f"checkpoint {path!r} has format {meta.get('format', 1)}, this tinymeg reads format "
+                         f"{FORMAT} (the optimizer state is laid out differently): resume it with the "
+                         f"tinymeg that saved it, or export its model (recipes/export.py) and start anew")
+    check_compatible(meta, model, path, _whole_model(model, ctx)["param_shapes"])
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    flat = _flatten_optim(optim_sd)
+    on_disk = _on_disk(model, model_sd, flat)
     try:
         # DCP reads into the tensors of this dict in place: the views share the parameters' memory.
-        dcp.load(_on_disk(model, model_sd, optim_sd), checkpoint_id=path)
+        dcp.load(on_disk, checkpoint_id=path)
     except Exception as e:  # noqa: BLE001 - DCP's errors can be long; say which checkpoint first
         raise RuntimeError(f"could not load checkpoint {path!r} (damaged?): {e}") from e
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    # values that are not tensors (lr, betas...) DCP replaced in on_disk's dict
+    flat.update({k: v for k, v in on_disk["optim"].items() if not torch.is_tensor(flat[k])})
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=_unflatten_optim(flat, optim_sd))
 
     if {**{d: 1 for d in ctx.sizes}, **meta["mesh"]} == ctx.sizes:  # the same mesh: the same ranks
         with open(os.path.join(path, "rng", f"rank_{ctx.rank:05d}.pt"), "rb") as f:
@@ -480,6 +527,7 @@ class Checkpointer:
         Every check that reads files runs on every rank before any collective, and all ranks
         agree on the outcome (checks.run_checked): a bad checkpoint is one error, not a hang."""
         cfg = self.cfg
+        self.whole_shapes = _whole_model(self.model, self.ctx)["param_shapes"]  # pp: every stage's
         path = run_checked(self.ctx, self._checked_source)
         if path is None:
             return 0
@@ -500,7 +548,7 @@ class Checkpointer:
             check_writable(self.cfg.ckpt_dir)
         path = self._source()
         if path is not None:
-            check_compatible(verify(path), self.model, path)
+            check_compatible(verify(path), self.model, path, self.whole_shapes)
         return path
 
     def _source(self) -> str | None:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from ..context import resolve_sizes
 from ..models import GPTConfig
 from ..parallel.context_parallel import check_seq_len
+from ..parallel.pipeline_parallel import check_pipeline
 
 
 DEFAULT_WARMUP = 20  # LR warmup steps when none is asked for (capped at a tenth of the steps)
@@ -41,7 +42,7 @@ def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
     cfg = dataclasses.replace(cfg, dp=sizes["dp"])
     if cfg.warmup is None and isinstance(cfg.steps, int):
         cfg = dataclasses.replace(cfg, warmup=default_warmup(cfg.steps))
-    tp, cp, ep = sizes["tp"], sizes["cp"], sizes["ep"]
+    tp, cp, ep, pp = sizes["tp"], sizes["cp"], sizes["ep"], sizes.get("pp", 1)
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -93,6 +94,8 @@ def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
     need(not (cfg.n_experts and cfg.init_from),
          f"--init-from loads GPT-2's dense weights, and --n-experts {cfg.n_experts} asks for a "
          f"mixture-of-experts model: drop one of them")
+    if pp > 1:
+        _check_pipeline_config(cfg, pp, cp)
     check_device(cfg.device)
     check_flags(cfg)
     return cfg
@@ -102,6 +105,34 @@ def default_warmup(steps: int, warmup: int | None = None) -> int:
     """The warmup a run gets when none is asked for: ``warmup`` (a recipe's default, else
     DEFAULT_WARMUP), or a tenth of the steps if that is fewer, so that it never outlasts a short run."""
     return min(warmup or DEFAULT_WARMUP, max(1, steps // 10))
+
+
+def pipeline_args(cfg) -> dict:
+    """apply_pipeline_parallel's keyword arguments (tm.parallelize's ``pipeline=``) from the flags."""
+    try:
+        points = [int(p) for p in cfg.pp_split_points.split(",")] if cfg.pp_split_points else None
+    except ValueError:
+        raise ConfigError(f"--pp-split-points {cfg.pp_split_points!r} must be block indices separated "
+                          f"by commas, e.g. 2,5") from None
+    return dict(schedule=cfg.pp_schedule, microbatches=cfg.pp_microbatches or cfg.pp,
+                stages_per_rank=cfg.pp_stages_per_rank, split_points=points, uneven=cfg.pp_uneven)
+
+
+def _check_pipeline_config(cfg, pp: int, cp: int) -> None:
+    if cp > 1:
+        raise ConfigError(f"--pp {pp} with --cp {cp}: pipeline parallelism with context parallelism is not "
+                          f"built yet; use --cp 1 with --pp, or --pp 1 with --cp")
+    if cfg.n_experts:
+        raise ConfigError(f"--pp {pp} with --n-experts {cfg.n_experts}: pipeline parallelism of a "
+                          f"mixture-of-experts model is not built yet (its balancing loss spans the stages); "
+                          f"use --pp 1 with --n-experts (and --ep), or a dense model with --pp")
+    if cfg.zero == 3:
+        raise ConfigError(f"--pp {pp} with --zero 3: ZeRO-3 (FSDP2) gathers parameters in hooks on the "
+                          f"model's forward, which pipeline stages do not run as one; use --zero 0, 1 or 2")
+    try:
+        check_pipeline(cfg.n_layer, pp, micro_batch=cfg.micro_batch, **pipeline_args(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_flags(cfg) -> None:

@@ -47,11 +47,23 @@ def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentP
     mesh = p.add_argument_group("mesh (their product is the number of processes torchrun starts)")
     mesh.add_argument("--tp", type=int, default=base.tp, help="tensor-parallel size")
     mesh.add_argument("--dp", type=int, default=base.dp,
-                      help="data-parallel size; -1: the processes the other dims leave (world / (tp x cp))")
+                      help="data-parallel size; -1: the processes the other dims leave (world / (pp x tp x cp))")
     mesh.add_argument("--cp", type=int, default=base.cp,
                       help="context-parallel size: each sequence split over cp ranks (--seq-len a multiple of 2 x cp)")
     mesh.add_argument("--ep", type=int, default=base.ep,
                       help="expert-parallel size, carved out of dp (must divide it; needs --n-experts)")
+    mesh.add_argument("--pp", type=int, default=base.pp,
+                      help="pipeline-parallel size: the blocks split into pp stages (outermost mesh dim)")
+    mesh.add_argument("--pp-schedule", default=base.pp_schedule, choices=["gpipe", "1f1b", "interleaved-1f1b"],
+                      help="pipeline schedule (torch.distributed.pipelining)")
+    mesh.add_argument("--pp-microbatches", type=int, default=base.pp_microbatches, metavar="M",
+                      help="pipeline microbatches per micro-batch (must divide --micro-batch); 0: pp")
+    mesh.add_argument("--pp-stages-per-rank", type=int, default=base.pp_stages_per_rank, metavar="V",
+                      help="virtual stages per rank, > 1 only with interleaved-1f1b")
+    mesh.add_argument("--pp-split-points", default=base.pp_split_points, metavar="I,J,...",
+                      help="the blocks where stages 2.. begin (default: an even split)")
+    mesh.add_argument("--pp-uneven", action="store_true", default=base.pp_uneven,
+                      help="split the blocks as evenly as possible when pp x V does not divide --n-layer")
     add("--steps", type=int, default=base.steps, help="optimizer steps to train for")
     add("--micro-batch", type=int, default=base.micro_batch, help="sequences per dp rank per micro-step")
     add("--grad-accum", type=int, default=base.grad_accum,

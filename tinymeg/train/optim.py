@@ -84,7 +84,8 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> fl
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params, max_norm: float, group: dist.ProcessGroup | None = None,
+                    shared=()) -> torch.Tensor:
     """Clip gradients by their global L2 norm and return that norm (before clipping).
 
     The norm is the unsharded model's. A parameter's gradient is read where data parallelism
@@ -93,22 +94,34 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     that shards it (tp, dp, or both: each rank holds different elements); replicated ones are
     counted once. Gradients are averaged over dp before this, so whether a gradient exists is
     the same on every rank, and so are the collectives below.
+    Under pipeline parallelism each stage holds other parameters: ``group`` (the pp group) sums
+    the stages' squares, and ``shared`` are parameters another stage holds too (the tied
+    embedding's second copy): clipped, but counted there only (``model.grad_norm_args()``).
     """
-    grads = [g for p in dict.fromkeys(params) if (g := optimizer_param(p).grad) is not None]
+    counted_elsewhere = {id(p) for p in shared}
+    grads, counted = [], []
+    for p in dict.fromkeys(params):
+        if (g := optimizer_param(p).grad) is not None:
+            grads.append(g)
+            counted.append(id(p) not in counted_elsewhere)
     if not grads:
         return torch.zeros(())
     device = _local(grads[0]).device
     sums: dict[tuple, torch.Tensor] = {}  # the groups that shard a gradient -> sum of its squares
-    for g in grads:
+    for g, count in zip(grads, counted):
+        if not count:
+            continue
         groups = tuple(g.device_mesh.get_group(i) for i, pl in enumerate(g.placements)
                        if isinstance(pl, (Shard, _StridedShard))) if isinstance(g, DTensor) else ()
         sums[groups] = sums.get(groups, torch.zeros((), dtype=torch.float32, device=device)) \
             + _local(g).float().pow(2).sum()
     total = torch.zeros((), dtype=torch.float32, device=device)
     for groups, sq in sums.items():
-        for group in groups:
-            dist.all_reduce(sq, group=group)
+        for shard_group in groups:
+            dist.all_reduce(sq, group=shard_group)
         total = total + sq
+    if group is not None:  # the pp group: the other stages' squares
+        dist.all_reduce(total, group=group)
     norm = total.sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     torch._foreach_mul_([_local(g) for g in grads], scale.to(_local(grads[0]).dtype))

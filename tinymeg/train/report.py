@@ -34,7 +34,7 @@ GPU_PEAK_TFLOPS = {
 def flops_per_token(model, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) of tinymeg's GPT-2, PaLM's estimate."""
     c = model.config
-    weights = model.num_params() - model.transformer.wpe.weight.numel()  # global sizes, also under TP
+    weights = model.num_params() - c.block_size * c.n_embd  # global sizes, also under TP and PP; less wpe
     return 6 * weights + 12 * c.n_layer * seq_len * c.n_embd
 
 

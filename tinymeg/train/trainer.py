@@ -33,7 +33,7 @@ from ..parallel import compile_model, gpt2_tp_config, parallelize
 from ..parallel.zero import memory_mb
 from . import report
 from .checkpoint import Checkpointer, maybe_inject_fault
-from .checks import ConfigError, check_config, rank_from_env, run_checked, world_size_from_env
+from .checks import ConfigError, check_config, pipeline_args, rank_from_env, run_checked, world_size_from_env
 from .optim import build_optimizer, clip_grad_norm_, compile_step, lr_at
 from .routing import RoutingLog
 
@@ -44,6 +44,12 @@ class TrainConfig:
     dp: int = -1                   # -1: the ranks the other dims leave (world / (tp x cp))
     cp: int = 1                    # context parallel: each sequence split over cp ranks
     ep: int = 1                    # expert parallel: experts sharded over ep of the dp ranks
+    pp: int = 1                    # pipeline stages (tinymeg/parallel/pipeline_parallel.py)
+    pp_schedule: str = "1f1b"      # gpipe | 1f1b | interleaved-1f1b
+    pp_microbatches: int = 0       # each micro-batch is cut into this many; 0: pp
+    pp_stages_per_rank: int = 1    # virtual stages per rank: > 1 only for interleaved-1f1b
+    pp_split_points: str | None = None  # "2,5": the blocks where stages 2.. begin; None: even
+    pp_uneven: bool = False        # allow an even-as-possible split when pp x V does not divide n_layer
     steps: int = 200
     micro_batch: int = 8
     grad_accum: int = 1
@@ -96,7 +102,7 @@ class TrainConfig:
 def mesh_sizes(cfg: TrainConfig) -> dict[str, int]:
     """The mesh dims the config asks for (dp=-1: the ranks the others leave). A parallelism
     with its own flag adds its dim here."""
-    return {"dp": cfg.dp, "ep": cfg.ep, "cp": cfg.cp, "tp": cfg.tp}
+    return {"pp": cfg.pp, "dp": cfg.dp, "ep": cfg.ep, "cp": cfg.cp, "tp": cfg.tp}
 
 
 def build_context(cfg: TrainConfig) -> ParallelContext:
@@ -120,7 +126,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> GPT2
         model = GPT2Model(model_config(cfg, vocab_size)).to(ctx.device)
     return parallelize(model, ctx, gpt2_tp_config(model.config), sequence_parallel=cfg.sequence_parallel,
                        loss_parallel=cfg.loss_parallel, bucket_mb=cfg.bucket_mb, zero=cfg.zero,
-                       param_dtype=cfg.dtype)
+                       param_dtype=cfg.dtype, compile=cfg.compile and cfg.pp > 1,  # pp: per stage
+                       pipeline=pipeline_args(cfg) if cfg.pp > 1 else None)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -147,12 +154,16 @@ def train_step(step: int, model, step_fn, optimizer, tokens: torch.Tensor, cfg: 
                          dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
         last = micro == cfg.grad_accum - 1
         with contextlib.nullcontext() if last else model.no_sync():  # one gradient reduction per step
-            loss = step_fn(x.to(ctx.device), y.to(ctx.device), return_logits=False)[1]
-            (loss / cfg.grad_accum).backward()  # the mean over the global batch
+            if ctx.pp_size > 1:  # pipeline: the schedule runs every microbatch's forward and backward
+                loss = model.train_step(x.to(ctx.device), y.to(ctx.device), grad_scale=1 / cfg.grad_accum)
+            else:
+                loss = step_fn(x.to(ctx.device), y.to(ctx.device), return_logits=False)[1]
+                (loss / cfg.grad_accum).backward()  # the mean over the global batch
         loss_sum += loss.detach()
         if routing is not None:
             routing.add()
-    grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+    norm_args = model.grad_norm_args() if ctx.pp_size > 1 else {}  # pp: summed over the stages
+    grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip, **norm_args) if cfg.grad_clip > 0 else None
     (optimizer_step or optimizer.step)()
     extras = memory_mb(model, optimizer)  # after the step, before zero_grad frees the gradients
     optimizer.zero_grad(set_to_none=True)
@@ -193,6 +204,12 @@ def _dp_mean(value: torch.Tensor, ctx: ParallelContext) -> float:
     return _dp_sum(value, ctx) / ctx.dp_size
 
 
+def _synchronized(ctx: ParallelContext):
+    """ops.synchronized() (rank 0 tunes kernels for all), where every rank runs the same ops: not
+    under pipeline parallelism, whose stages run different layers (each rank keeps the defaults)."""
+    return synchronized() if ctx.pp_size == 1 else contextlib.nullcontext()
+
+
 def _say(ctx: ParallelContext | None, message: str) -> None:
     """Print on rank 0 (above the progress bar, if there is one)."""
     if ctx.is_main if ctx is not None else rank_from_env() == 0:
@@ -218,13 +235,14 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     model = build_model(cfg, corpus.vocab_size, ctx)
     torch.manual_seed(cfg.seed + 1 + ctx.dp_rank)  # dropout: same on tp ranks, differs across dp
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    optimizer_step = compile_step(optimizer) if cfg.compile else optimizer.step
+    # pp: the stages compile their forward; their optimizer step stays eager (untested compiled)
+    optimizer_step = compile_step(optimizer) if cfg.compile and ctx.pp_size == 1 else optimizer.step
     ckpt = Checkpointer(cfg, ctx, model, optimizer, corpus.tokenizer)
     start_step = ckpt.restore()  # 0, or the step of the checkpoint resumed from
     peak = report.peak_flops(ctx.device, configured_tflops=cfg.peak_tflops)
     _say(ctx, report.banner(cfg, ctx, model, corpus, peak=peak, start_step=start_step,
                             resumed_from=ckpt.resumed_from))
-    step_fn = compile_model(model) if cfg.compile else model  # ZeRO-3: per block
+    step_fn = compile_model(model) if cfg.compile and ctx.pp_size == 1 else model  # ZeRO-3: per block; pp: per stage
     if cfg.compile and start_step < cfg.steps:
         _say(ctx, "compiling the model (torch.compile, fullgraph): the first step takes a while...")
 
@@ -239,7 +257,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
             done = step + 1                # steps are numbered by optimizer steps done
             t0 = time.perf_counter()
             # the first step tunes kernels: every rank runs the same ops, so rank 0 decides for all
-            with synchronized() if step == start_step else contextlib.nullcontext():
+            with _synchronized(ctx) if step == start_step else contextlib.nullcontext():
                 train_loss, grad_norm, lr, extras = train_step(step, model, step_fn, optimizer, corpus.train,
                                                                cfg, ctx, routing, optimizer_step)
             dt = time.perf_counter() - t0
@@ -253,7 +271,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm.item()
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                with synchronized():  # new shapes may be tuned: decided once, on rank 0
+                with _synchronized(ctx):  # new shapes may be tuned: decided once, on rank 0
                     val_loss = record["val_loss"] = evaluate(model, corpus.val, cfg, ctx)
                 _say(ctx, f"step {done}/{cfg.steps}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                           f"lr {lr:.3g}, {record['tokens_per_s']:,.0f} tokens/s")
@@ -293,7 +311,7 @@ def generate_sample(model, tokenizer, cfg: TrainConfig, ctx: ParallelContext) ->
     was_training = model.training
     model.eval()
     try:
-        with synchronized():  # generation's shapes are new: tuned once, on rank 0, for all
+        with _synchronized(ctx):  # generation's shapes are new: tuned once, on rank 0, for all
             out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50, generator=gen,
                                  context_multiple=ctx.tp_size if cfg.sequence_parallel else 1)
     finally:

@@ -1,0 +1,502 @@
+"""Pipeline parallelism over the mesh's ``pp`` dim: a model split by its blocks into stages.
+
+``apply_pipeline_parallel(model, ctx, schedule="1f1b", microbatches=4)`` keeps, on each pp rank,
+only the parts of a GPT2Model its stages run, in place: the blocks of its stages, plus the
+embeddings on the first stage and ``ln_f`` and the LM head on the last. Every parameter keeps
+its original name (the blocks live in a ModuleDict keyed by their index: ``transformer.h.5``
+stays ``transformer.h.5``), so the state dict of each rank is a slice of the unsharded one and a
+checkpoint saved with pp=2 loads with pp=1 or pp=4. TP, compile and DP then apply to each rank's
+part as to any model: ``apply_tensor_parallel`` and ``apply_data_parallel`` after this call.
+
+With ``stages_per_rank=V`` (interleaved 1F1B) the model is cut into ``pp * V`` stages, stage s
+on pp rank ``s % pp`` (Megatron's and torch's looped placement), so a rank holds V chunks.
+
+GPT-2 ties ``wte`` and ``lm_head``: one parameter used on the first stage and on the last. As in
+Megatron, both stages hold a copy (made equal at the split), and the two copies' gradients are
+summed before every optimizer step, so they get the same update and stay equal: one logical
+parameter. Only the first stage's copy counts in the global gradient norm.
+
+The schedules are torch.distributed.pipelining's (``ScheduleGPipe``, ``Schedule1F1B``,
+``ScheduleInterleaved1F1B`` driving ``PipelineStage``s). Tried on gloo/CPU with tinymeg's TP
+(activations between stages are plain local tensors, sequence-sharded under SP), DP and
+torch.compile per stage, they give the unsharded losses, gradients and parameters (tested), so
+no schedule is written here. What is ours: the split, the loss (each microbatch's mean loss, its
+gradient scaled by 1/(microbatches x grad_accum) on the way back, so accumulating over
+``train_step`` calls is exact), one gradient reduction per optimizer step after the pipeline
+flushes (DP all-reduce, then the tied sum), and the forward-only path (eval, sampling), a plain
+stage-to-stage send/recv: its shapes change with every sampled token, which torch's stages,
+built for one shape, do not allow.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from ..context import ParallelContext
+from ..models.gpt2 import GPT2Model, lm_head_loss
+from ..nn.layers import local
+from .zero import optimizer_param
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
+
+
+def stage_layers(n_layer: int, n_stages: int, split_points: list[int] | None = None,
+                 uneven: bool = False) -> list[range]:
+    """The blocks of each of n_stages stages: an even split, or one starting a stage at each of
+    ``split_points`` (n_stages - 1 increasing block indices), or with ``uneven`` as even as
+    possible (the first stages take one more). Every stage gets at least one block."""
+    if split_points is not None:
+        points = list(split_points)
+        if len(points) != n_stages - 1:
+            raise ValueError(f"split_points={points} must name {n_stages - 1} block indices where stages "
+                             f"2..{n_stages} begin (pp x stages_per_rank = {n_stages} stages)")
+        bounds = [0, *points, n_layer]
+        if any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"split_points={points} must increase strictly within 1..{n_layer - 1} "
+                             f"(n_layer={n_layer}): every stage needs at least one block")
+        return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    if n_layer < n_stages:
+        raise ValueError(f"n_layer={n_layer} blocks cannot fill {n_stages} pipeline stages (pp x "
+                         f"stages_per_rank): every stage needs at least one block. Use fewer stages")
+    if n_layer % n_stages and not uneven:
+        raise ValueError(f"n_layer={n_layer} blocks do not split evenly into {n_stages} pipeline stages "
+                         f"(pp x stages_per_rank): choose n_layer divisible by {n_stages}, pass "
+                         f"split_points, or ask for an uneven split (uneven=True, --pp-uneven)")
+    q, r = divmod(n_layer, n_stages)
+    bounds = [0]
+    for s in range(n_stages):
+        bounds.append(bounds[-1] + q + (s < r))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def check_pipeline(n_layer: int, pp: int, schedule: str, microbatches: int, stages_per_rank: int = 1,
+                   split_points: list[int] | None = None, uneven: bool = False,
+                   micro_batch: int | None = None) -> list[range]:
+    """Check a pipeline's settings (no process group needed: the CLI calls it before starting);
+    return the blocks of every stage. Each error names the value and the flag that fixes it."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}: choose one of {list(SCHEDULES)}")
+    if not isinstance(microbatches, int) or microbatches < 1:
+        raise ValueError(f"pipeline microbatches must be an integer >= 1, got {microbatches!r}")
+    if schedule == "interleaved-1f1b" and stages_per_rank < 2:
+        raise ValueError(f"interleaved-1f1b runs several stages per rank, but stages_per_rank="
+                         f"{stages_per_rank}: pass --pp-stages-per-rank 2 or more, or use 1f1b/gpipe")
+    if schedule != "interleaved-1f1b" and stages_per_rank != 1:
+        raise ValueError(f"{schedule} runs one stage per rank, but stages_per_rank={stages_per_rank}: "
+                         f"use --pp-schedule interleaved-1f1b for several")
+    if schedule == "1f1b" and microbatches < pp:
+        raise ValueError(f"1f1b needs at least pp={pp} microbatches to fill the pipeline, got "
+                         f"{microbatches}: raise --pp-microbatches (or use gpipe)")
+    if schedule == "interleaved-1f1b" and microbatches % pp:
+        raise ValueError(f"interleaved-1f1b runs microbatches in rounds of pp={pp}, got {microbatches} "
+                         f"microbatches: choose --pp-microbatches a multiple of {pp}")
+    if micro_batch is not None and micro_batch % microbatches:
+        raise ValueError(f"{microbatches} pipeline microbatches do not divide the micro-batch of "
+                         f"{micro_batch} sequences: choose --pp-microbatches dividing --micro-batch")
+    return stage_layers(n_layer, pp * stages_per_rank, split_points, uneven)
+
+
+class _Stage(nn.Module):
+    """One pipeline stage as torch's PipelineStage runs it: (embeddings,) some blocks (, ln_f).
+    Its modules are the rank's model's own (not copies), taken when it is built: after TP, which
+    replaces some of them (PipelineParallelMixin._stages builds it when it is needed). It is not a
+    child of that model, so the model's parameter names stay the unsharded ones. The LM head and
+    the loss run in the schedule's loss function, on the last stage's output."""
+
+    def __init__(self, model: GPT2Model, layers: range, first: bool, last: bool):
+        super().__init__()
+        self.first, self.last = first, last
+        self.region = getattr(model, "tp_region", None)  # TP's activation state (tinymeg.nn.region)
+        self.embed = nn.ModuleDict({k: model.transformer[k] for k in ("wte", "wpe", "drop")} if first else {})
+        self.blocks = nn.ModuleList(model.transformer.h[str(i)] for i in layers)
+        self.ln_f = model.transformer.ln_f if last else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.region is not None:  # as the model's root does at every forward
+            self.region.reset()
+        if self.first:  # token ids -> embeddings, as GPT2Model.forward does
+            pos = torch.arange(x.size(1), device=x.device)
+            x = self.embed.drop(self.embed.wte(x) + self.embed.wpe(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x) if self.last else x
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``scale``. The loss a microbatch
+    reports stays its mean, while its gradient counts 1/(microbatches x grad_accum) of a step."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+@dataclass
+class PipelineState:
+    """What a pipelined model knows about its pipeline (``model.pipeline``)."""
+    ctx: ParallelContext
+    schedule_name: str
+    microbatches: int
+    stages_per_rank: int
+    layers: list[range]                       # blocks of every global stage
+    stage_ids: list[int]                      # this rank's stages, in order
+    group: dist.ProcessGroup                  # the pp group: this rank's stages' neighbours
+    tied_group: dist.ProcessGroup | None      # first and last stage ranks (tied wte/lm_head)
+    compile: bool = False
+    whole_num_params: int = 0                 # the unsplit model's GPT2Model.num_params()
+    sync: bool = True                         # False inside no_sync() when DP is not applied
+    grad_scale: float = 1.0
+    schedule: object = None                   # built at the first train_step (after TP, DP)
+    schedule_shape: tuple = ()
+    # Measurements of the last train_step, for tests and recipes/bench.py pp:
+    peak_in_flight: int = 0                   # most microbatches held for backward at once
+    measure: bool = False                     # also time this rank's compute (syncs CUDA: slower)
+    compute_s: float = 0.0                    # seconds computing (fwd, loss, bwd); the rest is bubble
+    _in_flight: int = field(default=0, repr=False)
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.layers)
+
+    @property
+    def last(self) -> bool:
+        return self.ctx.pp_rank == self.ctx.pp_size - 1
+
+
+class PipelineParallelMixin:
+    """Mixed into the model's class by apply_pipeline_parallel (as DP's mixin is): the model keeps
+    its type, its parameter names and its state_dict keys, and gains the pipeline's entry points.
+
+    - ``train_step(x, y, grad_scale=1.0)``: forward and backward of the micro-batch (x, y), cut into
+      microbatches and run by the schedule; returns the mean loss on every rank. Gradients are
+      reduced (dp, tied embedding) unless inside ``no_sync()``.
+    - ``model(idx, targets, return_logits)``: GPT2Model's forward, computed by every stage in turn;
+      every rank gets what GPT2Model.forward returns (eval uses this unchanged), without gradients.
+    - ``generate(...)``: GPT2Model.generate, every stage taking part; every rank gets the text.
+    """
+    pipeline: PipelineState
+
+    # ---- what tensor parallelism asks a pipeline stage (tinymeg.parallel.tensor_parallel)
+
+    @property
+    def input_sequence_sharded(self) -> bool:
+        """Under sequence parallelism, stages after the first receive their input already split."""
+        return self.pipeline.ctx.pp_rank != 0
+
+    @property
+    def output_sequence_sharded(self) -> bool:
+        """Under sequence parallelism, stages before the last send their output still split."""
+        return not self.holds_lm_head
+
+    @property
+    def holds_lm_head(self) -> bool:
+        return self.pipeline.ctx.pp_rank == self.pipeline.ctx.pp_size - 1
+
+    def num_params(self) -> int:
+        """The whole model's parameters (every stage's; the tied weight once), as GPT2Model counts them."""
+        return self.pipeline.whole_num_params
+
+    # ---- training
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
+        st = self.pipeline
+        if x.size(0) % st.microbatches:
+            raise ValueError(f"{st.microbatches} pipeline microbatches do not divide the micro-batch of "
+                             f"{x.size(0)} sequences: choose --pp-microbatches dividing --micro-batch")
+        schedule = self._schedule_for(tuple(x.shape))
+        st.grad_scale = grad_scale / st.microbatches
+        st.peak_in_flight = st._in_flight = 0
+        st.compute_s = 0.0
+        losses: list[torch.Tensor] = []
+        sync = self._sync_enabled()
+        with self._no_dp_sync():  # one reduction after the flush, not one per microbatch
+            schedule.step(x, target=y, losses=losses, return_outputs=False)
+        if sync:
+            self.reduce_gradients()
+        loss = torch.stack([l.detach() for l in losses]).mean() if st.last else torch.zeros((), device=x.device)
+        return self._from_last_stage(loss)
+
+    def reduce_gradients(self) -> None:
+        """After the last microbatch of an optimizer step: gradients averaged over dp x cp
+        (tinymeg.parallel.grad_sync: all-reduced, or reduce-scattered into ZeRO 1-2's shards),
+        then the tied embedding's copies summed over the first and last stage (both stages' dp
+        ranks hold the same shard of it, so ZeRO's shards are summed alike)."""
+        sync = getattr(self, "grad_sync", None)
+        if sync is not None:
+            sync.reduce_accumulated()
+        tied = self.pipeline.tied_group
+        if tied is not None:
+            held = optimizer_param(self.transformer.wte.weight)  # the parameter, or its ZeRO shard
+            if held.grad is None:
+                held.grad = torch.zeros_like(held)
+            dist.all_reduce(local(held.grad), group=tied)
+
+    def grad_norm_args(self) -> dict:
+        """Keyword arguments for tinymeg.train.optim.clip_grad_norm_: the norm is summed over the
+        stages, and the last stage's copy of the tied embedding is clipped but counted once."""
+        st = self.pipeline
+        shared = [self.transformer.wte.weight] if st.tied_group is not None and st.last else []
+        return {"group": st.group, "shared": shared}
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients without reducing them (DP's no_sync replaces this once DP is applied)."""
+        previous, self.pipeline.sync = self.pipeline.sync, False
+        try:
+            yield
+        finally:
+            self.pipeline.sync = previous
+
+    def _sync_enabled(self) -> bool:
+        sync = getattr(self, "grad_sync", None)
+        return sync.enabled if sync is not None else self.pipeline.sync
+
+    def _no_dp_sync(self):
+        sync = getattr(self, "grad_sync", None)
+        return contextlib.nullcontext() if sync is None else self.no_sync()  # DP's
+
+    def _schedule_for(self, shape: tuple):
+        """torch's stages infer their activation shapes once: build them for this batch shape
+        (again if it changes), after TP, compile and DP were applied to the stages' modules."""
+        st = self.pipeline
+        if st.schedule is not None and st.schedule_shape == shape:
+            return st.schedule
+        stages = []
+        for s, stage in zip(st.stage_ids, self._stages()):
+            module = torch.compile(stage, fullgraph=True) if st.compile else stage
+            stages.append(_MeasuredStage(module, s, st.n_stages, st.ctx.device, group=st.group, state=st))
+        schedule_cls = SCHEDULES[st.schedule_name]
+        one = stages[0] if st.stages_per_rank == 1 else stages
+        st.schedule = schedule_cls(one, st.microbatches, loss_fn=self._microbatch_loss, scale_grads=False)
+        st.schedule_shape = shape
+        return st.schedule
+
+    def _microbatch_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with _timed(self.pipeline):
+            loss = lm_head_loss(self.lm_head, hidden, targets, self.config.vocab_size)
+        return _ScaleGrad.apply(loss, self.pipeline.grad_scale)
+
+    # ---- forward only: eval and sampling
+
+    @torch.no_grad()
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True):
+        """GPT2Model.forward, stage after stage; every rank returns (logits or None, loss or None).
+        For eval and sampling: no autograd graph is kept (the activations cross ranks by plain
+        send/recv), so a backward through it fails instead of computing part of the gradients.
+        Train with train_step."""
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False returns only the loss, so it needs targets")
+        if idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size {self.config.block_size}")
+        hidden = self._forward_stages(idx)
+        st, B, T = self.pipeline, *idx.shape
+        logits = loss = None
+        if return_logits:
+            logits = torch.empty(B, T, self.config.vocab_size, device=idx.device, dtype=self._act_dtype())
+            if st.last:
+                logits = self.lm_head(hidden)[..., : self.config.vocab_size].contiguous()
+            logits = self._from_last_stage(logits)
+        if targets is not None:
+            if st.last:
+                loss = (lm_head_loss(self.lm_head, hidden, targets, self.config.vocab_size) if not return_logits
+                        else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
+            else:
+                loss = torch.zeros((), device=idx.device, dtype=self._act_dtype())
+            loss = self._from_last_stage(loss)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 context_multiple: int = 1, kv_cache: bool = False) -> torch.Tensor:
+        """GPT2Model.generate with the last stage sampling: it draws each token exactly as the
+        unsharded model does (same logits, same generator) and sends it to the other stages, so
+        every rank returns the same text. Only the last stage's ranks use ``generator``.
+        Without a KV cache (``kv_cache`` is accepted for GPT2Model's signature and ignored):
+        each token recomputes the context, as ``GPT2Model.generate(kv_cache=False)`` does."""
+        if idx.size(1) < context_multiple:
+            raise ValueError(f"the prompt needs at least {context_multiple} tokens, got {idx.size(1)}")
+        st = self.pipeline
+        for _ in range(max_new_tokens):
+            n = min(idx.size(1), self.config.block_size)
+            context = idx[:, -(n - n % context_multiple):]
+            hidden = self._forward_stages(context)
+            token = torch.empty(idx.size(0), 1, dtype=idx.dtype, device=idx.device)
+            if st.last:  # the sampling step of GPT2Model.generate
+                logits = self.lm_head(hidden)[..., : self.config.vocab_size]
+                logits = logits[:, -1, :] / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, self._from_last_stage(token)], dim=1)
+        return idx
+
+    def _forward_stages(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """Run every stage in order on the whole batch, each rank its own stages, activations sent
+        to the next stage's rank. Returns the last stage's output there, None elsewhere."""
+        st = self.pipeline
+        x = None
+        for s, stage in zip(st.stage_ids, self._stages()):
+            x = idx if s == 0 else self._recv_activation((s - 1) % st.ctx.pp_size)
+            x = stage(x)
+            if s < st.n_stages - 1:
+                self._send_activation(x, (s + 1) % st.ctx.pp_size)
+        return x if st.last else None
+
+    def _stages(self) -> list[_Stage]:
+        st = self.pipeline
+        return [_Stage(self, st.layers[s], first=s == 0, last=s == st.n_stages - 1) for s in st.stage_ids]
+
+    def _send_activation(self, x: torch.Tensor, group_dst: int) -> None:
+        group = self.pipeline.group
+        dist.send(torch.tensor(x.shape, dtype=torch.int64, device=x.device), group=group, group_dst=group_dst)
+        dist.send(x.contiguous(), group=group, group_dst=group_dst)
+
+    def _recv_activation(self, group_src: int) -> torch.Tensor:
+        group, device = self.pipeline.group, self.pipeline.ctx.device
+        shape = torch.empty(3, dtype=torch.int64, device=device)  # (B, T or T/tp under SP, C)
+        dist.recv(shape, group=group, group_src=group_src)
+        x = torch.empty(*shape.tolist(), dtype=self._act_dtype(), device=device)
+        dist.recv(x, group=group, group_src=group_src)
+        return x
+
+    def _from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
+        """t as the last stage's ranks hold it, on every rank of the pipeline."""
+        t = t.contiguous()
+        dist.broadcast(t, group=self.pipeline.group, group_src=self.pipeline.ctx.pp_size - 1)
+        return t
+
+    def _act_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+class _MeasuredStage(PipelineStage):
+    """torch's PipelineStage, counting the microbatches whose activations it holds for backward
+    (the schedules' memory: GPipe holds all of them, 1F1B at most pp) and, when asked, timing its
+    compute (the schedules' bubble is the rest of the step)."""
+
+    def __init__(self, *args, state: PipelineState, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._state = state
+
+    def forward_one_chunk(self, *args, **kwargs):
+        with _timed(self._state):
+            out = super().forward_one_chunk(*args, **kwargs)
+        if self.has_backward:
+            self._state._in_flight += 1
+            self._state.peak_in_flight = max(self._state.peak_in_flight, self._state._in_flight)
+        return out
+
+    def backward_one_chunk(self, *args, **kwargs):
+        with _timed(self._state):
+            out = super().backward_one_chunk(*args, **kwargs)
+        self._state._in_flight -= 1
+        return out
+
+
+@contextlib.contextmanager
+def _timed(state: PipelineState):
+    if not state.measure:
+        yield
+        return
+    cuda = state.ctx.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(state.ctx.device)
+    t0 = time.perf_counter()
+    yield
+    if cuda:
+        torch.cuda.synchronize(state.ctx.device)
+    state.compute_s += time.perf_counter() - t0
+
+
+_tied_groups: dict = {}
+
+
+def _tied_group(ctx: ParallelContext) -> dist.ProcessGroup | None:
+    """The group of this rank and its twin on the other end of the pipeline (same dp, cp, tp
+    coordinates, first and last stage), which hold the two copies of the tied embedding. Every
+    rank creates every pair (a collective), once per mesh."""
+    ranks = ctx.mesh.mesh                                   # (pp, dp, cp, tp) -> global rank
+    pairs = torch.stack([ranks[0].flatten(), ranks[-1].flatten()], dim=1).tolist()
+    key = (id(dist.group.WORLD), tuple(map(tuple, pairs)))
+    if key not in _tied_groups:
+        _tied_groups[key] = dist.new_subgroups_by_enumeration(pairs, timeout=ctx.timeout)[0]
+    return _tied_groups[key]
+
+
+def apply_pipeline_parallel(model: GPT2Model, ctx: ParallelContext, schedule: str = "1f1b",
+                            microbatches: int | None = None, stages_per_rank: int = 1,
+                            split_points: list[int] | None = None, uneven: bool = False,
+                            compile: bool = False) -> GPT2Model:
+    """Keep, on this rank, the stages of ``model`` that ``ctx.pp_rank`` runs, in place; return it.
+
+    ``schedule``: ``gpipe``, ``1f1b`` or ``interleaved-1f1b`` (``stages_per_rank`` > 1 chunks per
+    rank). ``microbatches`` (default: pp) split each micro-batch a ``train_step`` gets.
+    ``split_points``: the block indices where stages 2.. begin (default: an even split, which
+    must divide the blocks unless ``uneven``). ``compile``: torch.compile each stage, when the
+    schedule is built at the first train_step (after TP and DP, as the order of application says).
+    Call it on every rank with the same arguments, before apply_tensor_parallel/apply_data_parallel.
+    """
+    if not isinstance(model, GPT2Model):
+        raise TypeError(f"apply_pipeline_parallel splits tinymeg's GPT2Model by its blocks, got "
+                        f"{type(model).__name__}")
+    if isinstance(model, PipelineParallelMixin):
+        raise ValueError("pipeline parallelism was already applied to this model; apply it once")
+    if any(isinstance(p, DTensor) for p in model.parameters()) or hasattr(model, "grad_sync"):
+        raise ValueError("apply_pipeline_parallel must come first, on a plain model: split the stages, "
+                         "then apply tensor and data parallelism to each rank's part")
+    if ctx.cp_size > 1:
+        raise NotImplementedError(f"pipeline parallelism with context parallelism (cp={ctx.cp_size}) is not "
+                                  f"built or tested yet (the stages' loss would need CP's): use cp=1 with pp > 1")
+    if model.config.n_experts:
+        raise NotImplementedError(
+            f"pipeline parallelism of a mixture-of-experts model (n_experts={model.config.n_experts}) is not "
+            f"built yet: the MoE layers' balancing loss is added to the LM loss, which only the last stage "
+            f"computes. Use pp=1 with --n-experts (expert parallelism: --ep), or a dense model with pp > 1")
+    pp = ctx.pp_size
+    microbatches = pp if microbatches is None else microbatches
+    layers = check_pipeline(model.config.n_layer, pp, schedule, microbatches, stages_per_rank, split_points, uneven)
+    n_stages = len(layers)
+    stage_ids = list(range(ctx.pp_rank, n_stages, pp))
+    first, last = ctx.pp_rank == 0, ctx.pp_rank == pp - 1
+    tied = model.lm_head.weight is model.transformer.wte.weight
+    whole_num_params = model.num_params()
+
+    # Keep this rank's blocks under their original indices; drop the rest.
+    h = model.transformer.h
+    model.transformer.h = nn.ModuleDict({str(i): h[i] for s in stage_ids for i in layers[s]})
+    # The tied wte/lm_head pair stays whole wherever one of them is used, so both stages hold
+    # the same modules (and TP shards them alike); unused there, it costs no extra memory.
+    if not first:
+        del model.transformer["wpe"], model.transformer["drop"]
+        if not (last and tied):
+            del model.transformer["wte"]
+    if not last:
+        del model.transformer["ln_f"]
+        if not (first and tied):
+            del model.lm_head
+
+    tied_group = _tied_group(ctx) if tied and pp > 1 else None
+    if tied_group is not None and (first or last):
+        with torch.no_grad():  # the last stage's copy starts as the first stage's
+            dist.broadcast(model.transformer.wte.weight, group=tied_group, group_src=0)
+
+    model.pipeline = PipelineState(ctx, schedule, microbatches, stages_per_rank, layers, stage_ids,
+                                   ctx.mesh["pp"].get_group(), tied_group if (first or last) else None,
+                                   compile=compile, whole_num_params=whole_num_params)
+    model.__class__ = type(f"Pipelined{type(model).__name__}", (PipelineParallelMixin, type(model)), {})
+    return model
