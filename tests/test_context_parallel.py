@@ -267,7 +267,8 @@ def test_errors_name_the_problem_and_the_fix():
 
 def _pp_ep_body():
     dense = lambda: tm.models.GPT2Model(tm.models.GPTConfig.tiny())  # noqa: E731
-    _raises(lambda: tm.parallelize(dense(), get_ctx(pp=2)), NotImplementedError, "pp=2: pipeline")
+    moe = lambda: tm.models.GPT2Model(tm.models.GPTConfig.tiny(n_experts=4))  # noqa: E731
+    _raises(lambda: tm.parallelize(moe(), get_ctx(pp=2)), NotImplementedError, "pipeline parallelism of a mixture-of-experts")
     _raises(lambda: tm.parallelize(dense(), get_ctx(dp=2, ep=2)), ValueError, "ep=2 shards experts, but GPT2Model has no MoE")
 
 
