@@ -113,7 +113,7 @@ class _Stage(nn.Module):
 
     def __init__(self, model: GPT2Model, layers: range, first: bool, last: bool):
         super().__init__()
-        self.first, self.last = first, last
+        self.first, self.last, self.block_size = first, last, model.config.block_size
         self.region = getattr(model, "tp_region", None)  # TP's activation state (tinymeg.nn.region)
         self.embed = nn.ModuleDict({k: model.transformer[k] for k in ("wte", "wpe", "drop")} if first else {})
         self.blocks = nn.ModuleList(model.transformer.h[str(i)] for i in layers)
@@ -123,7 +123,8 @@ class _Stage(nn.Module):
         if self.region is not None:  # as the model's root does at every forward
             self.region.reset()
         if self.first:  # token ids -> embeddings, as GPT2Model.forward does
-            pos = torch.arange(x.size(1), device=x.device)
+            # clamped as GPT2Model's: generation's right padding may pass block_size (never attended to)
+            pos = torch.arange(x.size(1), device=x.device).clamp(max=self.block_size - 1)
             x = self.embed.drop(self.embed.wte(x) + self.embed.wpe(pos))
         for block in self.blocks:
             x = block(x)
@@ -326,18 +327,19 @@ class PipelineParallelMixin:
         unsharded model does (same logits, same generator) and sends it to the other stages, so
         every rank returns the same text. Only the last stage's ranks use ``generator``.
         Without a KV cache (``kv_cache`` is accepted for GPT2Model's signature and ignored):
-        each token recomputes the context, as ``GPT2Model.generate(kv_cache=False)`` does."""
-        if idx.size(1) < context_multiple:
-            raise ValueError(f"the prompt needs at least {context_multiple} tokens, got {idx.size(1)}")
+        each token recomputes the context, as ``GPT2Model.generate(kv_cache=False)`` does,
+        right-padded to ``context_multiple`` as there (never cropped: that drops a token)."""
+        if idx.size(1) < 1:
+            raise ValueError("generate needs a prompt of at least one token")
         st = self.pipeline
         for _ in range(max_new_tokens):
-            n = min(idx.size(1), self.config.block_size)
-            context = idx[:, -(n - n % context_multiple):]
-            hidden = self._forward_stages(context)
+            context = idx[:, -self.config.block_size:]
+            n = context.size(1)
+            hidden = self._forward_stages(F.pad(context, (0, -n % context_multiple)))
             token = torch.empty(idx.size(0), 1, dtype=idx.dtype, device=idx.device)
-            if st.last:  # the sampling step of GPT2Model.generate
+            if st.last:  # the sampling step of GPT2Model.generate, at the last real token
                 logits = self.lm_head(hidden)[..., : self.config.vocab_size]
-                logits = logits[:, -1, :] / temperature
+                logits = logits[:, n - 1, :] / temperature
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
