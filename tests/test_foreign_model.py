@@ -8,7 +8,7 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import tinymeg as tm
@@ -148,8 +148,10 @@ class Conv1D(nn.Module):
 
     def __init__(self, nf, nx):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(nx, nf))
-        self.bias = nn.Parameter(torch.randn(nf))
+        # scaled as a trained layer's (1/sqrt(fan_in)): unit weights made activations large enough
+        # that reassociating their sums across tp=4 ranks passed the 1e-5 tolerance (seed 116)
+        self.weight = nn.Parameter(torch.randn(nx, nf) / nx**0.5)
+        self.bias = nn.Parameter(0.1 * torch.randn(nf))
 
     def forward(self, x):
         return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], -1)
@@ -183,5 +185,6 @@ def _conv1d_body(tp, seed):
 
 
 @given(tp=st.sampled_from([2, 4]), seed=st.integers(0, 2**16))
+@example(tp=4, seed=116)
 def test_transposed_conv1d_is_sharded_like_linear(tp, seed):
     world(tp).run(_conv1d_body, tp, seed)
