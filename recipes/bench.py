@@ -927,11 +927,18 @@ def _warm(steps: dict, n: int = 2) -> tuple[float, dict]:
     return time.perf_counter() - t0, failed
 
 
+def _root_cause(e: BaseException) -> BaseException:
+    """The exception at the bottom of a chain (inductor wraps its errors in BackendCompilerFailed)."""
+    while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None and inner is not e:
+        e = inner
+    return e
+
+
 def _e2e_row(name: str, ms: dict, failed: dict, who: tuple[str, str]) -> list:
     """A table row from {(who, compiled): (wall ms, cpu ms)}: ms and ratios of each pair, eager and
     compiled; "failed: <Exception>" where a variant failed, "-" for ratios it leaves out."""
     def cell(key):
-        return (f"failed: {type(failed[key]).__name__}" if key in failed else ms[key][0])
+        return (f"failed: {type(_root_cause(failed[key])).__name__}" if key in failed else ms[key][0])
 
     def ratio(a, b, i):
         return ms[a][i] / ms[b][i] if a in ms and b in ms else None
@@ -947,14 +954,17 @@ def _print_failures(rows_failed: list[tuple[str, dict]]) -> None:
     """One short line of why for each variant that failed."""
     for name, failed in rows_failed:
         for (who, compiled), e in failed.items():
-            why = (str(e).strip().splitlines() or [""])[0][:160]
-            print(f"- {name} {who} {'compiled' if compiled else 'eager'} failed: {type(e).__name__}: {why}")
+            root = _root_cause(e)
+            why = (str(root).strip().splitlines() or [""])[0][:160]
+            wrapped = f" (in {type(e).__name__})" if root is not e else ""
+            print(f"- {name} {who} {'compiled' if compiled else 'eager'} failed: {type(root).__name__}{wrapped}: {why}")
 
 
 def e2e_one_process(name: str, args) -> list:
     """One row: tinymeg vs plain, eager and compiled (the model with fullgraph=True, and the
     optimizer step), the same weights and batch."""
     from tinymeg.train.optim import build_optimizer
+    torch._dynamo.reset()
     steps = {}
     for compiled in (False, True):
         model, plain, idx, targets = _e2e_models(name)
@@ -1006,6 +1016,7 @@ def native_optimizer(model, lr: float = 1e-4, weight_decay: float = 0.1) -> torc
 def e2e_tensor_parallel(name: str, args, ctx) -> list:
     """One row: tinymeg TP vs parallelize_module on PlainGPT, eager and compiled, tp = world."""
     from tinymeg.train.optim import build_optimizer
+    torch._dynamo.reset()
     steps = {}
     for compiled in (False, True):
         model, plain, idx, targets = _e2e_models(name)
@@ -1029,6 +1040,9 @@ E2E_TP_HEADERS = ["size", "tinymeg TP ms", "native ms", "tinymeg/native", "(cpu)
 
 def run_e2e(args) -> None:
     torch.set_num_threads(1)  # steadier on a shared machine; torchrun does the same for its ranks
+    # Each variant compiles as it would in a process of its own: with static shapes (not made
+    # dynamic because another model or size compiled the same code before) and fresh caches.
+    torch._dynamo.config.automatic_dynamic_shapes = False
     sizes = [s for s in E2E_SIZES if s in args.sizes]
     args.repeats_for = lambda name: args.repeats if name != "gpt2-width" else max(3, args.repeats // 4)
     os.environ.setdefault("TINYMEG_CACHE_DIR", tempfile.mkdtemp())  # a fresh cache: tuned in this run
