@@ -976,8 +976,8 @@ def e2e_one_process(name: str, args) -> list:
     warm_s, failed = _warm(steps)
     ms = _time_wall_and_cpu(steps, args.repeats_for(name))
     row = _e2e_row(name, ms, failed, ("tinymeg", "plain"))
-    compiled_over_eager = [ms[w, True][0] / ms[w, False][0] if (w, True) in ms and (w, False) in ms else None
-                           for w in ("tinymeg", "plain")]
+    compiled_over_eager = [ms[w, True][i] / ms[w, False][i] if (w, True) in ms and (w, False) in ms else None
+                           for w in ("tinymeg", "plain") for i in (0, 1)]
     return row + compiled_over_eager + [f"{warm_s:.0f}"], failed
 
 
@@ -1033,7 +1033,8 @@ def e2e_tensor_parallel(name: str, args, ctx) -> list:
 
 
 E2E_HEADERS = ["size", "tinymeg ms", "plain ms", "tinymeg/plain", "(cpu)", "compiled: tinymeg ms",
-               "plain ms", "tinymeg/plain", "(cpu)", "tinymeg compiled/eager", "plain compiled/eager", "warm-up s"]
+               "plain ms", "tinymeg/plain", "(cpu)", "tinymeg compiled/eager", "(cpu)", "plain compiled/eager",
+               "(cpu)", "warm-up s"]
 E2E_TP_HEADERS = ["size", "tinymeg TP ms", "native ms", "tinymeg/native", "(cpu)", "compiled: tinymeg TP ms",
                   "native ms", "tinymeg/native", "(cpu)", "warm-up s"]
 
