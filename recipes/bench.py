@@ -903,22 +903,68 @@ def _time_wall_and_cpu(fns: dict, repeats: int) -> dict[str, tuple[float, float]
     return {k: (1e3 * statistics.median(wall[k]), 1e3 * statistics.median(cpu[k])) for k in fns}
 
 
-def _warm(steps: dict, n: int = 2) -> float:
-    """Run every step n times (compiles, and tunes the ops on every rank alike); seconds taken."""
-    t0 = time.perf_counter()
-    with tm.ops.synchronized():
-        for fn in steps.values():
-            fn()
-    for _ in range(n - 1):
-        for fn in steps.values():
-            fn()
-    return time.perf_counter() - t0
+def _warm(steps: dict, n: int = 2) -> tuple[float, dict]:
+    """Run every step n times (compiles, and tunes the ops on every rank alike). A step that
+    raises (e.g. inductor failing to compile it) is dropped from ``steps`` rather than ending the
+    run; under torchrun every rank drops it if any rank failed. Returns (seconds, {key: exception})."""
+    import torch.distributed as dist
+    t0, failed = time.perf_counter(), {}
+    for key in list(steps):
+        try:
+            with tm.ops.synchronized():
+                steps[key]()
+            for _ in range(n - 1):
+                steps[key]()
+        except Exception as e:  # noqa: BLE001 - reported in the table, the other variants still run
+            failed[key] = e
+        if dist.is_initialized():
+            any_failed = torch.tensor([float(key in failed)])
+            dist.all_reduce(any_failed, op=dist.ReduceOp.MAX)
+            if any_failed.item() and key not in failed:
+                failed[key] = RuntimeError("failed on another rank")
+        if key in failed:
+            del steps[key]
+    return time.perf_counter() - t0, failed
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The exception at the bottom of a chain (inductor wraps its errors in BackendCompilerFailed)."""
+    while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None and inner is not e:
+        e = inner
+    return e
+
+
+def _e2e_row(name: str, ms: dict, failed: dict, who: tuple[str, str]) -> list:
+    """A table row from {(who, compiled): (wall ms, cpu ms)}: ms and ratios of each pair, eager and
+    compiled; "failed: <Exception>" where a variant failed, "-" for ratios it leaves out."""
+    def cell(key):
+        return (f"failed: {type(_root_cause(failed[key])).__name__}" if key in failed else ms[key][0])
+
+    def ratio(a, b, i):
+        return ms[a][i] / ms[b][i] if a in ms and b in ms else None
+    (t, o) = who
+    row = [name]
+    for compiled in (False, True):
+        row += [cell((t, compiled)), cell((o, compiled)), ratio((t, compiled), (o, compiled), 0),
+                ratio((t, compiled), (o, compiled), 1)]
+    return row
+
+
+def _print_failures(rows_failed: list[tuple[str, dict]]) -> None:
+    """One short line of why for each variant that failed."""
+    for name, failed in rows_failed:
+        for (who, compiled), e in failed.items():
+            root = _root_cause(e)
+            why = (str(root).strip().splitlines() or [""])[0][:160]
+            wrapped = f" (in {type(e).__name__})" if root is not e else ""
+            print(f"- {name} {who} {'compiled' if compiled else 'eager'} failed: {type(root).__name__}{wrapped}: {why}")
 
 
 def e2e_one_process(name: str, args) -> list:
     """One row: tinymeg vs plain, eager and compiled (the model with fullgraph=True, and the
     optimizer step), the same weights and batch."""
     from tinymeg.train.optim import build_optimizer
+    torch._dynamo.reset()
     steps = {}
     for compiled in (False, True):
         model, plain, idx, targets = _e2e_models(name)
@@ -927,11 +973,12 @@ def e2e_one_process(name: str, args) -> list:
             fn = torch.compile(m, fullgraph=True) if compiled else m
             opt = build_optimizer(m, 1e-4, 0.1)
             steps[who, compiled] = _training_step(lambda fn=fn, loss=loss: loss(fn), opt, compiled)
-    warm_s = _warm(steps)
-    ms = _time_wall_and_cpu({k: v for k, v in steps.items()}, args.repeats_for(name))
-    (te, pe, tc, pc) = (ms["tinymeg", False], ms["plain", False], ms["tinymeg", True], ms["plain", True])
-    return [name, te[0], pe[0], te[0] / pe[0], te[1] / pe[1], tc[0], pc[0], tc[0] / pc[0], tc[1] / pc[1],
-            tc[0] / te[0], pc[0] / pe[0], f"{warm_s:.0f}"]
+    warm_s, failed = _warm(steps)
+    ms = _time_wall_and_cpu(steps, args.repeats_for(name))
+    row = _e2e_row(name, ms, failed, ("tinymeg", "plain"))
+    compiled_over_eager = [ms[w, True][i] / ms[w, False][i] if (w, True) in ms and (w, False) in ms else None
+                           for w in ("tinymeg", "plain") for i in (0, 1)]
+    return row + compiled_over_eager + [f"{warm_s:.0f}"], failed
 
 
 def native_tensor_parallel_plain(model: PlainGPT, mesh) -> PlainGPT:
@@ -969,6 +1016,7 @@ def native_optimizer(model, lr: float = 1e-4, weight_decay: float = 0.1) -> torc
 def e2e_tensor_parallel(name: str, args, ctx) -> list:
     """One row: tinymeg TP vs parallelize_module on PlainGPT, eager and compiled, tp = world."""
     from tinymeg.train.optim import build_optimizer
+    torch._dynamo.reset()
     steps = {}
     for compiled in (False, True):
         model, plain, idx, targets = _e2e_models(name)
@@ -979,21 +1027,23 @@ def e2e_tensor_parallel(name: str, args, ctx) -> list:
             fn = torch.compile(m, fullgraph=True) if compiled else m
             opt = build_optimizer(m, 1e-4, 0.1) if who == "tinymeg" else native_optimizer(m)
             steps[who, compiled] = _training_step(lambda fn=fn, loss=loss: loss(fn), opt, compiled)
-    warm_s = _warm(steps)
+    warm_s, failed = _warm(steps)
     ms = _time_wall_and_cpu(steps, args.repeats_for(name))
-    (te, ne, tc, nc) = (ms["tinymeg", False], ms["native", False], ms["tinymeg", True], ms["native", True])
-    return [name, te[0], ne[0], te[0] / ne[0], te[1] / ne[1], tc[0], nc[0], tc[0] / nc[0], tc[1] / nc[1],
-            f"{warm_s:.0f}"]
+    return _e2e_row(name, ms, failed, ("tinymeg", "native")) + [f"{warm_s:.0f}"], failed
 
 
 E2E_HEADERS = ["size", "tinymeg ms", "plain ms", "tinymeg/plain", "(cpu)", "compiled: tinymeg ms",
-               "plain ms", "tinymeg/plain", "(cpu)", "tinymeg compiled/eager", "plain compiled/eager", "warm-up s"]
+               "plain ms", "tinymeg/plain", "(cpu)", "tinymeg compiled/eager", "(cpu)", "plain compiled/eager",
+               "(cpu)", "warm-up s"]
 E2E_TP_HEADERS = ["size", "tinymeg TP ms", "native ms", "tinymeg/native", "(cpu)", "compiled: tinymeg TP ms",
                   "native ms", "tinymeg/native", "(cpu)", "warm-up s"]
 
 
 def run_e2e(args) -> None:
     torch.set_num_threads(1)  # steadier on a shared machine; torchrun does the same for its ranks
+    # Each variant compiles as it would in a process of its own: with static shapes (not made
+    # dynamic because another model or size compiled the same code before) and fresh caches.
+    torch._dynamo.config.automatic_dynamic_shapes = False
     sizes = [s for s in E2E_SIZES if s in args.sizes]
     args.repeats_for = lambda name: args.repeats if name != "gpt2-width" else max(3, args.repeats // 4)
     os.environ.setdefault("TINYMEG_CACHE_DIR", tempfile.mkdtemp())  # a fresh cache: tuned in this run
@@ -1001,7 +1051,8 @@ def run_e2e(args) -> None:
         ctx = tm.ParallelContext(tp=int(os.environ["WORLD_SIZE"]))
         rows = [e2e_tensor_parallel(name, args, ctx) for name in sizes]
         if ctx.is_main:
-            print(format_table(E2E_TP_HEADERS, rows), flush=True)
+            print(format_table(E2E_TP_HEADERS, [row for row, _ in rows]), flush=True)
+            _print_failures([(row[0], failed) for row, failed in rows])
             print(f"(the ops' tuning took {tm.ops.get_default_tuner().tuning_s:.1f} s on rank 0, cold cache)")
         return
     started = time.perf_counter()
@@ -1015,7 +1066,8 @@ def run_e2e(args) -> None:
     print(f"## tinymeg's GPT-2 vs the same model in plain PyTorch, one process "
           f"(compiled: the model with fullgraph=True and the AdamW step, as --compile does)\n", flush=True)
     rows = [e2e_one_process(name, args) for name in sizes]
-    print(format_table(E2E_HEADERS, rows), flush=True)
+    print(format_table(E2E_HEADERS, [row for row, _ in rows]), flush=True)
+    _print_failures([(row[0], failed) for row, failed in rows])
     print(f"(the ops' tuning took {tm.ops.get_default_tuner().tuning_s:.1f} s of the warm-up, cold cache)")
     if args.tp > 1:
         import subprocess
@@ -1023,7 +1075,8 @@ def run_e2e(args) -> None:
         print(f"\n## tinymeg TP vs parallelize_module, tp={args.tp} (torchrun, gloo)\n", flush=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.tp}", __file__, "e2e",
                "--part", "tp", "--repeats", str(args.repeats), "--sizes", *sizes]
-        subprocess.run(cmd, check=True)
+        if subprocess.run(cmd).returncode:
+            print(f"(the TP half failed: its output above says why)")
     print(f"\n(ms: wall-clock medians; (cpu): the same ratio by the process's CPU time, which the load "
           f"of other processes barely moves; total {time.perf_counter() - started:.0f} s)")
 

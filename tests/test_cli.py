@@ -165,3 +165,34 @@ def test_bench_help_shows_no_internal_note():
                           capture_output=True, text=True, timeout=120, env=_env())
     assert done.returncode == 0 and "recipes/bench.py ops" in done.stdout
     assert "SUBCOMMANDS" not in done.stdout
+
+
+def test_bench_e2e_reports_a_failing_variant_and_times_the_others(capsys):
+    """A variant that fails (inductor's RecursionError compiling a baseline, seen in bench e2e's
+    TP half) is dropped and reported as "failed: <root exception>"; the others are still timed."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(ROOT / "recipes"))
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def fails():
+        try:
+            raise RecursionError("maximum recursion depth exceeded")
+        except RecursionError as e:
+            raise BackendCompilerFailed(fails, e, None) from e
+
+    calls = []
+    steps = {("tinymeg", False): lambda: calls.append("te"), ("native", False): lambda: calls.append("ne"),
+             ("tinymeg", True): lambda: calls.append("tc"), ("native", True): fails}
+    _, failed = bench._warm(steps)
+    assert list(failed) == [("native", True)] and ("native", True) not in steps
+    assert calls.count("tc") == 2  # every other variant warmed as before
+    ms = bench._time_wall_and_cpu(steps, 3)
+    row = bench._e2e_row("w256", ms, failed, ("tinymeg", "native"))
+    assert row[0] == "w256" and row[6] == "failed: RecursionError" and row[7] is None and row[8] is None
+    assert all(isinstance(c, float) for c in row[1:6])
+    bench._print_failures([("w256", failed)])
+    assert capsys.readouterr().out.strip() == ("- w256 native compiled failed: RecursionError (in "
+                                               "BackendCompilerFailed): maximum recursion depth exceeded")

@@ -217,6 +217,39 @@ def test_placements_and_global_state_dict():
     world(2).run(_placements_body)
 
 
+def _local_grads_body(seed):
+    """tinymeg.nn.layers.local (its cheaper backward) gives a parameter the gradient that
+    DTensor.to_local gives it: the same placements, shape, stride and values."""
+    from torch.distributed.tensor import distribute_tensor
+    from tinymeg.nn.layers import local
+    mesh = get_ctx(tp=2).mesh["tp"]
+    torch.manual_seed(seed)
+    full_w = torch.randn(12, 8)
+    for placement in (Shard(0), Shard(1), Replicate(), _StridedShard(0, split_factor=3)):
+        p = torch.nn.Parameter(distribute_tensor(full_w, mesh, [placement]))
+        c = torch.randn(p.to_local().t().shape)
+        # as is, transposed (a non-contiguous gradient), and both (a tied weight: the grads accumulate)
+        for loss in (lambda get: get(p).pow(2).sum(), lambda get: (get(p).t() * c).sum(),
+                     lambda get: get(p).pow(2).sum() + (get(p).t() * c).sum()):
+            grads = []
+            for get in (local, lambda t: t.to_local()):
+                loss(get).backward()
+                grads.append(p.grad)
+                p.grad = None
+            mine, want = grads
+            assert isinstance(mine, DTensor) and mine.placements == want.placements, placement
+            assert (mine.shape, mine.stride()) == (want.shape, want.stride()), placement
+            assert mine.to_local().stride() == want.to_local().stride(), placement
+            assert torch.equal(mine.to_local(), want.to_local()), placement
+    with torch.no_grad():  # no graph: the plain to_local
+        assert local(p).grad_fn is None
+
+
+@given(seed=st.integers(0, 2**16))
+def test_local_parameter_gradient_equals_to_local(seed):
+    world(2).run(_local_grads_body, seed)
+
+
 def _comm_body(tp):
     from torch.distributed.tensor.debug import CommDebugMode
     c10d = torch.ops.c10d_functional
