@@ -197,6 +197,18 @@ def linear_gelu(linear: nn.Module, x: torch.Tensor, bias_in_matmul: dict) -> tor
     return bias_gelu(h, bias)
 
 
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int | None,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """The next token (B, 1) from the last position's logits (B, vocab): scaled by temperature,
+    cut to the top_k, drawn from the softmax with generator. One home for generation's sampling
+    step, so that every parallel layout draws exactly the unsharded model's tokens."""
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
 def lm_head_loss(head: nn.Module, x: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Mean cross-entropy of head(x)[..., :vocab_size] against targets (-1 ignored), by
     tinymeg.ops.linear_cross_entropy. A module that stands in for nn.Linear (tinymeg.nn's
@@ -340,12 +352,7 @@ class GPT2Model(nn.Module):
                 chunk = idx[:, cached:][:, -block:]
                 logits = self._last_logits(chunk, cached, caches, context_multiple)
                 cached += chunk.size(1)
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+                idx = torch.cat([idx, sample_token(logits, temperature, top_k, generator)], dim=1)
         finally:
             for module in attention:
                 module.kv_cache = None

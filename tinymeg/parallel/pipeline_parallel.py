@@ -41,7 +41,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from ..context import ParallelContext
-from ..models.gpt2 import GPT2Model, lm_head_loss
+from ..models.gpt2 import GPT2Model, lm_head_loss, sample_token
 from ..nn.layers import local
 from .zero import optimizer_param
 
@@ -337,13 +337,9 @@ class PipelineParallelMixin:
             n = context.size(1)
             hidden = self._forward_stages(F.pad(context, (0, -n % context_multiple)))
             token = torch.empty(idx.size(0), 1, dtype=idx.dtype, device=idx.device)
-            if st.last:  # the sampling step of GPT2Model.generate, at the last real token
-                logits = self.lm_head(hidden)[..., : self.config.vocab_size]
-                logits = logits[:, n - 1, :] / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            if st.last:  # GPT2Model.generate's sampling step, at the last real token
+                logits = self.lm_head(hidden)[:, n - 1, : self.config.vocab_size]
+                token = sample_token(logits, temperature, top_k, generator)
             idx = torch.cat([idx, self._from_last_stage(token)], dim=1)
         return idx
 
