@@ -22,6 +22,20 @@ settings.register_profile("tinymeg", max_examples=int(os.environ.get("TINYMEG_EX
 settings.load_profile("tinymeg")
 
 
+@pytest.fixture
+def fresh_tuner(monkeypatch, tmp_path):
+    """Tuning off, nothing forced, a private cache, whatever the caller's environment says, and a
+    fresh default tuner (one that has made no choice yet, so it reads this environment)."""
+    import tinymeg as tm
+    from tinymeg.ops.autotune import RuntimeAutoTuner
+    monkeypatch.setenv("TINYMEG_AUTOTUNE", "0")
+    monkeypatch.delenv("TINYMEG_OP_IMPL", raising=False)
+    monkeypatch.setenv("TINYMEG_CACHE_DIR", str(tmp_path / "cache"))
+    previous = tm.ops.set_default_tuner(RuntimeAutoTuner())
+    yield
+    tm.ops.set_default_tuner(previous)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _close_rank_pools():
     yield

@@ -31,16 +31,7 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2
 HAS_CUDA_TRITON = torch.cuda.is_available() and tm.ops._triton.AVAILABLE
 
 
-@pytest.fixture(autouse=True)
-def _hermetic_env(monkeypatch, tmp_path):
-    """No tuning, no forcing, a private cache, whatever the caller's environment says, and a
-    fresh default tuner (one that has made no choice yet, so it reads this environment)."""
-    monkeypatch.setenv("TINYMEG_AUTOTUNE", "0")
-    monkeypatch.delenv("TINYMEG_OP_IMPL", raising=False)
-    monkeypatch.setenv("TINYMEG_CACHE_DIR", str(tmp_path / "cache"))
-    previous = tm.ops.set_default_tuner(RuntimeAutoTuner())
-    yield
-    tm.ops.set_default_tuner(previous)
+pytestmark = pytest.mark.usefixtures("fresh_tuner")  # tests/conftest.py
 
 
 def cpu_impls(table):

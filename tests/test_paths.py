@@ -23,15 +23,7 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2
 OPS = {"layer_norm": norm, "bias_gelu": gelu, "linear_cross_entropy": cross_entropy}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_tuner(monkeypatch, tmp_path):
-    """Tuning off, nothing forced, a private cache, and a default tuner that has decided nothing."""
-    monkeypatch.setenv("TINYMEG_AUTOTUNE", "0")
-    monkeypatch.delenv("TINYMEG_OP_IMPL", raising=False)
-    monkeypatch.setenv("TINYMEG_CACHE_DIR", str(tmp_path / "cache"))
-    previous = tm.ops.set_default_tuner(RuntimeAutoTuner())
-    yield
-    tm.ops.set_default_tuner(previous)
+pytestmark = pytest.mark.usefixtures("fresh_tuner")  # tests/conftest.py
 
 
 def _args(op, lead, c, dtype, seed, vocab=None):

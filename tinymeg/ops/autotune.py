@@ -153,6 +153,12 @@ def _signature(args: tuple) -> tuple | None:
     return tuple(sig)
 
 
+def _memo_key(op: str, args: tuple) -> tuple | None:
+    """(op, exact signature): the in-process memo's key; None where only the slow key will do."""
+    sig = _signature(args)
+    return None if sig is None else (op, sig)
+
+
 @functools.lru_cache(maxsize=None)
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -245,29 +251,24 @@ class RuntimeAutoTuner:
                untuned: Collection[str] = ()) -> str:
         """The implementation (a key of candidates) to run op on args. ``untuned`` names
         candidates that run only when forced, never when timed (they hold too much memory)."""
-        memo_key = self.memo_key(op, args)
-        choice = self._memo.get(memo_key) if memo_key is not None else None
+        choice = self.cached(op, args)
         if choice is not None:
             return choice
         choice, final = self._choose(op, candidates, args, default, untuned)
-        if final and memo_key is not None:
-            self._memo[memo_key] = choice
+        if final:
+            self.remember(op, args, choice)
         return choice
 
     def cached(self, op: str, args: tuple) -> str | None:
         """The choice for op on args if this process made it already (no timing, no collective)."""
-        sig = _signature(args)
-        return None if sig is None else self._memo.get((op, sig))
+        key = _memo_key(op, args)
+        return None if key is None else self._memo.get(key)
 
     def remember(self, op: str, args: tuple, choice: str) -> None:
         """Make ``choice`` the answer for op on args from now on (paths.py: a forced path)."""
-        sig = _signature(args)
-        if sig is not None:
-            self._memo[op, sig] = choice
-
-    def memo_key(self, op: str, args: tuple) -> tuple | None:
-        sig = _signature(args)
-        return None if sig is None else (op, sig)
+        key = _memo_key(op, args)
+        if key is not None:
+            self._memo[key] = choice
 
     def forget(self) -> None:
         """Forget this process's choices (the disk cache stays): the next call of each op decides
