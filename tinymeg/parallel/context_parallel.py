@@ -58,7 +58,7 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..context import ParallelContext
-from ..models.gpt2 import CausalAttention
+from ..models.base import CausalAttention
 from ..nn.functional import all_gather, all_reduce
 from .plan import matches
 from .tensor_parallel import sequence_parallel_size

@@ -41,7 +41,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from ..context import ParallelContext
-from ..models.gpt2 import GPT2Model, lm_head_loss, sample_token
+from ..models.base import lm_head_loss, sample_token
+from ..models.gpt2 import GPT2Model
 from ..nn.layers import local
 from .zero import optimizer_param
 
