@@ -129,19 +129,6 @@ def from_pretrained(path: str, *, dropout: float | None = None, vocab_multiple: 
     return model
 
 
-def init_from_pretrained(path: str, vocab_size: int, seq_len: int, dropout: float) -> GPT2Model:
-    """The trainer's --init-from: the directory's GPT-2, checked against the data it will see."""
-    model = from_pretrained(path, dropout=dropout)
-    if model.config.vocab_size != vocab_size:
-        raise ValueError(f"--init-from {path}: the model has a vocabulary of {model.config.vocab_size} tokens, "
-                         f"the data's tokenizer {vocab_size}. Use the tokenizer it was trained with "
-                         f"(--tokenizer gpt2 for OpenAI's GPT-2, the same corpus for a char-level model)")
-    if seq_len > model.config.block_size:
-        raise ValueError(f"--init-from {path}: --seq-len {seq_len} is longer than the model's "
-                         f"{model.config.block_size} positions (n_positions): use --seq-len <= {model.config.block_size}")
-    return model
-
-
 # ---------------------------------------------------------------- out
 
 def hf_state_dict(model: GPT2Model) -> dict[str, torch.Tensor]:

@@ -106,3 +106,18 @@ def _split(tensors: dict[str, torch.Tensor], max_shard_mb: float | None) -> list
         shards[-1][k] = t
         size += nbytes
     return shards
+
+
+def init_from_pretrained(model_class, path: str, vocab_size: int, seq_len: int, dropout: float):
+    """The trainer's --init-from: ``model_class.from_pretrained(path)``, checked against the data
+    it will see."""
+    model = model_class.from_pretrained(path, dropout=dropout)
+    if model.config.vocab_size != vocab_size:
+        raise ValueError(f"--init-from {path}: the model has a vocabulary of {model.config.vocab_size} tokens, "
+                         f"the data's tokenizer {vocab_size}. Use the tokenizer it was trained with "
+                         f"(--tokenizer gpt2 for OpenAI's GPT-2, the same corpus for a char-level model)")
+    if seq_len > model.config.block_size:
+        raise ValueError(f"--init-from {path}: --seq-len {seq_len} is longer than the model's "
+                         f"{model.config.block_size} positions (n_positions / max_position_embeddings): use "
+                         f"--seq-len <= {model.config.block_size}")
+    return model
