@@ -265,6 +265,10 @@ def _parallel_body(dims, options, cfg_kw, seed, micro=2, seq=16):
     with torch.no_grad():
         ref.eval(), model.eval()
         assert_close(model(x[mine])[0], ref(x[mine])[0], "logits")
+        multiple = ctx.tp_size if options.get("sequence_parallel") else 1
+        texts = [m.generate(x[:1, :5], 6, top_k=5, generator=torch.Generator().manual_seed(seed),
+                            context_multiple=multiple) for m in (ref, model)]
+        assert torch.equal(texts[0], texts[1]), ("sampled text", texts)
         ref.train(), model.train()
     ref_loss.backward()
     loss.backward()
@@ -296,6 +300,63 @@ def test_llama_on_two_ranks_equals_one_process(mesh):
 def test_llama_cp2_tp2_equals_one_process():
     """Rotary angles from CP's load-balanced layout, ring attention over repeated kv heads, SP."""
     world(4).run(_parallel_body, {"cp": 2, "tp": 2}, SP_LP, dict(rope_scaling=LLAMA3_ROPE), seed=5)
+
+
+def _pipeline_body(cfg_kw, seed, micro=4, seq=16):
+    """pp=2, 2 microbatches: the stages split by the parts the model names (tinymeg.models.base),
+    rotary positions recomputed on each stage; the loss, each stage's gradients, an AdamW step,
+    eval logits and sampled text equal the unsharded model's."""
+    ctx = get_ctx(pp=2)
+    cfg = LlamaConfig.tiny(block_size=seq, n_layer=4, **cfg_kw)
+    torch.manual_seed(seed)
+    ref = Llama(cfg)
+    torch.manual_seed(seed)
+    model = tm.parallelize(Llama(cfg), ctx, pipeline=dict(schedule="1f1b", microbatches=2))
+    g = torch.Generator().manual_seed(seed)
+    x, y = (torch.randint(0, cfg.vocab_size, (micro, seq), generator=g) for _ in range(2))
+    y[:, :3] = -1
+    ref_loss = ref(x, y, return_logits=False)[1]
+    ref_loss.backward()
+    assert_close(model.train_step(x, y), ref_loss.detach(), "loss")
+    ref_params = dict(ref.named_parameters())
+    mine = dict(model.named_parameters())
+    assert mine and set(mine) < set(ref_params), "each stage holds some of the parameters, by their own names"
+    for name, p in mine.items():
+        assert_close(p.grad, ref_params[name].grad, f"grad of {name}")
+    for m in (ref, model):
+        torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-4, weight_decay=0.1).step()
+    for name, p in mine.items():
+        assert_close(p, ref_params[name].detach(), f"{name} after AdamW")
+    with torch.no_grad():
+        ref.eval(), model.eval()
+        assert_close(model(x)[0], ref(x)[0], "eval logits")
+        texts = [m.generate(x[:1, :5], 6, top_k=5, generator=torch.Generator().manual_seed(seed)) for m in (ref, model)]
+        assert torch.equal(texts[0], texts[1]), ("sampled text", texts)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_llama_pp2_equals_one_process(tie):
+    world(2).run(_pipeline_body, dict(tie_embeddings=tie, rope_scaling=LLAMA3_ROPE), seed=7)
+
+
+def _compile_body():
+    cfg = LlamaConfig.tiny(n_layer=1, block_size=16, rope_scaling=LLAMA3_ROPE)
+    x = _ids(T=16)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = tm.parallelize(Llama(cfg), get_ctx(), compile=compiled)
+        loss = model(x, x, return_logits=False)[1]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=ATOL, rtol=RTOL)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_llama_compiles_fullgraph_and_matches_eager():
+    """tm.parallelize(compile=True) on one process: one graph (fullgraph) with the ops' compile-time paths."""
+    world(1).run(_compile_body)
 
 
 def _gqa_error_body():
