@@ -172,7 +172,7 @@ def test_bench_e2e_reports_a_failing_variant_and_times_the_others(capsys):
     TP half) is dropped and reported as "failed: <root exception>"; the others are still timed."""
     sys.path.insert(0, str(ROOT / "recipes"))
     try:
-        import bench
+        from benchmarks import e2e as bench
     finally:
         sys.path.remove(str(ROOT / "recipes"))
     from torch._dynamo.exc import BackendCompilerFailed
