@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import tinymeg as tm
 from rank_pool import get_ctx, world
-from test_tensor_parallel import assert_close, full
+from test_tensor_parallel import assert_close
 from tinymeg.models import Llama, LlamaConfig
 from tinymeg.models.llama import rope_frequencies
 
