@@ -10,6 +10,7 @@ to ~1e-7 keeps its reassociation noise below 1e-6 of a step).
 """
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -365,3 +366,30 @@ def _gqa_error_body():
 
 def test_kv_heads_not_divisible_by_tp_is_a_clear_error():
     world(2).run(_gqa_error_body)
+
+
+# ---- the trainer's flags
+
+@pytest.mark.parametrize("argv, world, message", [
+    (["--n-kv-head", "2"], 1, r"--n-kv-head shape\(s\) a Llama, but --model is gpt2: add --model llama"),
+    (["--model", "llama", "--n-kv-head", "3"], 1, r"--n-kv-head 3 must divide --n-head 4"),
+    (["--model", "llama", "--n-kv-head", "1", "--tp", "2"], 2, r"--n-kv-head 1 is not divisible by tp=2"),
+    (["--model", "llama", "--n-embd", "12", "--n-head", "4"], 1, r"= 3 must be even for rotary positions"),
+])
+def test_llama_flags_are_checked_before_any_rank_starts(monkeypatch, capsys, argv, world, message):
+    from tinymeg.train.cli import parse_args
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_llama_flags_build_the_model(monkeypatch):
+    from tinymeg.train.cli import parse_args
+    from tinymeg.train.trainer import model_config
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg = model_config(parse_args(["--model", "llama", "--n-kv-head", "2", "--rope-theta", "500000",
+                                   "--tie-embeddings", "--ffn-hidden", "96"]), vocab_size=65)
+    assert isinstance(cfg, LlamaConfig)
+    assert (cfg.kv_heads, cfg.rope_theta, cfg.tie_embeddings, cfg.ffn_hidden_size) == (2, 500000.0, True, 96)
