@@ -302,16 +302,17 @@ def test_llama_cp2_tp2_equals_one_process():
     world(4).run(_parallel_body, {"cp": 2, "tp": 2}, SP_LP, dict(rope_scaling=LLAMA3_ROPE), seed=5)
 
 
-def _pipeline_body(cfg_kw, seed, micro=4, seq=16):
+def _pipeline_body(dims, options, cfg_kw, seed, micro=4, seq=16):
     """pp=2, 2 microbatches: the stages split by the parts the model names (tinymeg.models.base),
-    rotary positions recomputed on each stage; the loss, each stage's gradients, an AdamW step,
-    eval logits and sampled text equal the unsharded model's."""
-    ctx = get_ctx(pp=2)
+    rotary positions recomputed on each stage (from the whole sequence when it arrives on sequence
+    shards); the loss, each stage's gradients, an AdamW step, eval logits and sampled text equal
+    the unsharded model's."""
+    ctx = get_ctx(**dims)
     cfg = LlamaConfig.tiny(block_size=seq, n_layer=4, **cfg_kw)
     torch.manual_seed(seed)
     ref = Llama(cfg)
     torch.manual_seed(seed)
-    model = tm.parallelize(Llama(cfg), ctx, pipeline=dict(schedule="1f1b", microbatches=2))
+    model = tm.parallelize(Llama(cfg), ctx, pipeline=dict(schedule="1f1b", microbatches=2), **options)
     g = torch.Generator().manual_seed(seed)
     x, y = (torch.randint(0, cfg.vocab_size, (micro, seq), generator=g) for _ in range(2))
     y[:, :3] = -1
@@ -330,13 +331,20 @@ def _pipeline_body(cfg_kw, seed, micro=4, seq=16):
     with torch.no_grad():
         ref.eval(), model.eval()
         assert_close(model(x)[0], ref(x)[0], "eval logits")
-        texts = [m.generate(x[:1, :5], 6, top_k=5, generator=torch.Generator().manual_seed(seed)) for m in (ref, model)]
+        multiple = ctx.tp_size if options.get("sequence_parallel") else 1
+        texts = [m.generate(x[:1, :5], 6, top_k=5, generator=torch.Generator().manual_seed(seed),
+                            context_multiple=multiple) for m in (ref, model)]
         assert torch.equal(texts[0], texts[1]), ("sampled text", texts)
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_llama_pp2_equals_one_process(tie):
-    world(2).run(_pipeline_body, dict(tie_embeddings=tie, rope_scaling=LLAMA3_ROPE), seed=7)
+    world(2).run(_pipeline_body, {"pp": 2}, {}, dict(tie_embeddings=tie, rope_scaling=LLAMA3_ROPE), seed=7)
+
+
+def test_llama_pp2_tp2_sp_equals_one_process():
+    """The second stage receives its input on sequence shards: its rotary positions are the whole sequence's."""
+    world(4).run(_pipeline_body, {"pp": 2, "tp": 2}, SP_LP, dict(rope_scaling=LLAMA3_ROPE), seed=9)
 
 
 def _compile_body():
