@@ -162,10 +162,8 @@ class _FailOnce(torch.autograd.Function):
 def full_value(t):
     """The global value of a parameter, gradient or state, however it is sharded (TP and/or over
     dp by ZeRO/FSDP2, whose dp dim is the first of the mesh)."""
-    from tinymeg.parallel.zero import _gather_dp
-    if isinstance(t, DTensor) and t.device_mesh.mesh_dim_names[0] != "tp":
-        t = _gather_dp(t, t.device_mesh.get_group(0).group_name, t.shape)
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    from tinymeg.parallel.zero import whole_value
+    return whole_value(t)
 
 
 def build_dp_pair(ctx, seed, zero=0, n_layer=2, unused=False, frozen=(), bucket_mb=0.002, dtype=None,

@@ -5,7 +5,8 @@ A recipe builds the plain single-device model and calls ``parallelize(model, ctx
 
 1. **pipeline** (pp): split the model into stages first, so every later step sees only this
    stage's layers (``pipeline=dict(schedule=, microbatches=, ...)``: apply_pipeline_parallel's
-   options). Under pp, compile is per stage (when the schedule is built) and ZeRO-3 is refused.
+   options). Under pp, compile is per stage (when the schedule is built; ZeRO-3: per block), and
+   ZeRO-3 shards each stage as an FSDP2 root of its own.
 2. **tensor** (tp, + sequence and loss parallel): swap Linears/Embeddings for sharded ones; the
    parameters become DTensors on the tp mesh.
 3. **context** (cp): swap attention's core for ring attention and split the sequence; it reads
@@ -50,13 +51,8 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
     split_points, uneven) when pp > 1; train a pipelined model with ``model.train_step``.
     """
     # 1. Pipeline parallelism: this rank keeps its stages' layers.
-    if ctx.pp_size > 1:
-        if zero == 3:
-            raise ValueError(f"zero=3 with pp={ctx.pp_size}: ZeRO-3 (FSDP2) gathers parameters in hooks on "
-                             f"the model's forward, which pipeline stages do not run as one; use zero 0, 1 or 2 "
-                             f"with pipeline parallelism")
-        model = apply_pipeline_parallel(model, ctx, **(pipeline or {}), compile=compile)
-        compile = False  # per stage, when the schedule is built
+    if ctx.pp_size > 1:  # compile: per stage when the schedule is built; ZeRO-3: per block, below
+        model = apply_pipeline_parallel(model, ctx, **(pipeline or {}), compile=compile and zero != 3)
     elif pipeline:
         raise ValueError(f"pipeline options {sorted(pipeline)} given, but the mesh has pp=1: pass a "
                          f"ParallelContext with pp > 1, or leave pipeline out")
@@ -76,7 +72,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
         raise ValueError(f"ep={ctx.ep_size} shards experts, but {type(model).__name__} has no MoE layers: "
                          f"build it with experts (n_experts=E in its config) or leave ep out")
     # 5. Compile, in place: the module keeps its identity, class and state_dict keys.
-    if compile and zero != 3:
+    if compile and zero != 3 and ctx.pp_size == 1:
         model.compile(fullgraph=True)
     # 6. Data parallelism over dp x cp, last.
     model = apply_data_parallel(model, ctx, bucket_mb, zero=zero, param_dtype=param_dtype)
