@@ -319,13 +319,6 @@ def test_recipe_flags_are_checked_before_anything_starts(monkeypatch, capsys):
     assert (cfg.pp, cfg.dp, cfg.pp_schedule, cfg.pp_stages_per_rank) == (2, 2, "interleaved-1f1b", 2)
 
 
-def test_pipeline_with_context_parallelism_is_refused():
-    from types import SimpleNamespace
-    ctx = SimpleNamespace(pp_size=2, cp_size=2)
-    with pytest.raises(NotImplementedError, match=r"context parallelism \(cp=2\) is not built or tested yet"):
-        tm.apply_pipeline_parallel(tm.models.GPT2Model(tm.models.GPTConfig.tiny()), ctx)
-
-
 def test_mesh_that_is_not_the_world_size_is_an_error():
     from tinymeg.context import resolve_sizes
     with pytest.raises(ValueError, match=r"mesh pp=2 x dp=2 x cp=1 x tp=2 = 8 ranks, but the world has 4 "

@@ -19,10 +19,13 @@ shifted, -1 ignored): ``hf_model(input_ids=idx).logits`` and the loss transforme
   switches the model to it. It repeats grouped key/value heads and calls the layer's
   ``core_attention``, a ``tinymeg.models.CausalAttention`` added to each attention module (no
   parameters), which context parallelism swaps for ring attention, as in tinymeg's models.
+- **Sliding windows** (Mistral's, Qwen2's ``use_sliding_window``): tinymeg's attention is causal
+  over the whole sequence, which equals a sliding window's as long as the sequence fits in it, so
+  the adapter's ``block_size`` (the longest sequence every dim accepts, checked on every rank
+  before any communication) is the smallest window, or ``max_position_embeddings``.
 - **Refused**, each with an error naming it: a model without ``model.embed_tokens``,
   ``model.layers``, ``model.norm``, ``model.rotary_emb`` and ``lm_head``; attention scaled other
-  than by 1/sqrt(head_dim); a sliding window shorter than the positions attended (Mistral's window,
-  Qwen2's ``use_sliding_window``). Attention masks (padding) are not taken: sequences are packed.
+  than by 1/sqrt(head_dim). Attention masks (padding) are not taken: sequences are packed.
 
 transformers is not imported by tinymeg: only this adapter touches it, when given such a model.
 """
@@ -42,7 +45,7 @@ PARTS = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb",
 @dataclass
 class TransformersConfig:
     """What tinymeg's dims read of a model's config, from the transformers config (``hf``)."""
-    block_size: int          # max_position_embeddings
+    block_size: int          # max_position_embeddings, or the smallest sliding window
     vocab_size: int
     padded_vocab_size: int   # the embedding's rows (transformers does not pad)
     model_type: str
@@ -51,20 +54,14 @@ class TransformersConfig:
 
 
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask, scaling: float | None = None, dropout: float = 0.0,
-               sliding_window: int | None = None, position_ids: torch.Tensor | None = None, **kwargs):
+               attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
     """transformers' attention interface: (B, heads, T, head_dim) q and (B, kv heads, T, head_dim)
-    k, v (rotated) -> ((B, T, heads, head_dim), None), by the module's core_attention (causal; its
-    own dropout)."""
+    k, v (rotated) -> ((B, T, heads, head_dim), None), by the module's core_attention (causal, within
+    block_size and so within any sliding window; its own dropout)."""
     head_dim = query.size(-1)
     if scaling is not None and abs(scaling - head_dim ** -0.5) > 1e-12 * head_dim ** -0.5:
         raise ValueError(f"{type(module).__name__} scales attention by {scaling}, not 1/sqrt(head_dim="
                          f"{head_dim}): tinymeg's attention (and ring attention) computes the standard scaling")
-    if sliding_window is not None and position_ids is not None and int(position_ids.max()) >= sliding_window:
-        raise ValueError(f"{type(module).__name__} attends within a sliding window of {sliding_window} "
-                         f"positions, but the sequence reaches position {int(position_ids.max())}: tinymeg's "
-                         f"attention is causal over the whole sequence. Train on sequences of at most "
-                         f"{sliding_window} tokens")
     groups = query.size(1) // key.size(1)
     if groups > 1:   # each key/value head serves `groups` query heads (transformers' repeat_kv)
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -91,8 +88,11 @@ class TransformersCausalLM(CausalLM):
         hf = hf_model.config
         self.model, self.lm_head = hf_model.model, hf_model.lm_head
         rows = self.model.embed_tokens.weight.size(0)
-        self.config = TransformersConfig(block_size=hf.max_position_embeddings, vocab_size=hf.vocab_size,
-                                         padded_vocab_size=rows, model_type=hf.model_type, hf=hf)
+        windows = [getattr(layer.self_attn, "sliding_window", getattr(hf, "sliding_window", None))
+                   for layer in self.model.layers]   # Qwen2: per layer; Mistral: the config's
+        self.config = TransformersConfig(block_size=min([hf.max_position_embeddings, *filter(None, windows)]),
+                                         vocab_size=hf.vocab_size, padded_vocab_size=rows,
+                                         model_type=hf.model_type, hf=hf)
         for layer in self.model.layers:
             layer.self_attn.core_attention = CausalAttention(getattr(hf, "attention_dropout", 0.0))
 

@@ -36,10 +36,12 @@ sequence order, with the same rule in backward.
 
 **What it needs from a model.** Attention's token-mixing step must be a
 ``tinymeg.models.CausalAttention`` module (GPT-2's ``attn.core_attention``, Llama's
-``self_attn.core_attention``): it is swapped for ``RingAttention``. The model's forward must
-take the tokens' positions (``pos``, tinymeg.models.base's protocol): each rank passes its
-layout's, so learned position embeddings (GPT-2) and rotary angles (Llama) alike are those of
-the tokens' places in the whole sequence. Grouped key/value heads must be repeated to the query
+``self_attn.core_attention``): it is swapped for ``RingAttention``. The model must be a
+``tinymeg.models.CausalLM`` (tinymeg.models.base's protocol): its forward takes the tokens'
+positions (``pos``) and each rank passes its layout's, so learned position embeddings (GPT-2)
+and rotary angles (Llama) alike are those of the tokens' places in the whole sequence; its loss
+goes through ``loss_share``, which CP makes the mean over every cp rank's counted targets (the
+MoE aux losses added after it, whole). Grouped key/value heads must be repeated to the query
 heads before the core (Llama's attention does). Attention dropout is refused (the ring would
 need each block's dropout mask again in backward). A transformers Llama, Qwen2 or Mistral
 qualifies once adapted (``tm.models.from_transformers``: its attention goes through transformers'
@@ -56,7 +58,6 @@ model, so it samples alone, with plain attention on the whole context.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -68,7 +69,7 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..context import ParallelContext
-from ..models.base import CausalAttention
+from ..models.base import CausalAttention, CausalLM, token_share
 from ..nn.functional import all_gather, all_reduce
 from .tensor_parallel import sequence_parallel_size
 
@@ -314,6 +315,7 @@ class ContextParallelState:
     mesh: DeviceMesh
     tp_seq: int = 1          # sequence parallelism's split of each rank's tokens (tp), else 1
     enabled: bool = True     # False: plain single-rank attention on whole sequences (generation)
+    counted: Tensor | None = None   # the forward's counted targets, over every cp rank (the whole sequences')
 
     @property
     def size(self) -> int:
@@ -426,13 +428,21 @@ class ContextParallelMixin:
                              "call it without pos, on whole sequences")
         index = state.index(seq_len, idx.device)
         local_targets = None if targets is None else targets.index_select(1, index)
+        state.counted = None if targets is None else (targets != -1).sum()
         logits, loss = super().forward(idx.index_select(1, index), local_targets, *args,
-                                       **{**kwargs, "pos": index})
-        if loss is not None:
-            loss = mean_over_cp(loss, (local_targets != -1).sum(), state.mesh)
+                                       **{**kwargs, "pos": index})   # the loss: loss_share's, below
         if logits is not None:
             logits = gather_sequence(logits, state)
         return logits, loss
+
+    def loss_share(self, ce: Tensor, targets: Tensor) -> Tensor:
+        """The cross-entropy of this rank's targets -> the mean over every cp rank's (the same on
+        each), as CausalLM's share of the step's token mean. The MoE aux losses are added after it
+        (CausalLM._loss), whole, as without CP."""
+        state = self.context_parallel
+        if not state.enabled:
+            return super().loss_share(ce, targets)
+        return token_share(mean_over_cp(ce, (targets != -1).sum(), state.mesh), state.counted, self.loss_tokens)
 
     def generate(self, *args, **kwargs):
         """Sampling runs without CP: each rank holds the whole model (see the module docstring)."""
@@ -455,12 +465,13 @@ def apply_context_parallel(model: nn.Module, ctx: ParallelContext, block: str = 
     state = ContextParallelState(ctx.mesh["cp"])
     cores = [name for name, m in model.named_modules() if isinstance(m, CausalAttention)]
     _check_attention(model, cores)
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"{type(model).__name__} is not a tinymeg.models.CausalLM: context parallelism gives each "
+                        f"rank its tokens and their positions in the whole sequence (forward's pos) and takes "
+                        f"the loss's mean over the cp ranks (loss_share), as tinymeg's GPT2Model and Llama "
+                        f"(tinymeg.models.base) do; adapt a transformers Llama, Qwen2 or Mistral with "
+                        f"tm.models.from_transformers(model)")
     pipelined = getattr(model, "pipeline", None) is not None  # its stages place the tokens themselves
-    if not pipelined and "pos" not in inspect.signature(model.forward).parameters:
-        raise TypeError(f"{type(model).__name__}.forward takes no pos: context parallelism gives each rank "
-                        f"its tokens and their positions in the whole sequence as forward(idx, targets, "
-                        f"pos=...), as tinymeg's GPT2Model and Llama take them (tinymeg.models.base); adapt a "
-                        f"transformers Llama, Qwen2 or Mistral with tm.models.from_transformers(model)")
     for name in cores:
         core = model.get_submodule(name)
         if core.dropout.p > 0:

@@ -31,6 +31,20 @@ gradient scaled by 1/(microbatches x grad_accum) on the way back, so accumulatin
 flushes (DP all-reduce, then the tied sum), and the forward-only path (eval, sampling), a plain
 stage-to-stage send/recv: its shapes change with every sampled token, which torch's stages,
 built for one shape, do not allow.
+
+Every other dim composes with it:
+
+- **Context parallelism**: ``train_step`` and eval take each microbatch's tokens in this cp rank's
+  layout (tinymeg.parallel.context_parallel) before the stages run; each stage computes its
+  positions from the layout and runs ring attention; stages pass sequence shards. Each cp rank's
+  chunks are a forward of their own in the token mean (their shares sum to the microbatch's).
+- **Mixture of experts / EP**: only the last stage has the loss, so each MoE layer's aux losses
+  ride on its output into backward (``_AuxLossGrad``, Megatron's MoEAuxLossAutoScaler), weighted
+  as the microbatch's loss; their statistics are one forward's, a microbatch of every dp rank.
+  EP's all-to-alls stay inside a stage.
+- **ZeRO-3**: data parallelism makes each of this rank's stages an FSDP2 root (``_Stage``: its
+  blocks and its end modules), and torch's PipelineStage reduce-scatters once after the last
+  microbatch's backward (``_MeasuredStage.perform_reduce_grad``: not inside ``no_sync()``).
 """
 from __future__ import annotations
 

@@ -164,7 +164,8 @@ def train_step(step: int, model, step_fn, optimizer, tokens: torch.Tensor, cfg: 
     for micro in range(cfg.grad_accum):
         x, y = get_batch(tokens, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed,
                          step=step, micro_step=micro, grad_accum=cfg.grad_accum,
-                         dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
+                         dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+                         microbatches=model.pipeline.microbatches if ctx.pp_size > 1 else 1)
         last = micro == cfg.grad_accum - 1
         with contextlib.nullcontext() if last else model.no_sync():  # one gradient reduction per step
             if ctx.pp_size > 1:  # pipeline: the schedule runs every microbatch's forward and backward

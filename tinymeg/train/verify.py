@@ -120,21 +120,28 @@ def _model(moe: bool, n_layer: int):
     return tm.models.GPT2Model(tm.models.GPTConfig.tiny(block_size=SEQ, n_layer=n_layer))
 
 
-def run_case(case: Case, steps: int = 3, accum: int = 2, seed: int = 0) -> Outcome:
+def run_case(case: Case, steps: int = 3, accum: int = 2, seed: int = 0, prepare=None, targets=None,
+             n_layer: int | None = None) -> Outcome:
     """Train ``case`` and one process side by side (see the module docstring); every rank calls it
-    and gets the same Outcome."""
+    and gets the same Outcome. For tests off the happy path: ``prepare(model)`` changes both plain
+    models alike before sharding, ``targets(y)`` the batch's targets (e.g. ignores some: -1);
+    ``n_layer``: instead of two blocks per pipeline stage."""
     world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
     sizes = case.sizes(world)
     pp, dp = sizes["pp"], sizes["dp"]
     V = 2 if case.schedule == "interleaved-1f1b" else 1
     micro = M = pp if pp > 1 else 1   # microbatches of one sequence each
-    n_layer = 2 * pp * V
+    n_layer = n_layer or 2 * pp * V
     ctx = _context(sizes)
-    torch.manual_seed(seed)
-    ref = _model(case.moe, n_layer).to(ctx.device)
-    try:
+    models = []
+    for _ in range(2):
         torch.manual_seed(seed)
-        model = tm.parallelize(_model(case.moe, n_layer).to(ctx.device), ctx, zero=case.zero,
+        models.append(_model(case.moe, n_layer).to(ctx.device))
+        if prepare is not None:
+            prepare(models[-1])
+    ref, plain = models
+    try:
+        model = tm.parallelize(plain, ctx, zero=case.zero,
                                sequence_parallel=case.sp_lp, loss_parallel=case.sp_lp,
                                pipeline=dict(schedule=case.schedule, microbatches=M, stages_per_rank=V)
                                if pp > 1 else None)
@@ -146,6 +153,8 @@ def run_case(case: Case, steps: int = 3, accum: int = 2, seed: int = 0) -> Outco
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         batch = torch.randint(0, vocab, (2, accum, M, dp, micro // M, SEQ), generator=g).to(ctx.device)
+        if targets is not None:
+            batch[1] = targets(batch[1])
         ref_loss = _reference_step(ref, batch, accum * M)
         loss = _sharded_step(model, batch[:, :, :, ctx.dp_rank], ctx, accum)
         args = model.grad_norm_args() if pp > 1 else {}
@@ -168,10 +177,16 @@ def _reference_step(ref, batch: torch.Tensor, forwards: int) -> torch.Tensor:
     sequences of it), its loss / forwards accumulated. Returns the mean loss."""
     x, y = batch.flatten(1, 2).flatten(2, 3)   # (forwards, dp x micro/M, SEQ)
     total = torch.zeros(())
-    for xf, yf in zip(x, y):
-        loss = ref(xf, yf, return_logits=False)[1]
-        (loss / forwards).backward()
-        total += loss.detach().cpu()
+    # each forward's cross-entropy is its share of the step's token mean (ignored targets may fall
+    # unevenly between forwards): tinymeg.models.base.token_share
+    ref.loss_tokens.copy_(torch.stack([(y != -1).sum(), torch.tensor(forwards, device=y.device)]))
+    try:
+        for xf, yf in zip(x, y):
+            loss = ref(xf, yf, return_logits=False)[1]
+            (loss / forwards).backward()
+            total += loss.detach().cpu()
+    finally:
+        ref.loss_tokens.zero_()
     return total / forwards
 
 
