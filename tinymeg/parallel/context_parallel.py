@@ -29,9 +29,10 @@ the CUDA flash/efficient/cudnn kernels do), and it works by monkey-patching
 **Loss and gradients.** Weights are replicated over cp: cp ranks are data-parallel for the
 weights, and DP averages gradients over dp x cp (``ctx.dp_cp_mesh``). The model's loss is the
 mean over all tokens of the sequences, the same number on every cp rank (an all-reduce of
-(sum, count), so unevenly ignored targets count right); its backward gives each rank cp x its
-own tokens' share, so that the average over cp is the whole gradient (Megatron-LM scales its
-CP loss by cp for the same reason). Logits, when asked for, are all-gathered back into
+(sum, count), so unevenly ignored targets count right; inside ``tinymeg.parallel.token_mean``
+that mean's share of the step's), and MoE balancing losses are added to it whole; its backward
+gives each rank cp x its own tokens' share, so that the average over cp is the whole gradient
+(Megatron-LM scales its CP loss by cp for the same reason). Logits, when asked for, are all-gathered back into
 sequence order, with the same rule in backward.
 
 **What it needs from a model.** Attention's token-mixing step must be a
@@ -40,6 +41,7 @@ sequence order, with the same rule in backward.
 hook maps the local positions 0..T/cp-1 to the layout's). A rotary model would instead need its
 rotary angles computed from the layout's positions (Hugging Face models take ``position_ids``).
 Attention dropout is refused (the ring would need each block's dropout mask again in backward).
+The loss is GPT2Model's, whose ``loss_share`` this mixin overrides.
 
 **Generation** runs without CP (``model.generate`` turns it off): every cp rank holds the whole
 model, so it samples alone, with plain attention on the whole context.
@@ -58,7 +60,7 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..context import ParallelContext
-from ..models.gpt2 import CausalAttention
+from ..models.gpt2 import CausalAttention, GPT2Model, token_share
 from ..nn.functional import all_gather, all_reduce
 from .plan import matches
 from .tensor_parallel import sequence_parallel_size
@@ -338,18 +340,20 @@ class RingAttention(nn.Module):
 
 
 class _MeanOverCP(torch.autograd.Function):
-    """The mean loss over all tokens of the cp group, from each rank's mean over its own.
-    Backward: cp x this rank's share (DP averages the gradients over cp)."""
+    """(the mean loss over all tokens of the cp group, their count), from each rank's mean over
+    its own. Backward: cp x this rank's share (DP averages the gradients over cp)."""
 
     @staticmethod
     def forward(ctx, local_mean, count, mesh):
         local_sum = torch.where(count > 0, local_mean * count, torch.zeros_like(local_mean))
         total_sum, total_count = all_reduce(torch.stack([local_sum, count.to(local_mean.dtype)]), mesh)
         ctx.save_for_backward(mesh.size() * count.to(local_mean.dtype) / total_count.clamp(min=1))
-        return total_sum / total_count.clamp(min=1)
+        total_count = total_count.round().long()
+        ctx.mark_non_differentiable(total_count)
+        return total_sum / total_count.clamp(min=1), total_count
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_count):
         scale, = ctx.saved_tensors
         return grad * scale, None, None
 
@@ -389,11 +393,18 @@ class ContextParallelMixin:
         index = state.index(seq_len, idx.device)
         local_targets = None if targets is None else targets.index_select(1, index)
         logits, loss = super().forward(idx.index_select(1, index), local_targets, *args, **kwargs)
-        if loss is not None:
-            loss = _MeanOverCP.apply(loss, (local_targets != -1).sum(), state.mesh)
         if logits is not None:
             logits = _GatherSequence.apply(logits, state)
         return logits, loss
+
+    def loss_share(self, ce: Tensor, targets: Tensor) -> Tensor:
+        """GPT2Model.loss_share over the cp group's chunks together: their mean (the loss of the
+        whole sequences, the same on every cp rank), as one forward's share of the step's
+        token mean. MoE balancing losses are added after it, whole (they are global already)."""
+        if not self.context_parallel.enabled:
+            return super().loss_share(ce, targets)
+        mean, count = _MeanOverCP.apply(ce, (targets != -1).sum(), self.context_parallel.mesh)
+        return token_share(mean, count, self.loss_tokens)
 
     @contextlib.contextmanager
     def context_parallel_disabled(self):
@@ -426,6 +437,9 @@ def apply_context_parallel(model: nn.Module, ctx: ParallelContext, position_embe
     state = ContextParallelState(ctx.mesh["cp"])
     cores = [name for name, m in model.named_modules() if isinstance(m, CausalAttention)]
     _check_attention(model, cores)
+    if not isinstance(model, GPT2Model):
+        raise TypeError(f"context parallelism takes the loss over the cp ranks' chunks through GPT2Model.loss_share, "
+                        f"but {type(model).__name__} is not a tinymeg GPT2Model: build the model from GPT2Model")
     for name in cores:
         core = model.get_submodule(name)
         if core.dropout.p > 0:
