@@ -29,7 +29,7 @@ from .data_parallel import DEFAULT_BUCKET_MB, apply_data_parallel, compile_model
 from ..models.moe import moe_layers
 from .expert_parallel import apply_expert_parallel, unprepared_moe_layers
 from .pipeline_parallel import apply_pipeline_parallel
-from .plan import gpt2_tp_config
+from . import plans
 from .tensor_parallel import apply_tensor_parallel
 
 
@@ -41,7 +41,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
     """Apply every dim of ``ctx`` that is on to ``model`` (in place) and return it.
 
     ``plan``: the tensor-parallel plan (either form of ``apply_tensor_parallel``; default
-    GPT-2's); ``sequence_parallel`` / ``loss_parallel`` switch those on in it (both need tp > 1
+    ``tm.plans.for_model(model)``, the shipped plan for tinymeg's GPT-2 or a transformers model); ``sequence_parallel`` / ``loss_parallel`` switch those on in it (both need tp > 1
     and are ignored at tp = 1, where there is nothing to shard). ``bucket_mb``, ``zero``,
     ``param_dtype``: see ``apply_data_parallel``. ``compile``: ``torch.compile(fullgraph=True)`` the model's forward in place.
     ``cp_position_embedding``, ``cp_block``: see ``apply_context_parallel``. ``pipeline``: the
@@ -61,7 +61,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
                          f"ParallelContext with pp > 1, or leave pipeline out")
     # 2. Tensor parallelism (+ sequence parallel, loss parallel).
     if ctx.tp_size > 1:  # at tp=1 plain tensors are cheaper than 1-rank DTensors
-        tp_config = dict(gpt2_tp_config(getattr(model, "config", None)) if plan is None else plan)
+        tp_config = dict(plans.for_model(model) if plan is None else plan)
         tp_config["sequence_parallel"] = sequence_parallel or tp_config.get("sequence_parallel", False)
         tp_config["loss_parallel"] = loss_parallel or tp_config.get("loss_parallel", False)
         model = apply_tensor_parallel(model, ctx, tp_config)

@@ -16,7 +16,9 @@ as is, so a plan can be edited before use. Options:
 
 - ``sequence_parallel``: activations sharded on the sequence between the blocks' projections;
 - ``vocab_parallel`` (default True): shard the embedding and LM head over the vocabulary,
-  which must then divide by tp (GPT-2's 50257 does not: pass False to replicate them);
+  which must then divide by tp (Llama-family plans name them, so a vocabulary tp does not divide
+  is an error: pass False to replicate them; the GPT-2 plans leave the tied embedding to the
+  default rule, which replicates it where tp does not divide it, as GPT-2's 50257 at tp=2);
 - ``loss_parallel`` (tinymeg-gpt2 only): the loss from vocab-sharded logits.
 
 Hugging Face attention reads its sequence length from its input and its head count from the
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .plan import GPT2_TP_CONFIG, ColumnParallel, RowParallel, VocabParallel
+from .plan import ColumnParallel, RowParallel, VocabParallel, gpt2_tp_config
 
 
 def _llama_like(vocab_parallel: bool) -> dict:
@@ -53,13 +55,15 @@ def _hf_gpt2(vocab_parallel: bool) -> dict:
         "mlp.c_fc": ColumnParallel(), "mlp.c_proj": RowParallel(),
         "sharded_attributes": ["attn.split_size"],   # c_attn's output is split into q, k, v at this width
     }
-    # The tied lm_head follows wte (apply_tensor_parallel finds the tie).
-    plan["vocab_embedding_patterns"] = ["wte"] if vocab_parallel else []
+    # vocab_parallel: the default rule shards the tied wte, and the lm_head with it, where tp divides
+    # its rows (GPT-2's 50257 at tp=2 stays replicated rather than refused)
+    if not vocab_parallel:
+        plan["vocab_embedding_patterns"] = []
     return plan
 
 
-def _tinymeg_gpt2(vocab_parallel: bool) -> dict:
-    plan = {k: list(v) if isinstance(v, list) else v for k, v in GPT2_TP_CONFIG.items()}
+def _tinymeg_gpt2(vocab_parallel: bool, config=None) -> dict:
+    plan = {k: list(v) if isinstance(v, list) else v for k, v in gpt2_tp_config(config).items()}
     if not vocab_parallel:
         plan["vocab_embedding_patterns"] = []
     return plan
@@ -76,8 +80,9 @@ def names() -> list[str]:
 
 
 def get(name: str, *, sequence_parallel: bool = False, vocab_parallel: bool = True,
-        loss_parallel: bool = False) -> dict:
-    """The shipped plan called ``name`` (see the module docstring), with these options."""
+        loss_parallel: bool = False, config=None) -> dict:
+    """The shipped plan called ``name`` (see the module docstring), with these options
+    (``config``: tinymeg-gpt2's GPTConfig, whose MoE layers change the plan)."""
     if name not in PLANS:
         raise ValueError(f"no shipped tensor-parallel plan called {name!r}; there are {names()}. "
                          f"For another model, write a plan: {{pattern: tm.ColumnParallel() / tm.RowParallel() / "
@@ -85,7 +90,7 @@ def get(name: str, *, sequence_parallel: bool = False, vocab_parallel: bool = Tr
     if loss_parallel and name != "tinymeg-gpt2":
         raise ValueError(f"loss_parallel applies to tinymeg's GPT2Model (its loss path), not to {name!r}, "
                          f"whose model computes its own loss from the gathered logits")
-    plan = PLANS[name](vocab_parallel)
+    plan = PLANS[name](vocab_parallel) if config is None else PLANS[name](vocab_parallel, config)
     if sequence_parallel:
         plan["sequence_parallel"] = True
     if loss_parallel:
@@ -94,11 +99,13 @@ def get(name: str, *, sequence_parallel: bool = False, vocab_parallel: bool = Tr
 
 
 def for_model(model: nn.Module, **options) -> dict:
-    """The shipped plan for this model: tinymeg's GPT2Model, or a transformers model whose
-    ``config.model_type`` has a plan (llama, qwen2, mistral, gpt2). Options as for ``get``."""
+    """The shipped plan for this model: tinymeg's GPT2Model (``gpt2_tp_config``: without the MLP
+    patterns when every MLP is a mixture of experts), or a transformers model whose
+    ``config.model_type`` has a plan (llama, qwen2, mistral, gpt2). Options as for ``get``; the
+    default plan of ``tm.parallelize`` and ``tm.apply_tensor_parallel``."""
     from ..models import GPT2Model
     if isinstance(model, GPT2Model):
-        return get("tinymeg-gpt2", **options)
+        return get("tinymeg-gpt2", **options, config=model.config)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _MODEL_TYPES:
         raise ValueError(f"no shipped tensor-parallel plan for {type(model).__name__} (model_type "
