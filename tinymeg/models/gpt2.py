@@ -314,6 +314,11 @@ class GPT2Model(nn.Module):
         from .hf_gpt2 import save_pretrained
         save_pretrained(self, path)
 
+    def export_state_dict(self) -> dict:
+        """The state dict save_pretrained writes: state_dict() (data parallelism's mixin gives the
+        fp32 masters under mixed precision instead of the bf16 working copies)."""
+        return self.state_dict()
+
     def num_params(self) -> int:
         """Parameters in the global model (tied weights counted once, padding rows included)."""
         return sum(p.numel() for p in self.parameters())

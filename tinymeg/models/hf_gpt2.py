@@ -69,6 +69,10 @@ def config_from_hf(hf: dict, *, dropout: float | None = None, vocab_multiple: in
 
 def config_to_hf(cfg: GPTConfig) -> dict:
     """The config.json transformers.GPT2LMHeadModel reads for a tinymeg GPTConfig."""
+    if cfg.n_experts:
+        raise ValueError(f"this model has mixture-of-experts layers (n_experts={cfg.n_experts}), which "
+                         f"transformers' GPT-2 has no place for (it would load a dense config with random "
+                         f"MLPs): save a checkpoint (--ckpt-dir) or export with --format torch")
     if not cfg.bias:
         raise ValueError("GPT-2's Hugging Face format has biases everywhere; this model was built with "
                          "bias=False, which transformers' GPT2LMHeadModel cannot load")
@@ -173,10 +177,11 @@ def init_from_pretrained(path: str, vocab_size: int, seq_len: int, dropout: floa
 # ---------------------------------------------------------------- out
 
 def hf_state_dict(model: GPT2Model) -> dict[str, torch.Tensor]:
-    """The model's parameters in Hugging Face's layout, whole on every rank. Sharded (DTensor)
-    parameters are gathered over their mesh: a collective, so every rank must call this."""
+    """The model's parameters in Hugging Face's layout, whole on every rank, at full precision
+    (``export_state_dict``: fp32 masters under mixed precision). Sharded (DTensor) parameters are
+    gathered over their mesh: a collective, so every rank must call this."""
     cfg, out = model.config, {}
-    for key, t in model.state_dict().items():
+    for key, t in model.export_state_dict().items():
         if key == "lm_head.weight":
             continue                                 # tied to transformer.wte.weight
         t = t.full_tensor() if isinstance(t, DTensor) else t
@@ -190,15 +195,34 @@ def hf_state_dict(model: GPT2Model) -> dict[str, torch.Tensor]:
 def save_pretrained(model: GPT2Model, path: str) -> None:
     """Write ``path/config.json`` and ``path/model.safetensors`` for transformers'
     GPT2LMHeadModel.from_pretrained. Under torch.distributed every rank calls it (sharded
-    parameters are gathered) and global rank 0 writes; it returns when the files exist."""
-    from safetensors.torch import save_file
+    parameters are gathered) and global rank 0 writes; it returns when the files exist.
+    (A pipelined model writes one file per stage: PipelineParallelMixin.save_pretrained.)"""
     config = config_to_hf(model.config)
     tensors = hf_state_dict(model)
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
-        os.makedirs(path, exist_ok=True)
-        save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
-        with open(os.path.join(path, CONFIG), "w") as f:
-            json.dump(config, f, indent=2)
+        write_weights(path, WEIGHTS, tensors)
+        write_config(path, config)
     if distributed:
         dist.barrier()
+
+
+def write_weights(path: str, filename: str, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, filename), metadata={"format": "pt"})
+
+
+def write_config(path: str, config: dict, weight_map: dict[str, str] | None = None, total_size: int = 0) -> None:
+    """config.json and, for weights split over several files, the index naming each tensor's file
+    (``weight_map``, transformers' layout). The other layout's entry point, left by an earlier
+    save, is removed: readers take model.safetensors before an index."""
+    os.makedirs(path, exist_ok=True)
+    stale = os.path.join(path, WEIGHTS if weight_map else INDEX)
+    if os.path.exists(stale):
+        os.remove(stale)
+    if weight_map:
+        with open(os.path.join(path, INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(path, CONFIG), "w") as f:
+        json.dump(config, f, indent=2)

@@ -44,6 +44,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from ..context import ParallelContext
 from ..models.gpt2 import GPT2Model, check_sampling, lm_head_loss, sample_token, token_share
+from ..models.hf_gpt2 import config_to_hf, hf_state_dict, write_config, write_weights
 from ..nn.layers import local
 from .zero import optimizer_param
 
@@ -213,6 +214,27 @@ class PipelineParallelMixin:
     def num_params(self) -> int:
         """The whole model's parameters (every stage's; the tied weight once), as GPT2Model counts them."""
         return self.pipeline.whole_num_params
+
+    def save_pretrained(self, path: str) -> None:
+        """GPT2Model.save_pretrained with every stage's tensors: one file per stage, named by
+        model.safetensors.index.json (transformers' layout for weights split over files), each
+        written by its stage's first rank; the tied embedding by the first stage. Every rank calls
+        it; it returns when the files exist."""
+        ctx = self.pipeline.ctx
+        config = config_to_hf(self.config)
+        tensors = hf_state_dict(self)             # this stage's, whole over tp (a collective)
+        if ctx.pp_rank != 0:
+            tensors.pop("transformer.wte.weight", None)   # the last stage's copy of the tied weight
+        sizes = [None] * ctx.pp_size
+        dist.all_gather_object(sizes, {k: t.numel() * t.element_size() for k, t in tensors.items()},
+                               group=self.pipeline.group)
+        files = [f"model-{s + 1:05d}-of-{ctx.pp_size:05d}.safetensors" for s in range(ctx.pp_size)]
+        if ctx.dp_rank == ctx.cp_rank == ctx.tp_rank == 0:
+            write_weights(path, files[ctx.pp_rank], tensors)
+        if ctx.rank == 0:
+            write_config(path, config, {k: files[s] for s, stage in enumerate(sizes) for k in stage},
+                         sum(n for stage in sizes for n in stage.values()))
+        dist.barrier()
 
     # ---- training
 
