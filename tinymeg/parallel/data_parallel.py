@@ -67,9 +67,9 @@ class DataParallelMixin:
         """nn.Module.zero_grad, and the gradients accumulated in the data-parallel buckets."""
         if self.grad_sync is None:
             recover_fsdp(self)
+        else:
+            self.grad_sync.zero_grad()   # (first: it drops the GradientElsewhere that zero_() would reject)
         super().zero_grad(set_to_none)
-        if self.grad_sync is not None:
-            self.grad_sync.zero_grad()
 
 
 def apply_data_parallel(model: nn.Module, ctx: ParallelContext, bucket_mb: float = DEFAULT_BUCKET_MB,

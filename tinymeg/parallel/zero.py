@@ -47,7 +47,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from ..nn.layers import local as _local
-from .grad_sync import MAX_IN_FLIGHT, GradSync, ShardLayout, as_like, data_parallel_mesh
+from .grad_sync import MAX_IN_FLIGHT, GradientElsewhere, GradSync, ShardLayout, as_like, data_parallel_mesh
 
 ELEMENTWISE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
                           torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop,
@@ -479,7 +479,8 @@ def memory_mb(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) 
     sync = getattr(model, "grad_sync", None)
     buffers = [t for b in (sync.buckets if sync else []) for t in (b.buffer, b.output)]
     param_mb = size(params)
-    grad_mb = size([p.grad for p in params] + [p.grad for p in opt_params] + buffers)
+    grad_mb = size([p.grad for p in params if not isinstance(p.grad, GradientElsewhere)]
+                   + [p.grad for p in opt_params] + buffers)
     states = [v for s in (optimizer.state.values() if optimizer else []) for v in s.values() if torch.is_tensor(v)]
     optim_mb = size(opt_params + states)
     return {"param_mb": param_mb, "grad_mb": grad_mb, "optim_mb": optim_mb}
