@@ -345,9 +345,12 @@ class _MeanOverCP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local_mean, count, mesh):
-        local_sum = torch.where(count > 0, local_mean * count, torch.zeros_like(local_mean))
-        total_sum, total_count = all_reduce(torch.stack([local_sum, count.to(local_mean.dtype)]), mesh)
-        ctx.save_for_backward(mesh.size() * count.to(local_mean.dtype) / total_count.clamp(min=1))
+        # in float32 whatever the loss's dtype: bf16 holds integers exactly only up to 256
+        count = count.float()
+        local_sum = torch.where(count > 0, local_mean.float() * count, torch.zeros_like(count))
+        total_sum, total_count = all_reduce(torch.stack([local_sum, count]), mesh)
+        ctx.save_for_backward(mesh.size() * count / total_count.clamp(min=1))
+        ctx.dtype = local_mean.dtype
         total_count = total_count.round().long()
         ctx.mark_non_differentiable(total_count)
         return total_sum / total_count.clamp(min=1), total_count
@@ -355,7 +358,7 @@ class _MeanOverCP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _grad_count):
         scale, = ctx.saved_tensors
-        return grad * scale, None, None
+        return (grad * scale).to(ctx.dtype), None, None
 
 
 class _GatherSequence(torch.autograd.Function):
