@@ -410,11 +410,12 @@ def test_pipeline_token_mean_frozen_stage_and_bad_input():
     world(2).run(_frozen_stage_and_bad_input_body)
 
 
-def _bf16_body():
-    """pp x tp with bf16 parameters (tm.parallelize's param_dtype): the last stage's loss (bf16 from TP's loss, fp32 from the fused
-    one) reaches every stage as float32, in training and in eval, at the one-process value (bf16
+def _bf16_body(dims):
+    """pp x tp and pp x dp with bf16 parameters (tm.parallelize's param_dtype): the last stage's
+    loss (bf16 from TP's loss, fp32 from the fused one: at tp=1 the eval forward aborted in gloo)
+    reaches every stage as float32, in training and in eval, at the one-process value (bf16
     compute: 2e-2)."""
-    ctx = get_ctx(tp=2, pp=2)
+    ctx = get_ctx(**dims)
     cfg = tm.models.GPTConfig.tiny()
     torch.manual_seed(0)
     ref = tm.models.GPT2Model(cfg)
@@ -436,7 +437,8 @@ def _bf16_body():
 
 
 def test_pipeline_bf16_loss_reaches_every_stage():
-    world(4).run(_bf16_body)
+    for dims in (dict(tp=2, pp=2), dict(dp=2, pp=2)):
+        world(4).run(_bf16_body, dims)
 
 
 # ---- the trainer: losses, eval and the sample equal one process's
