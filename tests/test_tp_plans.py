@@ -237,6 +237,17 @@ def _tied_body():
                                          r"plan does not shard as VocabParallel.*Plan 'transformer.wte' as VocabParallel"):
         tm.apply_tensor_parallel(gpt, ctx, {**tm.GPT2_TP_CONFIG, "lm_head": tm.ColumnParallel(gather_output=True),
                                             "vocab_embedding_patterns": []})
+    # a vocab-parallel embedding takes only nn.Linear heads along (a head with its own forward lost
+    # it): asked for, refused; by default, both replicated and exact
+    torch.manual_seed(0)
+    doubled = tm.models.GPT2Model(tm.models.GPTConfig.tiny())
+    doubled.lm_head.__class__ = DoubledLinear
+    with pytest.raises(ValueError, match=r"'transformer.wte' shares its weight with \['lm_head'\] \(tied\), which "
+                                         r"VocabParallel cannot shard along"):
+        tm.apply_tensor_parallel(copy.deepcopy(doubled), ctx, {**tm.GPT2_TP_CONFIG, "vocab_embedding_patterns": ["wte"]})
+    sharded = tm.apply_tensor_parallel(copy.deepcopy(doubled), ctx, tm.GPT2_TP_CONFIG)
+    with torch.no_grad():
+        assert_close(sharded(idx)[0], doubled(idx)[0], "logits of a tied head with its own forward")
 
 
 def test_tied_weights_stay_tied_or_the_plan_is_refused():

@@ -132,9 +132,13 @@ def resolve_plan(plan: dict[str, Style], model: nn.Module) -> dict[str, Style]:
 
 
 def tied_embedding_names(model: nn.Module) -> list[str]:
-    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Embedding) and id(m.weight) in linear_weights]
+    """The Embeddings whose weight nn.Linear heads share, and nothing else (check_ties' rule)."""
+    users: dict[int, list[nn.Module]] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            users.setdefault(id(p), []).append(m)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and len(users[id(m.weight)]) > 1
+            and all(type(u).forward is nn.Linear.forward for u in users[id(m.weight)] if u is not m)]
 
 
 def check_pairing(model: nn.Module, plan: dict[str, Style]) -> None:
@@ -184,17 +188,25 @@ def check_pairing(model: nn.Module, plan: dict[str, Style]) -> None:
 
 def check_ties(model: nn.Module, plan: dict[str, Style]) -> None:
     """A planned layer whose weight another module shares (GPT-2's lm_head, tied to wte) is sharded
-    with it or not at all: a ColumnParallel head follows a VocabParallel embedding; sharded any
-    other way the two would become two parameters, silently untied."""
+    with it or not at all: a VocabParallel embedding takes its tied nn.Linear heads along (each
+    becomes a column-parallel head on the same sharded weight, so it must compute nn.Linear's
+    forward), and a ColumnParallel head follows a VocabParallel embedding. Any other sharing
+    would be split into separate parameters, silently untied, or lose a module's own forward."""
     users: dict[int, list[str]] = {}
     for name, module in model.named_modules():
         for p in module.parameters(recurse=False):
             users.setdefault(id(p), []).append(name)
     for name, style in plan.items():
-        if isinstance(style, VocabParallel):
-            continue
         others = [n for n in users.get(id(getattr(model.get_submodule(name), "weight", None)), []) if n != name]
-        if others and not (isinstance(style, ColumnParallel) and all(isinstance(plan.get(n), VocabParallel) for n in others)):
+        if isinstance(style, VocabParallel):
+            bad = [n for n in others if not (type(model.get_submodule(n)).forward is nn.Linear.forward
+                                             and isinstance(plan.get(n, ColumnParallel()), ColumnParallel))]
+            if bad:
+                raise ValueError(
+                    f"{name!r} shares its weight with {bad} (tied), which VocabParallel cannot shard along: "
+                    f"only nn.Linear heads (nn.Linear's own forward) follow a vocab-parallel embedding. "
+                    f"Leave {name!r} out of the plan (both are then replicated)")
+        elif others and not (isinstance(style, ColumnParallel) and all(isinstance(plan.get(n), VocabParallel) for n in others)):
             raise ValueError(
                 f"{name!r} shares its weight with {others} (tied), which the plan does not shard as "
                 f"VocabParallel: sharding {name!r} alone would untie them into two parameters. Plan "
