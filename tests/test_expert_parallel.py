@@ -277,19 +277,20 @@ MOE_TRAIN = dict(n_experts=4, top_k=2, n_layer=2, n_head=4, n_embd=32, seq_len=1
 def _trainer_body(**kw):
     from tinymeg.train import TrainConfig, train
     cfg = TrainConfig(**{**MOE_TRAIN, **kw})
-    out = train(cfg, ctx=get_ctx(dp=cfg.dp, tp=cfg.tp, ep=cfg.ep))
+    out = train(cfg, ctx=get_ctx(dp=cfg.dp, tp=cfg.tp, ep=cfg.ep, cp=cfg.cp))
     return out["losses"]
 
 
 def test_trainer_losses_equal_one_process_on_any_expert_mesh():
     """The trainer (global-norm clipping at 1 is active: the first norms are ~2) on 1 process,
-    (dp=2, ep=2), (dp=4, ep=2) and (dp=2, ep=2, tp=2, SP, loss parallel) on the same global
-    batch: the same 6 losses (CE + aux), rel 1e-5; and with 2 accumulation steps."""
+    (dp=2, ep=2), (dp=4, ep=2), (dp=2, ep=2, tp=2, SP, loss parallel) and (dp=2, ep=2, cp=2) on
+    the same global batch: the same 6 losses (CE + aux), rel 1e-5; and with 2 accumulation steps."""
     runs = {"dp1": world(1).run(_trainer_body, steps=6, micro_batch=4)[0],
             "dp2 ep2": world(2).run(_trainer_body, steps=6, dp=2, ep=2, micro_batch=2)[0],
             "dp4 ep2": world(4).run(_trainer_body, steps=6, dp=4, ep=2, micro_batch=1)[0],
             "dp2 ep2 tp2 sp lp": world(4).run(_trainer_body, steps=6, dp=2, ep=2, tp=2, micro_batch=2,
-                                              sequence_parallel=True, loss_parallel=True)[0]}
+                                              sequence_parallel=True, loss_parallel=True)[0],
+            "dp2 ep2 cp2": world(4).run(_trainer_body, steps=6, dp=2, ep=2, cp=2, micro_batch=2)[0]}
     base = runs["dp1"]
     assert len(base) == 6 and base[-1] < base[0]
     for mesh, losses in runs.items():
