@@ -99,13 +99,13 @@ def _parallel_export_body(path, out_pp, out_bf16):
 
 
 def test_pipelined_and_mixed_precision_models_write_every_tensor_at_full_precision(hf_dir, tmp_path):
-    from tinymeg.models.hf_gpt2 import _read_tensors
+    from tinymeg.models.hf_io import read_tensors
     path, want = hf_dir
     out_pp, out_bf16 = str(tmp_path / "pp"), str(tmp_path / "bf16")
     world(4).run(_parallel_export_body, path, out_pp, out_bf16)
     original = load_file(os.path.join(path, "model.safetensors"))
     for out in (out_pp, out_bf16):
-        back = _read_tensors(out)
+        back = read_tensors(out)
         assert back.keys() == original.keys(), out
         assert all(torch.equal(original[k], back[k]) for k in original), f"{out}: weights move, they do not change"
     assert sorted(os.listdir(out_pp)) == ["config.json", "model-00001-of-00002.safetensors",

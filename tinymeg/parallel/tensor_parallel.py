@@ -11,8 +11,8 @@ from ..nn.functional import gather_from_tp, split_seq
 from ..nn.layers import (ColumnParallelLinear, ParallelDropout, RowParallelLinear, VocabParallelEmbedding,
                          is_transposed_linear, replicate_module)
 from ..nn.region import RESIDUAL, Region
-from .plan import (ColumnParallel, RowParallel, Style, VocabParallel, check_pairing, check_ties,
-                   matches, normalize_plan, resolve_plan)
+from .plan import (ColumnParallel, RowParallel, Style, VocabParallel, check_pairing, check_ties, matches,
+                   normalize_plan, resolve_plan)
 from .plans import for_model
 
 SEQ_DIM = 1
@@ -25,10 +25,9 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     vocab-parallel, a Linear tied to a vocab-parallel Embedding shares its sharded weight, and
     every other module with parameters, whatever its class, is replicated: its parameters
     become Replicate() DTensors and it computes what it computes unsharded. Without a plan,
-    the shipped plan for the model is used (``tm.plans.for_model``: tinymeg's GPT-2, without the
-    MLP patterns when every MLP is a MoE, or a transformers Llama, Qwen2, Mistral or GPT-2; any
-    other model needs a plan). MoE layers are left to ``apply_expert_parallel``. Every check runs
-    before the model is changed.
+    the model's shipped plan is used (``tm.plans.for_model``: for tinymeg's GPT-2 and Llama,
+    without the MLP patterns when every MLP is a MoE). MoE layers are left to ``apply_expert_parallel``. Every check runs before the model
+    is changed.
 
     ``tp_config["sequence_parallel"] = True`` shards activations on the sequence dim from the
     input of the first block (``sequence_parallel_entry``: by default the first element of

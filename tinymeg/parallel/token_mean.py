@@ -9,7 +9,7 @@ dp=2 and cp=2 (or 1 and 4 microbatches) give different losses and gradients for 
 ``token_mean(model, ctx, targets)`` counts the targets of the step before it runs (this rank's
 micro-steps, then one all-reduce of one number over dp: nothing per micro-step) and sets the
 model's ``loss_tokens``: inside it each forward's loss is its share of the batch's token mean
-(``tinymeg.models.gpt2.token_share``; context parallelism takes the share of its ranks' chunks
+(``tinymeg.models.base.token_share``; context parallelism takes the share of its ranks' chunks
 together). Averaging as usual then gives the one-process loss and gradients of the whole batch:
 ``(loss / grad_accum).backward()`` on every rank, DP's mean over dp x cp, the pipeline's
 1/microbatches, and the mean over dp of the losses for the log. Where nothing is ignored every
@@ -36,7 +36,8 @@ def token_mean(model: nn.Module, ctx: ParallelContext, targets: Sequence[torch.T
     tokens = getattr(model, "loss_tokens", None)
     if tokens is None:
         raise TypeError(f"{type(model).__name__} has no loss_tokens buffer: token_mean shares out the loss of "
-                        f"tinymeg's GPT2Model; a model that computes its own loss averages it itself")
+                        f"tinymeg's models (tinymeg.models.CausalLM); a model that computes its own loss "
+                        f"averages it itself")
     if not targets:
         raise ValueError("token_mean needs the targets of at least one micro-step")
     total = torch.stack([(t != -1).sum() for t in targets]).sum().to(tokens.device)
