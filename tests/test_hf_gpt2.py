@@ -88,8 +88,12 @@ def test_round_trip_through_a_tensor_parallel_model(hf_dir, tmp_path, sp):
 
 def _parallel_export_body(path, out_pp, out_bf16):
     """A pipelined model (pp=2 x tp=2) writes every stage's tensors (one file per stage, named by
-    the index: only the first stage's were written); under mixed precision (dp=2 x tp=2, ZeRO-2,
-    bf16) the fp32 masters are written, not the bf16 working copies."""
+    the index: only the first stage's were written), over an earlier single-file save of another
+    model (readers take model.safetensors first: it must go); under mixed precision (dp=2 x tp=2,
+    ZeRO-2, bf16) the fp32 masters are written, not the bf16 working copies."""
+    other = tm.models.GPT2Model.from_pretrained(path)
+    torch.nn.init.zeros_(other.transformer.wpe.weight)
+    other.save_pretrained(out_pp)
     pipelined = tm.parallelize(tm.models.GPT2Model.from_pretrained(path), get_ctx(tp=2, pp=2),
                                pipeline=dict(schedule="gpipe", microbatches=2))
     pipelined.save_pretrained(out_pp)
