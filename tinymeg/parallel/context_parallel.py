@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
+from .. import compat
 from ..context import ParallelContext
 from ..models.gpt2 import CausalAttention
 from ..nn.functional import all_gather, all_reduce
@@ -206,7 +207,7 @@ def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, group_name: str, scale: f
                       block: str) -> tuple[Tensor, Tensor]:
     """Causal attention of this rank's queries (B, H, T/cp, D) in the load-balanced layout
     against every cp rank's keys and values. Returns (out, log-sum-exp (B, H, T/cp) fp32)."""
-    group = dist.distributed_c10d._resolve_process_group(group_name)
+    group = compat.resolve_process_group(group_name)
     n, rank, half = group.size(), group.rank(), q.size(2) // 2
     block = _resolve_block(block, q.device)
     kv = torch.stack([k, v])
@@ -241,7 +242,7 @@ def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                                group_name: str, scale: float, block: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ring_attention: (k, v) go around the ring again; the dK/dV of the
     k/v a rank holds travel with them (fp32) and reach their owner after the last hop."""
-    group = dist.distributed_c10d._resolve_process_group(group_name)
+    group = compat.resolve_process_group(group_name)
     n, rank, half = group.size(), group.rank(), q.size(2) // 2
     block = _resolve_block(block, q.device)
     kv = torch.stack([k, v])
