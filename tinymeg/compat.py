@@ -8,6 +8,9 @@ tinymeg supports torch 2.11 to 2.13 (pyproject.toml). What differs between them:
 - ``_functional_collectives.all_gather_single`` / ``reduce_scatter_single`` (2.13) do not exist
   in 2.11; ``all_gather_tensor`` / ``reduce_scatter_tensor`` compute the same, with a copy when
   the dim is not 0 (they gather or scatter on dim 0 and move the pieces).
+- ``DTensor.full_tensor()`` of a ``_StridedShard`` alone on a 1-D mesh (GPT-2's q|k|v sharded by
+  heads) fails in 2.11 ("unable to be interpreted into a corresponding shard_order"):
+  ``full_tensor`` gathers such a tensor itself.
 
 The rest is private but the same on every supported version: it lives here so that the code
 elsewhere says what it means (``unflatten(mesh, ...)``), not where torch keeps it.
@@ -18,6 +21,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.distributed.distributed_c10d as c10d
 from torch.distributed.checkpoint.state_dict import _init_optim_state as init_optim_state
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._utils import compute_global_tensor_info, compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import _StridedShard as StridedShard
@@ -40,6 +44,25 @@ def reduce_scatter_single(x, op: str, dim: int, mesh: DeviceMesh):
     if hasattr(funcol, "reduce_scatter_single"):
         return funcol.reduce_scatter_single(x, op, dim, mesh)
     return funcol.reduce_scatter_tensor(x, op, dim, mesh)
+
+
+def full_tensor(t):
+    """t.full_tensor() for a DTensor (a plain tensor as it is), on every supported torch."""
+    if not isinstance(t, DTensor):
+        return t
+    try:
+        return t.full_tensor()
+    except ValueError:  # torch 2.11: a lone _StridedShard(d, split_factor=k) on a 1-D mesh
+        (pl,) = t.placements if t.device_mesh.ndim == 1 else (None,)
+        if not isinstance(pl, StridedShard):
+            raise
+    # Each rank holds its slice of each of the k chunks of dim d: gather the ranks' pieces and
+    # lay them out chunk by chunk (values only: no gradient flows back through the gather).
+    n, k, local = t.device_mesh.size(), pl.split_factor, t.to_local().movedim(pl.dim, 0)
+    pieces = funcol.all_gather_tensor(local.contiguous(), 0, t.device_mesh)
+    pieces = pieces.wait() if isinstance(pieces, AsyncCollectiveTensor) else pieces
+    pieces = pieces.view(n, k, local.shape[0] // k, *local.shape[1:]).transpose(0, 1)
+    return pieces.reshape(-1, *local.shape[1:]).movedim(0, pl.dim)
 
 
 def flatten(mesh: DeviceMesh, name: str) -> DeviceMesh:
@@ -78,5 +101,6 @@ def spec(t) -> DTensorSpec:
 
 __all__ = ["AsyncCollectiveTensor", "DTensorSpec", "StridedShard", "TensorMeta", "all_gather_single",
            "all_reduce", "all_to_all_single", "all_to_all_single_autograd", "compute_global_tensor_info",
-           "compute_local_shape_and_global_offset", "concatenate", "flatten", "init_optim_state", "local_tensor",
+           "compute_local_shape_and_global_offset", "concatenate", "flatten", "full_tensor", "init_optim_state",
+           "local_tensor",
            "reduce_scatter_single", "resolve_process_group", "set_process_group_timeout", "spec", "unflatten"]

@@ -22,8 +22,8 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
+from .. import compat
 from .gpt2 import GPT2Model, GPTConfig
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -179,7 +179,7 @@ def hf_state_dict(model: GPT2Model) -> dict[str, torch.Tensor]:
     for key, t in model.state_dict().items():
         if key == "lm_head.weight":
             continue                                 # tied to transformer.wte.weight
-        t = t.full_tensor() if isinstance(t, DTensor) else t
+        t = compat.full_tensor(t)
         t = t.detach().float().cpu()
         if key == "transformer.wte.weight":
             t = t[:cfg.vocab_size]                   # padded rows are not tokens
