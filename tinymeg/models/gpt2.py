@@ -314,7 +314,8 @@ class GPT2Model(nn.Module):
             logits = logits[..., : self.config.vocab_size]  # padded rows are not tokens
         loss = None
         if targets is not None:
-            loss = self._with_aux_loss(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)  # float32
+            loss = self._with_aux_loss(loss)
         return logits, loss
 
     def _with_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:

@@ -161,7 +161,7 @@ class ColumnParallelLinear(nn.Module):
                   if ignore_index != HF_IGNORE_INDEX else ""))
         check_index(targets, vocab_size, ignore=ignore_index, what="target", fix=fix)
         if not self.loss_parallel:
-            logits = self(x)[..., :vocab_size].flatten(0, -2)
+            logits = self(x)[..., :vocab_size].flatten(0, -2).float()  # the loss in float32, as the fused op
             targets = targets.flatten()
             # sum / count rather than reduction="mean", which is 0/0 = NaN when every target is ignored
             total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
