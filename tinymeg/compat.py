@@ -4,7 +4,10 @@ place, so that a torch upgrade touches one file.
 tinymeg supports torch 2.11 to 2.13 (pyproject.toml). What differs between them:
 
 - ``DeviceMesh._unflatten("dp", ...)``: 2.11 rejects a dim given by name (an inverted check);
-  the dim's index works on every version, so ``unflatten`` passes the index.
+  the dim's index works on every version, so ``unflatten`` passes the index. 2.11 also cannot
+  slice dims that another dim separates (``expert["edp", "cp"]`` across ``ep``): ParallelContext
+  needs that slice only with both experts and context parallelism (ep > 1 and cp > 1), which is
+  therefore 2.13 only.
 - ``_functional_collectives.all_gather_single`` / ``reduce_scatter_single`` (2.13) do not exist
   in 2.11; ``all_gather_tensor`` / ``reduce_scatter_tensor`` compute the same, with a copy when
   the dim is not 0 (they gather or scatter on dim 0 and move the pieces).

@@ -97,7 +97,9 @@ class ParallelContext:
         expert = compat.unflatten(self.mesh, "dp", (self.dp_size // self.ep_size, self.ep_size), ("edp", "ep"))
         self.edp_mesh, self.ep_mesh = expert["edp"], expert["ep"]
         # The ranks holding the same experts and seeing other tokens: expert gradients' DP mesh.
-        self.edp_cp_mesh = compat.flatten(expert["edp", "cp"], "edp_cp") if self.cp_size > 1 else self.edp_mesh
+        # Without experts edp is dp, so edp_cp is dp_cp (torch 2.11 cannot slice ("edp", "cp") across ep).
+        self.edp_cp_mesh = (compat.flatten(expert["edp", "cp"], "edp_cp") if self.cp_size > 1 and self.ep_size > 1
+                            else self.dp_cp_mesh if self.cp_size > 1 else self.edp_mesh)
         self.timeout = timeout
         _set_mesh_timeout(self._meshes(), timeout)
 
