@@ -29,7 +29,8 @@ import torch
 
 LOWER, FP32, KEEP = "lower", "fp32", "keep"
 DEVICES = ("cpu", "cuda")
-# A backward op takes what its forward saved, in the dtypes it chose: cast nothing.
+# A backward op takes what its forward saved, in the dtypes it chose: cast nothing. (Also the
+# policy of an op whose aten counterpart is on no autocast list: rms_norm, swiglu.)
 BACKWARD = {"cpu": KEEP, "cuda": KEEP}
 
 _lib = torch.library.Library("tinymeg", "IMPL")  # kept alive: its registrations live as long as it
