@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 # The GPU-only tests: every test that skips without CUDA (their skip reasons say so), -rs lists
 # any that still skipped. ~1-2 min.
-timeout 300 "$python" -m pytest -q -p no:cacheprovider -rs tests/test_ops.py tests/test_precision.py \
+timeout 300 "$python" -m pytest -q -p no:cacheprovider -rs tests/test_ops.py tests/test_llama_ops.py tests/test_precision.py \
     -k "triton or cuda" 2>&1 | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
 
