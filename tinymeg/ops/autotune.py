@@ -46,7 +46,8 @@ step, or call ``get_default_tuner().forget()`` after changing them.
    through the custom op decides the op's kernels), and every rank's key. Where the keys differ
    (code that is not the same on every rank, wrapped all the same), every rank sees it at that
    same collective: each takes the default and the tuner makes no more collectives in this
-   process (rank 0 warns once). Outside that scope a multi-rank process uses choices made inside
+   process (rank 0 warns once; a rank that meets more new keys than the others would still wait
+   on a collective they never make). Outside that scope a multi-rank process uses choices made inside
    it or the default, and never calls a collective: so sampling on one rank, uneven last batches
    or rank-specific shapes cannot hang or diverge.
 6. One process: the disk cache, else time the candidates, keep the default unless another beats
@@ -69,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import statistics
 import sys
@@ -81,7 +83,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
 from . import autotune_cache, autotune_timing
-from .autotune_cache import CACHE_VERSION, cache_path  # noqa: F401 - part of this module's API
+from .autotune_cache import cache_path
 
 DEFAULT_BUDGET_S = 0.25     # seconds of timing per key (all its candidates together)
 PATHS = ("plain", "op")     # the path names (paths.py); any other forced name is a kernel
@@ -189,23 +191,51 @@ def _tolerance(args: tuple, expected) -> float:
     return max((TOLERANCE.get(d, TOLERANCE[torch.bfloat16]) for d in dtypes), default=TOLERANCE[torch.float32])
 
 
-def _disagreement(out, expected, tol: float) -> str | None:
-    """Why out is not expected (same structure, shapes and dtypes, values within tol relative to
-    the largest), or None if it is."""
+def _low_precision(args: tuple) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args)
+
+
+def _in_float32(args: tuple) -> tuple:
+    """args with every bf16/fp16 tensor as a float32 copy (requiring grad where it did)."""
+    return tuple(a.detach().float().requires_grad_(a.requires_grad)
+                 if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) else a
+                 for a in args)
+
+
+def _mismatch(out, expected) -> str | None:
+    """Why out is not shaped as expected (structure, shapes, dtypes), or None."""
     fa, fb = tree_flatten(out)[0], tree_flatten(expected)[0]
     if len(fa) != len(fb):
         return f"{len(fa)} outputs, not {len(fb)}"
     for i, (x, y) in enumerate(zip(fa, fb)):
         if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
             return f"output {i} is {type(x).__name__}, not {type(y).__name__}"
-        if isinstance(x, torch.Tensor):
-            if x.shape != y.shape or x.dtype != y.dtype:
-                return f"output {i} is {x.dtype}{list(x.shape)}, not {y.dtype}{list(y.shape)}"
+        if isinstance(x, torch.Tensor) and (x.shape != y.shape or x.dtype != y.dtype):
+            return f"output {i} is {x.dtype}{list(x.shape)}, not {y.dtype}{list(y.shape)}"
+    return None
+
+
+def _errors(out, reference) -> list[float]:
+    """Each output tensor's largest |difference| from the reference's, relative to the reference's
+    largest value (at least 1); inf where one has a NaN or inf the other has not."""
+    errors = []
+    for x, y in zip(tree_flatten(out)[0], tree_flatten(reference)[0]):
+        if isinstance(x, torch.Tensor) and x.numel():
             x, y = x.float(), y.float()
-            scale = max(1.0, y.abs().max().item()) if y.numel() else 1.0
-            if not torch.allclose(x, y, atol=tol * scale, rtol=tol, equal_nan=True):
-                diff = (x - y).abs().nan_to_num(nan=float("inf")).max().item()
-                return f"output {i}: max |difference| {diff:.3g}, allowed {tol:g} x {scale:.3g}"
+            same = (x == y) | (x.isnan() & y.isnan())  # equal infinities and NaNs in the same places
+            diff = torch.where(same, 0.0, (x - y).abs()).nan_to_num(nan=math.inf).max().item()
+            errors.append(diff / max(1.0, y.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).max().item()))
+    return errors
+
+
+def _disagreement(out, expected, reference, allowed: list[float]) -> str | None:
+    """Why a candidate's out is not the default's expected (shaped alike, each output within its
+    allowed error of the reference), or None."""
+    if (why := _mismatch(out, expected)) is not None:
+        return why
+    for err, limit in zip(_errors(out, reference), allowed):
+        if err > limit:
+            return f"an output off by {err:.3g} of its largest value, {limit:.3g} allowed"
     return None
 
 
@@ -243,6 +273,7 @@ class RuntimeAutoTuner:
         self.tuning_s = 0.0                               # wall seconds spent timing, all keys
         self._synchronized = 0
         self._out_of_step = False                         # ranks asked different questions: no more collectives
+        self._referencing = False                         # a check's float32 reference runs: no tuning
         self._depth = 0                                   # keys being timed (nested: a path's op)
         self._memo: dict[tuple, str] = {}                 # (op, exact signature) -> choice
         self._fresh: dict[str, str] | None = None         # rank 0: choices made while timing
@@ -298,8 +329,8 @@ class RuntimeAutoTuner:
         key = self.key(op, args, data_dependent)
         tuned = {k: f for k, f in candidates.items() if k not in untuned}
         if key not in self.choices:
-            if torch.compiler.is_compiling() or _capturing(device):
-                return default, False  # never time inside a trace or a graph capture
+            if torch.compiler.is_compiling() or _capturing(device) or self._referencing:
+                return default, False  # never time inside a trace, a graph capture or a check
             if not _multi_rank():
                 self.choices[key] = self._decide(key, op, tuned, args, default)
             elif self._fresh is not None:  # rank 0, timing for everyone: decide here, send it along
@@ -369,7 +400,7 @@ class RuntimeAutoTuner:
         if len(candidates) == 1:  # nothing to compare: no timing, nothing to remember on disk
             return next(iter(candidates))
         choice = self._tune(key, op, candidates, args, default)
-        if choice is None:  # the timing failed (warned): the default, not written, tried again next run
+        if choice is None:  # bad inputs, or the timing failed (warned): the default, not written
             return default
         self._load()[key] = choice
         autotune_cache.write(cache_path(self.cache_dir), key, choice)
@@ -384,10 +415,30 @@ class RuntimeAutoTuner:
             self._disk = autotune_cache.read(cache_path(self.cache_dir))
         return self._disk
 
+    def _reference(self, default_fn, args, expected) -> tuple[Any, list[float]]:
+        """What a candidate's outputs are compared with, and each output's allowed error. fp32:
+        the default's outputs, within fp32 rounding. bf16/fp16: the default run on float32
+        copies of the inputs, and each candidate may be off it by the low precision's rounding
+        plus twice the default's own error: aten's bf16 kernels can be far off float32 math
+        (LayerNorm's weight gradient by tens of percent where rows have large means), and a
+        candidate more exact than the default must not be reported as disagreeing with it."""
+        tol = _tolerance(args, expected)
+        if _low_precision(args):
+            self._referencing = True  # nested ops take their defaults: nothing is tuned for float32
+            try:
+                exact = default_fn(*_in_float32(args))
+            except Exception:  # noqa: BLE001 - then the check is against the default's own outputs
+                exact = None
+            finally:
+                self._referencing = False
+            if exact is not None and len(tree_flatten(exact)[0]) == len(tree_flatten(expected)[0]):
+                return exact, [tol + 2 * e for e in _errors(expected, exact)]
+        return expected, [tol] * len(tree_flatten(expected)[0])
+
     # ---- timing ----
 
     def _tune(self, key, op, candidates, args, default) -> str | None:
-        """The candidate to keep for key (autotune_timing.pick), or None if timing failed."""
+        """The candidate to keep for key (autotune_timing.pick); None if none ran or timing failed."""
         device = _device_of(args)
         started = time.perf_counter()
         clock = self.clock or (None if device.type == "cuda" else autotune_timing.cpu_clock())
@@ -397,7 +448,7 @@ class RuntimeAutoTuner:
                 ok = self._checked(key, op, candidates, args, default)
                 if len(ok) < 2:
                     self.timings[key] = {}
-                    return next(iter(ok), default)
+                    return next(iter(ok), None)
                 warmup, rounds = autotune_timing.rounds_in_budget(
                     ok, args, device, clock or time.perf_counter, self.warmup_iterations,
                     self.measure_iterations, self.budget_s)
@@ -415,22 +466,25 @@ class RuntimeAutoTuner:
 
     def _checked(self, key, op, candidates, args, default) -> dict[str, Callable]:
         """The candidates that run on args and agree with the default (one call each, the
-        default's first); each one left out is warned about in one line."""
-        ok, expected = {}, None
+        default's first); each one left out is warned about in one line. Where none runs, the
+        inputs are wrong: no warning, the op's own error follows when its default runs."""
+        ok, expected, left_out = {}, None, []
         for name in sorted(candidates, key=lambda k: k != default):
             try:
                 out = candidates[name](*args)
             except Exception as e:  # noqa: BLE001 - a broken candidate must not break training
-                warnings.warn(f"tinymeg autotune: {op} implementation {name!r} failed on {key} "
-                              f"({_first_line(e)}); leaving it out", RuntimeWarning, stacklevel=4)
+                left_out.append(f"implementation {name!r} failed on {key} ({_first_line(e)})")
                 continue
             if name == default:
                 expected = out if self.verify else None
-            elif expected is not None and (why := _disagreement(out, expected, _tolerance(args, expected))):
-                warnings.warn(f"tinymeg autotune: {op} implementation {name!r} disagrees with {default!r} "
-                              f"on {key} ({why}); leaving it out", RuntimeWarning, stacklevel=4)
+                if expected is not None:
+                    reference, allowed = self._reference(candidates[default], args, expected)
+            elif expected is not None and (why := _disagreement(out, expected, reference, allowed)):
+                left_out.append(f"implementation {name!r} disagrees with {default!r} on {key} ({why})")
                 continue
             ok[name] = candidates[name]
+        for why in left_out if ok else ():
+            warnings.warn(f"tinymeg autotune: {op} {why}; leaving it out", RuntimeWarning, stacklevel=4)
         return ok
 
 
