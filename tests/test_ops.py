@@ -689,6 +689,13 @@ def test_autotuner_budget_bounds_the_timing(tmp_path):
                              cache_dir=tmp_path / "tight", budget_s=2.0)
     assert tight.choose("op", cands, (torch.ones(2),), default="b") == "b"
     assert clock.now == pytest.approx(0.5 * (1 + 1)), f"{MIN_ROUNDS} rounds do not fit: check + estimate, the default"
+    # calls that slow down after the estimate (load arriving): past the budget, no round beyond the
+    # fifth starts (the estimate planned 2 warmup + 18 timed rounds)
+    clock.calls.clear()
+    slowed = {k: clock.kernel(k, [0.05, 0.05] + [1.0] * 30) for k in ("a", "b")}
+    RuntimeAutoTuner(warmup_iterations=10, measure_iterations=100, clock=clock, enabled=True,
+                     cache_dir=tmp_path / "slowed", budget_s=2.0).choose("op", slowed, (torch.ones(2),), default="b")
+    assert len(clock.calls) == 2 * (1 + 1 + 2 + MIN_ROUNDS)
     clock.now = 0.0
     unbounded = RuntimeAutoTuner(warmup_iterations=10, measure_iterations=100, clock=clock, enabled=True,
                                  cache_dir=tmp_path / "other", budget_s=None)

@@ -47,30 +47,27 @@ step, or call ``get_default_tuner().forget()`` after changing them.
    (code that is not the same on every rank, wrapped all the same), every rank sees it at that
    same collective: each takes the default and the tuner makes no more collectives in this
    process (rank 0 warns once; a rank that meets more new keys than the others would still wait
-   on a collective they never make). Outside that scope a multi-rank process uses choices made inside
-   it or the default, and never calls a collective: so sampling on one rank, uneven last batches
-   or rank-specific shapes cannot hang or diverge.
+   on a collective they never make). Outside that scope a multi-rank process uses choices made
+   inside it or the default, and never calls a collective: so sampling on one rank, uneven last
+   batches or rank-specific shapes cannot hang or diverge.
 6. One process: the disk cache, else time the candidates, keep the default unless another beats
    it beyond the noise (``autotune_timing.py``), write the choice to disk.
 
-Timing: one call of each candidate first (it checks the output against the default's, within the
-rounding of the least precise dtype among the inputs and outputs), then the timing rounds of
-``autotune_timing.py``, at most ``warmup_iterations`` + ``measure_iterations`` calls of each,
-fewer so that all candidates of one key take about ``budget_s`` together. A key with one
-candidate is not timed.
+Before it is timed each candidate runs once and is checked against the default
+(``autotune_check.py``); then the rounds of ``autotune_timing.py``, at most ``warmup_iterations`` +
+``measure_iterations`` calls of each, fewer so that all candidates of one key take about
+``budget_s`` together. A key with one candidate is not timed. Candidates an op calls ``untuned``
+(the loss's reference, which holds the whole logits) are never timed and run only when forced.
 
-Nothing the tuner does can stop a run: a candidate that raises or whose output differs from the
-default's is left out with a one-line warning, so a broken kernel can never win; a timing that
-fails (a candidate that raises only on a later call, say) leaves the key to its default, with
-one line of warning, and is not cached, so a later run tries again. Candidates an op calls
-``untuned`` (the loss's reference, which holds the whole logits) are never timed and run only
-when forced. ``get_default_tuner`` / ``set_default_tuner`` reach the tuner the ops use.
+Nothing the tuner does can stop a run: a candidate that fails its check is left out with a
+one-line warning; a timing that fails (a candidate that raises only on a later call, say) leaves
+the key to its default, with one line of warning, and is not cached. ``get_default_tuner`` /
+``set_default_tuner`` reach the tuner the ops use.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import statistics
 import sys
@@ -82,15 +79,11 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
-from . import autotune_cache, autotune_timing
+from . import autotune_cache, autotune_check, autotune_timing
 from .autotune_cache import cache_path
 
 DEFAULT_BUDGET_S = 0.25     # seconds of timing per key (all its candidates together)
 PATHS = ("plain", "op")     # the path names (paths.py); any other forced name is a kernel
-# How far a correct candidate's output may be from the default's, relative to the output's
-# largest value: the rounding of the least precise dtype the op computes in, among its inputs'
-# and outputs' (a bf16 layer norm's float32 statistics carry bf16 rounding).
-TOLERANCE = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 @functools.lru_cache(maxsize=8)
@@ -185,64 +178,6 @@ def _multi_rank() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _tolerance(args: tuple, expected) -> float:
-    dtypes = {t.dtype for t in tree_flatten((args, expected))[0]
-              if isinstance(t, torch.Tensor) and t.is_floating_point()}
-    return max((TOLERANCE.get(d, TOLERANCE[torch.bfloat16]) for d in dtypes), default=TOLERANCE[torch.float32])
-
-
-def _low_precision(args: tuple) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args)
-
-
-def _in_float32(args: tuple) -> tuple:
-    """args with every bf16/fp16 tensor as a float32 copy (requiring grad where it did)."""
-    return tuple(a.detach().float().requires_grad_(a.requires_grad)
-                 if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) else a
-                 for a in args)
-
-
-def _mismatch(out, expected) -> str | None:
-    """Why out is not shaped as expected (structure, shapes, dtypes), or None."""
-    fa, fb = tree_flatten(out)[0], tree_flatten(expected)[0]
-    if len(fa) != len(fb):
-        return f"{len(fa)} outputs, not {len(fb)}"
-    for i, (x, y) in enumerate(zip(fa, fb)):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return f"output {i} is {type(x).__name__}, not {type(y).__name__}"
-        if isinstance(x, torch.Tensor) and (x.shape != y.shape or x.dtype != y.dtype):
-            return f"output {i} is {x.dtype}{list(x.shape)}, not {y.dtype}{list(y.shape)}"
-    return None
-
-
-def _errors(out, reference) -> list[float]:
-    """Each output tensor's largest |difference| from the reference's, relative to the reference's
-    largest value (at least 1); inf where one has a NaN or inf the other has not."""
-    errors = []
-    for x, y in zip(tree_flatten(out)[0], tree_flatten(reference)[0]):
-        if isinstance(x, torch.Tensor) and x.numel():
-            x, y = x.float(), y.float()
-            same = (x == y) | (x.isnan() & y.isnan())  # equal infinities and NaNs in the same places
-            diff = torch.where(same, 0.0, (x - y).abs()).nan_to_num(nan=math.inf).max().item()
-            errors.append(diff / max(1.0, y.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).max().item()))
-    return errors
-
-
-def _disagreement(out, expected, reference, allowed: list[float]) -> str | None:
-    """Why a candidate's out is not the default's expected (shaped alike, each output within its
-    allowed error of the reference), or None."""
-    if (why := _mismatch(out, expected)) is not None:
-        return why
-    for err, limit in zip(_errors(out, reference), allowed):
-        if err > limit:
-            return f"an output off by {err:.3g} of its largest value, {limit:.3g} allowed"
-    return None
-
-
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-
-
 class RuntimeAutoTuner:
     """Times each candidate implementation once per key and remembers the fastest, where it
     beats the default beyond the noise.
@@ -273,7 +208,7 @@ class RuntimeAutoTuner:
         self.tuning_s = 0.0                               # wall seconds spent timing, all keys
         self._synchronized = 0
         self._out_of_step = False                         # ranks asked different questions: no more collectives
-        self._referencing = False                         # a check's float32 reference runs: no tuning
+        self._referencing = False                         # a check's reference runs: ops take defaults
         self._depth = 0                                   # keys being timed (nested: a path's op)
         self._memo: dict[tuple, str] = {}                 # (op, exact signature) -> choice
         self._fresh: dict[str, str] | None = None         # rank 0: choices made while timing
@@ -415,26 +350,6 @@ class RuntimeAutoTuner:
             self._disk = autotune_cache.read(cache_path(self.cache_dir))
         return self._disk
 
-    def _reference(self, default_fn, args, expected) -> tuple[Any, list[float]]:
-        """What a candidate's outputs are compared with, and each output's allowed error. fp32:
-        the default's outputs, within fp32 rounding. bf16/fp16: the default run on float32
-        copies of the inputs, and each candidate may be off it by the low precision's rounding
-        plus twice the default's own error: aten's bf16 kernels can be far off float32 math
-        (LayerNorm's weight gradient by tens of percent where rows have large means), and a
-        candidate more exact than the default must not be reported as disagreeing with it."""
-        tol = _tolerance(args, expected)
-        if _low_precision(args):
-            self._referencing = True  # nested ops take their defaults: nothing is tuned for float32
-            try:
-                exact = default_fn(*_in_float32(args))
-            except Exception:  # noqa: BLE001 - then the check is against the default's own outputs
-                exact = None
-            finally:
-                self._referencing = False
-            if exact is not None and len(tree_flatten(exact)[0]) == len(tree_flatten(expected)[0]):
-                return exact, [tol + 2 * e for e in _errors(expected, exact)]
-        return expected, [tol] * len(tree_flatten(expected)[0])
-
     # ---- timing ----
 
     def _tune(self, key, op, candidates, args, default) -> str | None:
@@ -452,9 +367,9 @@ class RuntimeAutoTuner:
                 warmup, rounds = autotune_timing.rounds_in_budget(
                     ok, args, device, clock or time.perf_counter, self.warmup_iterations,
                     self.measure_iterations, self.budget_s)
-                samples = autotune_timing.measure(ok, args, device, clock, warmup, rounds)
+                samples = autotune_timing.measure(ok, args, device, clock, warmup, rounds, self.budget_s)
         except Exception as e:  # noqa: BLE001 - tuning must never stop a run
-            warnings.warn(f"tinymeg autotune: timing {key} failed ({_first_line(e)}); {op} keeps its "
+            warnings.warn(f"tinymeg autotune: timing {key} failed ({autotune_check.first_line(e)}); {op} keeps its "
                           f"default {default!r} for it", RuntimeWarning, stacklevel=2)
             return None
         finally:
@@ -465,28 +380,22 @@ class RuntimeAutoTuner:
         return autotune_timing.pick(samples, default)
 
     def _checked(self, key, op, candidates, args, default) -> dict[str, Callable]:
-        """The candidates that run on args and agree with the default (one call each, the
-        default's first); each one left out is warned about in one line. Where none runs, the
-        inputs are wrong: no warning, the op's own error follows when its default runs."""
-        ok, expected, left_out = {}, None, []
-        for name in sorted(candidates, key=lambda k: k != default):
-            try:
-                out = candidates[name](*args)
-            except Exception as e:  # noqa: BLE001 - a broken candidate must not break training
-                left_out.append(f"implementation {name!r} failed on {key} ({_first_line(e)})")
-                continue
-            if name == default:
-                expected = out if self.verify else None
-                if expected is not None:
-                    reference, allowed = self._reference(candidates[default], args, expected)
-            elif expected is not None and (why := _disagreement(out, expected, reference, allowed)):
-                left_out.append(f"implementation {name!r} disagrees with {default!r} on {key} ({why})")
-                continue
-            ok[name] = candidates[name]
-        for why in left_out if ok else ():
-            warnings.warn(f"tinymeg autotune: {op} {why}; leaving it out", RuntimeWarning, stacklevel=4)
+        """autotune_check.checked, each candidate left out warned about in one line. Where none
+        runs the inputs are wrong: no warning, the op's own error follows when its default runs."""
+        ok, left_out = autotune_check.checked(candidates, args, default, self.verify, self._untuned)
+        for name, why in left_out.items() if ok else ():
+            warnings.warn(f"tinymeg autotune: {op} implementation {name!r} {why} on {key}; leaving it out",
+                          RuntimeWarning, stacklevel=4)
         return ok
 
+    @contextlib.contextmanager
+    def _untuned(self):
+        """Ops called in this block take their defaults (a check's float32 reference run)."""
+        self._referencing = True
+        try:
+            yield
+        finally:
+            self._referencing = False
 
 _default_tuner = RuntimeAutoTuner()
 
