@@ -13,7 +13,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from .. import compat
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 
@@ -63,8 +63,7 @@ def padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state_dict with every tensor whole, float32, on the CPU. Sharded (DTensor)
     tensors are gathered over their mesh: a collective, so every rank must call this."""
-    return {k: (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu()
-            for k, t in model.state_dict().items()}
+    return {k: compat.full_tensor(t).detach().float().cpu() for k, t in model.state_dict().items()}
 
 
 def write_pretrained(path: str, config: dict, tensors: dict[str, torch.Tensor],
