@@ -22,6 +22,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import tinymeg as tm
+from tinymeg import compat
 from rank_pool import get_ctx, world
 from test_tensor_parallel import assert_close
 from tinymeg.parallel.context_parallel import check_seq_len, layout_index, ring_attention, ring_stats
@@ -315,7 +316,7 @@ TINY = dict(steps=8, n_layer=2, n_head=4, n_embd=32, seq_len=16, eval_every=4, e
 def _train_body(dims, **kw):
     import torch.distributed as dist
     out = train(TrainConfig(**{**TINY, **dims, **kw}), ctx=get_ctx(**dims))
-    state = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+    state = {n: compat.full_tensor(p).detach().clone()
              for n, p in out["model"].named_parameters()}
     return {"losses": out["losses"], "val_loss": out["val_loss"], "state": state if dist.get_rank() == 0 else None}
 

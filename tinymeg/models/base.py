@@ -266,7 +266,8 @@ class CausalLM(nn.Module):
             logits = logits[..., :vocab]  # padded rows are not tokens
         loss = None
         if targets is not None:
-            loss = self._loss(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1), targets)
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)  # in float32
+            loss = self._loss(ce, targets)
         return logits, loss
 
     def _loss(self, ce: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

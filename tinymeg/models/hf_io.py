@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from .. import compat
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 
@@ -67,8 +67,7 @@ def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's ``export_state_dict()`` (its state_dict at full precision: the fp32 masters
     under mixed precision) with every tensor whole, float32, on the CPU. Sharded (DTensor) tensors
     are gathered over their mesh: a collective, so every rank must call this."""
-    return {k: (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu()
-            for k, t in model.export_state_dict().items()}
+    return {k: compat.full_tensor(t).detach().float().cpu() for k, t in model.export_state_dict().items()}
 
 
 @dataclass

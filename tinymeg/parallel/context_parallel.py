@@ -63,8 +63,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
+from .. import compat
 from ..context import ParallelContext
 from ..models.base import CausalAttention, CausalLM, token_share
+from ..ops import precision
 from ..nn.functional import all_gather, all_reduce
 from .tensor_parallel import sequence_parallel_size
 
@@ -155,8 +157,11 @@ def _resolve_block(block: str, device: torch.device) -> str:
     return block
 
 
+# "math" keeps SDPA's dtypes: its matmuls in the inputs' dtype (bf16 under bf16 or autocast),
+# the scores, softmax and the running output in float32.
+
 def _scores(q, k, causal, scale):
-    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    s = torch.matmul(q, k.transpose(-2, -1)).float() * scale
     if causal:  # square diagonal block: query i sees keys 0..i
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     return s
@@ -169,7 +174,7 @@ def _block_forward(block, q, k, v, causal, scale) -> tuple[Tensor, Tensor]:
         return out.float(), lse.float()
     s = _scores(q, k, causal, scale)
     lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul((s - lse.unsqueeze(-1)).exp(), v.float()), lse
+    return torch.matmul((s - lse.unsqueeze(-1)).exp().to(v.dtype), v).float(), lse
 
 
 def _block_backward(block, dout, q, k, v, out, lse, causal, scale) -> tuple[Tensor, Tensor, Tensor]:
@@ -181,11 +186,10 @@ def _block_backward(block, dout, q, k, v, out, lse, causal, scale) -> tuple[Tens
         return tuple(g.float() for g in grads)
     s = _scores(q, k, causal, scale)
     p = (s - lse.unsqueeze(-1)).exp()
-    dout = dout.float()
-    dv = torch.matmul(p.transpose(-2, -1), dout)
-    dp = torch.matmul(dout, v.float().transpose(-2, -1))
-    ds = p * (dp - (dout * out.float()).sum(-1, keepdim=True)) * scale
-    return torch.matmul(ds, k.float()), torch.matmul(ds.transpose(-2, -1), q.float()), dv
+    dv = torch.matmul(p.to(dout.dtype).transpose(-2, -1), dout).float()
+    dp = torch.matmul(dout, v.transpose(-2, -1)).float()
+    ds = (p * (dp - (dout.float() * out.float()).sum(-1, keepdim=True)) * scale).to(q.dtype)
+    return torch.matmul(ds, k).float(), torch.matmul(ds.transpose(-2, -1), q).float(), dv
 
 
 def _merge_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
@@ -211,7 +215,7 @@ def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, group_name: str, scale: f
                       block: str) -> tuple[Tensor, Tensor]:
     """Causal attention of this rank's queries (B, H, T/cp, D) in the load-balanced layout
     against every cp rank's keys and values. Returns (out, log-sum-exp (B, H, T/cp) fp32)."""
-    group = dist.distributed_c10d._resolve_process_group(group_name)
+    group = compat.resolve_process_group(group_name)
     n, rank, half = group.size(), group.rank(), q.size(2) // 2
     block = _resolve_block(block, q.device)
     kv = torch.stack([k, v])
@@ -246,7 +250,7 @@ def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                                group_name: str, scale: float, block: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ring_attention: (k, v) go around the ring again; the dK/dV of the
     k/v a rank holds travel with them (fp32) and reach their owner after the last hop."""
-    group = dist.distributed_c10d._resolve_process_group(group_name)
+    group = compat.resolve_process_group(group_name)
     n, rank, half = group.size(), group.rank(), q.size(2) // 2
     block = _resolve_block(block, q.device)
     kv = torch.stack([k, v])
@@ -291,6 +295,10 @@ def _backward(ctx, dout, _dlse):
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast, as SDPA: q, k and v in the autocast dtype.
+AUTOCAST = {"cpu": precision.LOWER, "cuda": precision.LOWER}
+precision.register_autocast(ring_attention_op, AUTOCAST)
+precision.register_autocast(ring_attention_backward_op, precision.BACKWARD)
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, mesh: DeviceMesh, block: str = "auto") -> Tensor:
