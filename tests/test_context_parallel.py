@@ -275,6 +275,23 @@ def _errors_body():
             r"q, k and v of one shape.*repeat grouped k/v heads first")
 
 
+def _bf16_count_body():
+    """The cp ranks' token counts are summed in float32 whatever the loss's dtype: in bf16 (which
+    holds integers exactly only up to 256) 1001 + 1003 tokens were counted as 2000."""
+    from tinymeg.parallel.context_parallel import _MeanOverCP
+    ctx = get_ctx(cp=2)
+    mean = torch.tensor(2.0 + ctx.cp_rank, dtype=torch.bfloat16, requires_grad=True)
+    loss, count = _MeanOverCP.apply(mean, torch.tensor(1001 + 2 * ctx.cp_rank), ctx.mesh["cp"])
+    assert count.item() == 2004
+    assert loss.item() == pytest.approx((2 * 1001 + 3 * 1003) / 2004, rel=1e-6)
+    loss.backward()
+    assert mean.grad.dtype == torch.bfloat16
+
+
+def test_cp_mean_counts_tokens_exactly_under_bf16():
+    world(2).run(_bf16_count_body)
+
+
 def test_errors_name_the_problem_and_the_fix():
     world(2).run(_errors_body)
 

@@ -29,10 +29,11 @@ the CUDA flash/efficient/cudnn kernels do), and it works by monkey-patching
 **Loss and gradients.** Weights are replicated over cp: cp ranks are data-parallel for the
 weights, and DP averages gradients over dp x cp (``ctx.dp_cp_mesh``). The model's loss is the
 mean over all tokens of the sequences, the same number on every cp rank (an all-reduce of
-(sum, count), so unevenly ignored targets count right); its backward gives each rank cp x its
-own tokens' share, so that the average over cp is the whole gradient (Megatron-LM scales its
-CP loss by cp for the same reason). Logits, when asked for, are all-gathered back into
-sequence order, with the same rule in backward.
+(sum, count), so unevenly ignored targets count right; inside ``tinymeg.parallel.token_mean``
+that mean's share of the step's), and MoE balancing losses are added to it whole; its backward
+gives each rank cp x its own tokens' share, so that the average over cp is the whole gradient
+(Megatron-LM scales its CP loss by cp for the same reason). Logits, when asked for, are
+all-gathered back into sequence order, with the same rule in backward.
 
 **What it needs from a model.** Attention's token-mixing step must be a
 ``tinymeg.models.CausalAttention`` module (GPT-2's ``attn.core_attention``, Llama's
@@ -42,6 +43,8 @@ layout's, so learned position embeddings (GPT-2) and rotary angles (Llama) alike
 the tokens' places in the whole sequence. Grouped key/value heads must be repeated to the query
 heads before the core (Llama's attention does). Attention dropout is refused (the ring would
 need each block's dropout mask again in backward).
+The loss goes through the model's ``loss_share`` (tinymeg.models.base.CausalLM), which this
+mixin overrides.
 
 **Generation** runs without CP (``model.generate`` turns it off): every cp rank holds the whole
 model, so it samples alone, with plain attention on the whole context.
@@ -62,7 +65,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .. import compat
 from ..context import ParallelContext
-from ..models.base import CausalAttention
+from ..models.base import CausalAttention, CausalLM, token_share
 from ..ops import precision
 from ..nn.functional import all_gather, all_reduce
 from .tensor_parallel import sequence_parallel_size
@@ -348,20 +351,25 @@ class RingAttention(nn.Module):
 
 
 class _MeanOverCP(torch.autograd.Function):
-    """The mean loss over all tokens of the cp group, from each rank's mean over its own.
-    Backward: cp x this rank's share (DP averages the gradients over cp)."""
+    """(the mean loss over all tokens of the cp group, their count), from each rank's mean over
+    its own. Backward: cp x this rank's share (DP averages the gradients over cp)."""
 
     @staticmethod
     def forward(ctx, local_mean, count, mesh):
-        local_sum = torch.where(count > 0, local_mean * count, torch.zeros_like(local_mean))
-        total_sum, total_count = all_reduce(torch.stack([local_sum, count.to(local_mean.dtype)]), mesh)
-        ctx.save_for_backward(mesh.size() * count.to(local_mean.dtype) / total_count.clamp(min=1))
-        return total_sum / total_count.clamp(min=1)
+        # in float32 whatever the loss's dtype: bf16 holds integers exactly only up to 256
+        count = count.float()
+        local_sum = torch.where(count > 0, local_mean.float() * count, torch.zeros_like(count))
+        total_sum, total_count = all_reduce(torch.stack([local_sum, count]), mesh)
+        ctx.save_for_backward(mesh.size() * count / total_count.clamp(min=1))
+        ctx.dtype = local_mean.dtype
+        total_count = total_count.round().long()
+        ctx.mark_non_differentiable(total_count)
+        return total_sum / total_count.clamp(min=1), total_count
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_count):
         scale, = ctx.saved_tensors
-        return grad * scale, None, None
+        return (grad * scale).to(ctx.dtype), None, None
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -403,11 +411,18 @@ class ContextParallelMixin:
         local_targets = None if targets is None else targets.index_select(1, index)
         logits, loss = super().forward(idx.index_select(1, index), local_targets, *args,
                                        **{**kwargs, "pos": index})
-        if loss is not None:
-            loss = _MeanOverCP.apply(loss, (local_targets != -1).sum(), state.mesh)
         if logits is not None:
             logits = _GatherSequence.apply(logits, state)
         return logits, loss
+
+    def loss_share(self, ce: Tensor, targets: Tensor) -> Tensor:
+        """CausalLM.loss_share over the cp group's chunks together: their mean (the loss of the
+        whole sequences, the same on every cp rank), as one forward's share of the step's
+        token mean. MoE balancing losses are added after it, whole (they are global already)."""
+        if not self.context_parallel.enabled:
+            return super().loss_share(ce, targets)
+        mean, count = _MeanOverCP.apply(ce, (targets != -1).sum(), self.context_parallel.mesh)
+        return token_share(mean, count, self.loss_tokens)
 
     @contextlib.contextmanager
     def context_parallel_disabled(self):
@@ -443,6 +458,9 @@ def apply_context_parallel(model: nn.Module, ctx: ParallelContext, block: str = 
         raise TypeError(f"{type(model).__name__}.forward takes no pos: context parallelism gives each rank "
                         f"its tokens and their positions in the whole sequence as forward(idx, targets, "
                         f"pos=...), as tinymeg's GPT2Model and Llama take them (tinymeg.models.base)")
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"context parallelism takes the loss over the cp ranks' chunks through CausalLM.loss_share, "
+                        f"but {type(model).__name__} is not a tinymeg.models.CausalLM (GPT2Model, Llama)")
     for name in cores:
         core = model.get_submodule(name)
         if core.dropout.p > 0:

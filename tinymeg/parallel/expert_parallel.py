@@ -23,7 +23,8 @@ model for the mesh, after tensor parallelism and before data parallelism:
   ranks that hold other tokens of the batch (``ctx.dp_cp_mesh``, and ``tp`` under sequence
   parallelism), so the aux losses are those of the one-process model on the whole batch.
 - **Tensor parallelism** shards attention (and dense MLPs); MoE layers are not TP-sharded:
-  router and experts are replicated over tp. Without sequence parallelism every tp rank routes
+  router and experts are replicated over tp (tp rank 0's copy, broadcast at apply time, as TP
+  replicates every other parameter). Without sequence parallelism every tp rank routes
   the same tokens (the expert compute is repeated on each tp rank); with it each tp rank routes
   its own T/tp tokens, and the router's and experts' gradients are summed over tp (``copy_to_tp``).
 
@@ -35,6 +36,7 @@ GPU, as in every dropless MoE), which torch.compile captures as symbolic sizes.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
@@ -69,6 +71,10 @@ def apply_expert_parallel(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     tp_mesh = ctx.tp_mesh if sp else None
     for m in layers:
         experts, router = m.experts, m.router
+        if ctx.tp_size > 1:  # replicated over tp: rank 0's copy on every tp rank, as TP does for the rest
+            with torch.no_grad():
+                for p in m.parameters():
+                    dist.broadcast(p, group=ctx.tp_mesh.get_group(), group_src=0)
         if ep > 1:  # every parameter of the layer on the ep mesh: optimizers see one kind of tensor
             for pname, p in list(experts.named_parameters(recurse=False)):
                 sharded = distribute_parameter(p, ctx.ep_mesh, Shard(0))

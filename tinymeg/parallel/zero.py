@@ -45,7 +45,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from .. import compat
 from ..nn.layers import local as _local
-from .grad_sync import MAX_IN_FLIGHT, GradSync, ShardLayout, as_like, data_parallel_mesh
+from .grad_sync import MAX_IN_FLIGHT, GradientElsewhere, GradSync, ShardLayout, as_like, data_parallel_mesh
 
 ELEMENTWISE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
                           torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop,
@@ -321,10 +321,7 @@ def get_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer):
     else:
         compat.init_optim_state(optimizer)
         names = _names(model)
-        model_sd = model.state_dict()
-        if state.param_dtype is not None:
-            for name, p in model.named_parameters(remove_duplicate=False):
-                model_sd[name] = state.holders[p].detach()
+        model_sd = master_state_dict(model)
         held = {id(h): names[p] for p, h in state.holders.items()}
         optim_sd = {"state": {held[id(h)]: dict(s) for h, s in optimizer.state.items()},
                     "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
@@ -337,6 +334,22 @@ def get_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer):
             optim_sd["state"][name] = {key: _gather_dp(value, group, p.shape)
                                        for key, value in optim_sd["state"][name].items()}
     return model_sd, optim_sd
+
+
+def master_state_dict(model: nn.Module) -> dict:
+    """model.state_dict() with every parameter at full precision: under mixed precision at stages
+    0-2 its fp32 master (a DTensor sharded over dp at stages 1-2) in place of the bf16 working
+    copy (stage 3 keeps fp32 parameters itself); entries whose dp shard is not one box of the
+    global tensor gathered over dp. ``full_tensor()`` gives each entry whole."""
+    state: ZeroState | None = getattr(model, "zero_state", None)
+    sd = model.state_dict()
+    if state is not None and state.param_dtype is not None and state.holders:
+        for name, p in model.named_parameters(remove_duplicate=False):
+            sd[name] = state.holders[p].detach()
+    for name, p, group in _unboxed(model):
+        if name in sd:
+            sd[name] = _gather_dp(sd[name], group, p.shape)
+    return sd
 
 
 def set_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, *, model_state_dict: dict,
@@ -464,7 +477,8 @@ def memory_mb(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) 
     sync = getattr(model, "grad_sync", None)
     buffers = [t for b in (sync.buckets if sync else []) for t in (b.buffer, b.output)]
     param_mb = size(params)
-    grad_mb = size([p.grad for p in params] + [p.grad for p in opt_params] + buffers)
+    grad_mb = size([p.grad for p in params if not isinstance(p.grad, GradientElsewhere)]
+                   + [p.grad for p in opt_params] + buffers)
     states = [v for s in (optimizer.state.values() if optimizer else []) for v in s.values() if torch.is_tensor(v)]
     optim_mb = size(opt_params + states)
     return {"param_mb": param_mb, "grad_mb": grad_mb, "optim_mb": optim_mb}
