@@ -94,11 +94,7 @@ def apply_data_parallel(model: nn.Module, ctx: ParallelContext, bucket_mb: float
         raise ValueError("mixed precision keeps fp32 master weights made from the model's parameters: "
                          "build the model in float32 and pass param_dtype, not a model already in "
                          f"{next(p.dtype for p in params if p.dtype != torch.float32)}")
-    with torch.no_grad():   # replicas start identical (each tensor from its dp mesh's rank 0)
-        for t in [*params, *model.buffers()]:
-            group = getattr(t, "data_parallel_mesh", None) or mesh
-            if group.size() > 1:
-                dist.broadcast(_local(t), group=group.get_group(), group_src=0)
+    broadcast_replicas([*params, *model.buffers()], mesh)
 
     dims = shard_dims(model)
     sync, holders = None, {}
@@ -159,6 +155,16 @@ def _check_moe_prepared(model: nn.Module, ctx: ParallelContext) -> None:
         raise ValueError(f"{unprepared[0]} is a MoE layer: call tm.apply_expert_parallel(model, ctx) "
                          f"(after tensor parallelism) before data parallelism, so that its experts "
                          f"and balancing statistics span the mesh")
+
+
+def broadcast_replicas(tensors, mesh) -> None:
+    """Make replicas identical: each tensor (its local shard) is broadcast from rank 0 of its
+    data-parallel mesh (its ``data_parallel_mesh`` attribute, set on experts, else ``mesh``)."""
+    with torch.no_grad():
+        for t in tensors:
+            group = getattr(t, "data_parallel_mesh", None) or mesh
+            if group.size() > 1:
+                dist.broadcast(_local(t), group=group.get_group(), group_src=0)
 
 
 def apply_hybrid_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dict | None = None,

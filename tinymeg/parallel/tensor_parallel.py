@@ -11,6 +11,7 @@ from ..nn.functional import gather_from_tp, split_seq
 from ..nn.layers import (ColumnParallelLinear, ParallelDropout, RowParallelLinear, VocabParallelEmbedding,
                          is_transposed_linear, replicate_module)
 from ..nn.region import RESIDUAL, Region
+from .data_parallel import broadcast_replicas
 from .plan import (ColumnParallel, RowParallel, Style, VocabParallel, check_pairing, gpt2_tp_config,
                    matches, normalize_plan, resolve_plan)
 
@@ -35,6 +36,10 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     ``lm_head``, which gathers the sequence as it shards the vocabulary). Norms, dropout and
     residual adds run on 1/tp of the tokens; each module that holds column-parallel layers
     (attention, MLP) gets its input all-gathered once.
+
+    On a mesh with dp (or cp) > 1 the parameters are broadcast from each shard's first replica,
+    so that the replicas agree; TP does not average their gradients: train over dp with
+    ``apply_hybrid_parallel`` or ``tm.parallelize``.
     """
     _check_model(model, ctx)
     config = gpt2_tp_config(getattr(model, "config", None)) if tp_config is None else tp_config
@@ -112,6 +117,9 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
             head.loss_parallel = True
     # Every forward starts with whole activations, whatever an earlier one left (an exception).
     model.register_forward_pre_hook(lambda *_: region.reset())
+    # On a mesh with dp (or cp) > 1, the replicas of each shard start identical, whatever seed
+    # each process used; averaging their gradients is data parallelism's (apply_hybrid_parallel).
+    broadcast_replicas([*model.parameters(), *model.buffers()], ctx.dp_cp_mesh)
     return model
 
 
