@@ -156,7 +156,8 @@ def test_gpt2_bpe_without_network_says_how_to_get_the_files(monkeypatch):
 
 
 def test_what_the_readme_commands_write_is_ignored_by_git():
-    paths = ["ck/latest", "ck/step_000100/.metadata", "ck_tp4/latest", "model.pt", "model.json", "log.jsonl"]
+    paths = ["ck/latest", "ck/step_000100/.metadata", "ck_tp4/latest", "model.pt", "model.json", "log.jsonl",
+             "loss.png", "gpt2_hf/config.json", "gpt2_hf_again/model.safetensors", "tb/events.out"]
     done = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
     assert done.stdout.split() == paths, done.stdout + done.stderr
 

@@ -284,9 +284,10 @@ def _shapes(model: nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
-# The recipes' flag of each model config field a user sets (the vocabulary comes from the data).
-_CONFIG_FLAGS = {"n_layer": "--n-layer", "n_head": "--n-head", "n_embd": "--n-embd", "block_size": "--seq-len",
-                 "n_experts": "--n-experts"}
+# The model config fields the recipes' flags set: model config field -> TrainConfig field (the
+# flag: --n-layer ...). The vocabulary comes from the data.
+MODEL_SHAPE_FIELDS = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "block_size": "seq_len",
+                      "n_experts": "n_experts"}
 
 
 def check_compatible(meta: dict, model: nn.Module, path: str, shapes: dict | None = None) -> None:
@@ -312,12 +313,13 @@ def check_compatible(meta: dict, model: nn.Module, path: str, shapes: dict | Non
                          f"--seq-len/--data of the run that saved it, or start a fresh run. {len(bad)} "
                          f"parameter(s) do not match:\n  " + "\n  ".join(shown))
     fixes = []
-    flags = " ".join(f"{_CONFIG_FLAGS[f]} {v}" for f, v in diff.items() if f in _CONFIG_FLAGS)
+    flags = " ".join(f"--{MODEL_SHAPE_FIELDS[f].replace('_', '-')} {v}" for f, v in diff.items()
+                     if f in MODEL_SHAPE_FIELDS)
     if flags:
         fixes.append(f"pass {flags} (or leave those flags out: resuming takes them from the checkpoint)")
     if "vocab_size" in diff:
         fixes.append("use that run's --data and --tokenizer")
-    rest = [f for f in diff if f not in _CONFIG_FLAGS and f != "vocab_size"]
+    rest = [f for f in diff if f not in MODEL_SHAPE_FIELDS and f != "vocab_size"]
     if rest:
         fixes.append(f"build the model with {', '.join(f'{f}={diff[f]!r}' for f in rest)}")
     theirs_now = ", ".join(f"{f}={v!r}" for f, v in diff.items())

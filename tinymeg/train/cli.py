@@ -22,7 +22,7 @@ except ModuleNotFoundError:  # Python 3.10
 import torch.distributed as dist
 
 from ..suggest import did_you_mean
-from .checkpoint import resume_source, verify
+from .checkpoint import MODEL_SHAPE_FIELDS, resume_source, verify
 from .checks import (DEFAULT_WARMUP, ConfigError, PeerError, check_config, default_warmup, rank_from_env,
                      world_size_from_env)
 from .trainer import TrainConfig, mesh_sizes, train
@@ -212,12 +212,8 @@ def _given(argv: list[str], base: TrainConfig, defaults: dict) -> set[str]:
     return set(vars(quiet.parse_args(argv)))
 
 
-SHAPE_FLAGS = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "seq_len": "block_size",
-               "n_experts": "n_experts"}   # TrainConfig field -> the checkpoint's model_config field
-
-
 def shape_from_checkpoint(cfg: TrainConfig, given: set[str]) -> TrainConfig:
-    """A resumed run's model shape (``SHAPE_FLAGS``) is its checkpoint's, as nanoGPT's
+    """A resumed run's model shape (``MODEL_SHAPE_FIELDS``) is its checkpoint's, as nanoGPT's
     init_from='resume' does, for each shape flag not ``given``. One given that differs from
     the checkpoint is left to the checkpoint check, which says so; so is a checkpoint that
     cannot be read (every rank checks it before loading, checkpoint.Checkpointer.restore)."""
@@ -228,7 +224,7 @@ def shape_from_checkpoint(cfg: TrainConfig, given: set[str]) -> TrainConfig:
         return cfg
     if not model_config:
         return cfg
-    shape = {f: model_config[m] for f, m in SHAPE_FLAGS.items() if f not in given and m in model_config}
+    shape = {field: model_config[m] for m, field in MODEL_SHAPE_FIELDS.items() if field not in given and m in model_config}
     return dataclasses.replace(cfg, **shape)
 
 
