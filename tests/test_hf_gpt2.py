@@ -290,7 +290,7 @@ def test_export_hf_writes_the_tokenizer_of_a_gpt2_bpe_run(tmp_path, monkeypatch,
     export = _recipe("export")
     tokenizer = GPT2Tokenizer.__new__(GPT2Tokenizer)
     ranks = _small_bpe(VERSE, merges=20)
-    tokenizer._enc = types.SimpleNamespace(_mergeable_ranks=ranks, _special_tokens={"<|endoftext|>": len(ranks)})
+    tokenizer._encoding = types.SimpleNamespace(_mergeable_ranks=ranks, _special_tokens={"<|endoftext|>": len(ranks)})
     monkeypatch.setattr(export, "tokenizer_from_meta", lambda meta: tokenizer)
     said = export.hf_tokenizer({"tokenizer": {"kind": "gpt2"}}, str(tmp_path), 64)
     assert said.startswith("GPT-2's tokenizer (vocab.json, merges.txt, tokenizer_config.json)")
