@@ -41,9 +41,10 @@ def test_peak_flops_from_the_table_the_flag_or_a_measurement(monkeypatch):
 PEAK_UNDER_LOAD = """
 import os, sys, torch
 from tinymeg.train import report
+print("ready", flush=True)
 sys.stdin.readline()                   # the competing processes run on CPU 0 now
 os.sched_setaffinity(0, {0})
-print(report.peak_flops(torch.device("cpu"))[0])
+print(report.peak_flops(torch.device("cpu"))[0], flush=True)
 """
 BUSY_ON_CPU0 = "import os\nos.sched_setaffinity(0, {0})\nwhile True: pass"
 
@@ -58,8 +59,10 @@ def test_mfu_stays_under_100_percent_when_the_peak_is_measured_under_load():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     measure = subprocess.Popen([sys.executable, "-c", PEAK_UNDER_LOAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True, env=env)
+    assert measure.stdout.readline() == "ready\n"   # imported: the load is only for the measurement
     busy = [subprocess.Popen([sys.executable, "-c", BUSY_ON_CPU0]) for _ in range(8)]
     try:
+        time.sleep(0.5)                              # they are running
         out, _ = measure.communicate("go\n", timeout=300)
     finally:
         for p in busy:

@@ -173,7 +173,7 @@ def apply_hybrid_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     over the data-parallel ranks, on one mesh."""
     from .expert_parallel import apply_expert_parallel, unprepared_moe_layers
     from .tensor_parallel import apply_tensor_parallel
-    model = apply_tensor_parallel(model, ctx, tp_config)
+    model = apply_tensor_parallel(model, ctx, tp_config, sync_replicas=False)  # DP broadcasts below
     if unprepared_moe_layers(model):
         model = apply_expert_parallel(model, ctx)
     return apply_data_parallel(model, ctx, bucket_mb, zero, param_dtype)

@@ -18,7 +18,8 @@ from .plan import (ColumnParallel, RowParallel, Style, VocabParallel, check_pair
 SEQ_DIM = 1
 
 
-def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dict | None = None) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dict | None = None, *,
+                          sync_replicas: bool = True) -> nn.Module:
     """Shard ``model`` over ``ctx.mesh["tp"]`` as ``tp_config`` says and return it.
 
     Matched Linears (and Hugging Face Conv1Ds) become column/row-parallel, matched Embeddings
@@ -38,8 +39,9 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     (attention, MLP) gets its input all-gathered once.
 
     On a mesh with dp (or cp) > 1 the parameters are broadcast from each shard's first replica,
-    so that the replicas agree; TP does not average their gradients: train over dp with
-    ``apply_hybrid_parallel`` or ``tm.parallelize``.
+    so that the replicas agree (``sync_replicas=False`` skips it, for callers that apply data
+    parallelism next, which broadcasts them anyway); TP does not average their gradients: train
+    over dp with ``apply_hybrid_parallel`` or ``tm.parallelize``.
     """
     _check_model(model, ctx)
     config = gpt2_tp_config(getattr(model, "config", None)) if tp_config is None else tp_config
@@ -119,7 +121,8 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     model.register_forward_pre_hook(lambda *_: region.reset())
     # On a mesh with dp (or cp) > 1, the replicas of each shard start identical, whatever seed
     # each process used; averaging their gradients is data parallelism's (apply_hybrid_parallel).
-    broadcast_replicas([*model.parameters(), *model.buffers()], ctx.dp_cp_mesh)
+    if sync_replicas:
+        broadcast_replicas([*model.parameters(), *model.buffers()], ctx.dp_cp_mesh)
     return model
 
 
