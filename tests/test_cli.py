@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from tinymeg.train import TrainConfig
 from tinymeg.train.checks import check_config
@@ -221,6 +222,28 @@ def test_bench_e2e_reports_a_failing_variant_and_times_the_others(capsys):
                                                "BackendCompilerFailed): maximum recursion depth exceeded")
 
 
+def test_bench_gpu_refuses_gpt2_without_a_gpu_and_its_smoke_size_runs_on_cpu():
+    """bench gpu's GPT-2 small needs CUDA: on a CPU it says so in one line; --size tiny runs the
+    same code there (both forms, both models, the table, the tuner's picks, a profile), so that
+    the GPU benchmark cannot rot between GPU sessions. (Compiled modes: tests/test_precision.py
+    compiles the same model under autocast.)"""
+    bench = str(ROOT / "recipes" / "bench.py")
+    if not torch.cuda.is_available():
+        refused = subprocess.run([sys.executable, bench, "gpu"], capture_output=True, text=True, timeout=300,
+                                 env=_env())
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert "error: bench gpu measures GPT-2 small on a CUDA GPU" in refused.stderr and "--size tiny" in refused.stderr
+    done = subprocess.run([sys.executable, bench, "gpu", "--size", "tiny", "--device", "cpu", "--modes", "autocast-eager",
+                           "bf16-eager", "--repeats", "1", "--warmup", "1", "--profile", "bf16-eager", "--kernels", "3"],
+                          capture_output=True, text=True, timeout=600, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith(("autocast-", "bf16-"))}
+    assert set(rows) == {"autocast-eager", "bf16-eager"}, done.stdout
+    for row in rows.values():
+        assert float(row[12]) < 0.02, f"the first step's losses differ: {row}"   # loss rel diff
+    assert "the autotuner's picks" in done.stdout and "top kernels, bf16-eager, plain" in done.stdout
+
+
 # ---- the newcomer's mistakes, each answered by one line (issue 24) ----
 
 def _one_error_line(argv, capsys, **defaults) -> str:
@@ -288,11 +311,11 @@ def test_a_missing_config_file_is_one_line(monkeypatch, tmp_path, capsys):
                                                                              capsys)
 
 
-def _fake_checkpoint(ckpt_dir, step, **model_config):
+def _fake_checkpoint(ckpt_dir, step, model="gpt2", **model_config):
     """A checkpoint directory as far as the command line reads it: tinymeg.json (no tensors)."""
     path = ckpt_dir / f"step_{step:06d}"
     path.mkdir(parents=True)
-    (path / "tinymeg.json").write_text(json.dumps({"step": step, "files": {}, "model_config": {
+    (path / "tinymeg.json").write_text(json.dumps({"step": step, "files": {}, "model": model, "model_config": {
         "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128, "n_experts": 0, **model_config}}))
     (ckpt_dir / "latest").write_text(path.name + "\n")
 
@@ -310,6 +333,9 @@ def test_resuming_takes_the_model_shape_from_the_checkpoint(monkeypatch, tmp_pat
     assert shape(parse_args(["--ckpt-dir", ck, "--resume", "--n-embd", "96"])) == (6, 6, 96, 128)  # given: kept
     assert shape(parse_args(["--ckpt-dir", str(tmp_path / "empty"), "--auto-resume"])) == (4, 4, 128, 64)  # fresh
     assert shape(parse_args(["--ckpt-dir", ck])) == (4, 4, 128, 64)  # not resuming (refused later: ck is not empty)
+    _fake_checkpoint(tmp_path / "ck_llama", 20, model="llama", n_kv_head=2, ffn_hidden=384, tie_embeddings=True)
+    cfg = parse_args(["--ckpt-dir", str(tmp_path / "ck_llama"), "--resume"])
+    assert (cfg.model, cfg.n_kv_head, cfg.ffn_hidden, cfg.tie_embeddings) == ("llama", 2, 384, True)
 
 
 # ---- metrics: TensorBoard and recipes/plot.py ----

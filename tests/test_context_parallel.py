@@ -22,6 +22,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import tinymeg as tm
+from tinymeg import compat
 from rank_pool import get_ctx, world
 from test_tensor_parallel import assert_close
 from tinymeg.parallel.context_parallel import check_seq_len, layout_index, ring_attention, ring_stats
@@ -235,6 +236,17 @@ def _raises(fn, exc, pattern):
         fn()
 
 
+class _NoPositions(torch.nn.Module):
+    """Attention CP can reach, but a forward that cannot be told the tokens' positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.core_attention = tm.models.CausalAttention()
+
+    def forward(self, idx, targets=None):
+        return self.core_attention(idx, idx, idx)
+
+
 def _errors_body():
     from test_foreign_model import LlamaForCausalLM
     ctx = get_ctx(cp=2)
@@ -252,8 +264,10 @@ def _errors_body():
             r"Sequential has no tinymeg.models.CausalAttention module")
     _raises(lambda: tm.apply_context_parallel(tm.models.GPT2Model(tm.models.GPTConfig.tiny(dropout=0.1)), ctx),
             ValueError, r"'transformer.h.0.attn.core_attention' has attention dropout 0.1.*GPTConfig\(dropout=0.0\)")
-    _raises(lambda: tm.apply_context_parallel(tm.models.GPT2Model(cfg), ctx, position_embedding="pos_emb"),
-            ValueError, r"position_embedding='pos_emb' matches no nn.Embedding of GPT2Model")
+    _raises(lambda: tm.apply_context_parallel(_NoPositions(), ctx), TypeError,
+            r"_NoPositions.forward takes no pos: context parallelism gives each rank its tokens and their "
+            r"positions in the whole sequence")
+    _raises(lambda: model(x[:, :4], pos=torch.arange(4)), ValueError, r"places its tokens itself")
     _raises(lambda: tm.apply_context_parallel(tm.models.GPT2Model(cfg), ctx, block="triton"),
             ValueError, r"'auto', 'math' or 'flash', got 'triton'")
     q = torch.zeros(1, 4, 4, 8)
@@ -285,7 +299,7 @@ TINY = dict(steps=8, n_layer=2, n_head=4, n_embd=32, seq_len=16, eval_every=4, e
 def _train_body(dims, **kw):
     import torch.distributed as dist
     out = train(TrainConfig(**{**TINY, **dims, **kw}), ctx=get_ctx(**dims))
-    state = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+    state = {n: compat.full_tensor(p).detach().clone()
              for n, p in out["model"].named_parameters()}
     return {"losses": out["losses"], "val_loss": out["val_loss"], "state": state if dist.get_rank() == 0 else None}
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch.distributed.tensor import DTensor
 
 import tinymeg as tm
+from tinymeg import compat
 from rank_pool import get_ctx, world
 from test_tensor_parallel import assert_close
 from tinymeg.train.optim import clip_grad_norm_
@@ -165,7 +166,7 @@ def full_value(t):
     from tinymeg.parallel.zero import _gather_dp
     if isinstance(t, DTensor) and t.device_mesh.mesh_dim_names[0] != "tp":
         t = _gather_dp(t, t.device_mesh.get_group(0).group_name, t.shape)
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return compat.full_tensor(t)
 
 
 def build_dp_pair(ctx, seed, zero=0, n_layer=2, unused=False, frozen=(), bucket_mb=0.002, dtype=None,

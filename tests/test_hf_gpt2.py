@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import tinymeg as tm
+from tinymeg import compat
 from rank_pool import get_ctx, world
 
 hf = pytest.importorskip("transformers", reason="transformers is in the [test] extra: pip install -e '.[test]'")
@@ -173,7 +174,7 @@ TINY = dict(n_layer=1, n_head=2, n_embd=32, seq_len=16, micro_batch=2, eval_ever
 def _train_body(tp, dp, steps, **kw):
     from tinymeg.train import TrainConfig, train
     out = train(TrainConfig(tp=tp, dp=dp, steps=steps, **{**TINY, **kw}), ctx=get_ctx(dp=dp, tp=tp))
-    return out["losses"], {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+    return out["losses"], {n: compat.full_tensor(p).detach()
                            for n, p in out["model"].named_parameters()}
 
 

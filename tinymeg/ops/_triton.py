@@ -167,10 +167,11 @@ if AVAILABLE:
     # ---- linear_cross_entropy: cuBLAS for the matmuls, triton for softmax / loss / d logits ----
 
     @triton.jit
-    def _ce_kernel(Logits, stride, Targets, Loss, Scale, n_vocab, ignore_index,
+    def _ce_kernel(Logits, stride, Targets, Loss, Scale, n_vocab, n_cols, ignore_index,
                    COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-        # One row of a logits chunk: online max / sum-exp over the vocabulary, the loss, and
-        # (COMPUTE_GRAD) d loss / d logits = (softmax - onehot) * scale, written in place.
+        # One row of a logits chunk (n_cols: the padded vocabulary, of which the first n_vocab
+        # are classes): online max / sum-exp over the classes, the loss, and (COMPUTE_GRAD)
+        # d loss / d logits = (softmax - onehot) * scale, written in place, 0 in padded columns.
         row = tl.program_id(0).to(tl.int64)
         base = Logits + row * stride
         target = tl.load(Targets + row).to(tl.int64)
@@ -189,11 +190,12 @@ if AVAILABLE:
         tl.store(Loss + row, tl.where(valid, lse - target_logit, 0.0))
         if COMPUTE_GRAD:
             scale = tl.where(valid, tl.load(Scale), 0.0)
-            for start in range(0, n_vocab, BLOCK):
+            for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                mask = cols < n_vocab
+                mask = cols < n_cols
                 x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
                 p = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+                p = tl.where(cols < n_vocab, p, 0.0)
                 tl.store(base + cols, (p * scale).to(Logits.dtype.element_ty), mask=mask)
 
     # Logits chunk: at most 2^27 elements (256 MiB in bf16), so a GPT-2 batch of 8 x 1024 tokens
@@ -201,8 +203,9 @@ if AVAILABLE:
     _CE_CHUNK_ELEMENTS = 1 << 27
 
     def linear_cross_entropy_forward(hidden, weight, targets, vocab_size, ignore_index, reduction, compute_grad):
+        from .cross_entropy import chunk_rows  # (cross_entropy imports this module)
         N, C = hidden.shape
-        w = weight[:vocab_size].to(hidden.dtype)
+        V, w = weight.shape[0], weight  # the whole padded weight: its padded logits are masked
         valid = targets != ignore_index
         scale = (1.0 / valid.sum().clamp(min=1).float()) if reduction == "mean" else \
             torch.ones((), dtype=torch.float32, device=hidden.device)
@@ -210,21 +213,124 @@ if AVAILABLE:
         if compute_grad:
             grad_hidden = torch.empty_like(hidden)
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        rows = max(1, min(N, _CE_CHUNK_ELEMENTS // vocab_size))
-        block = min(8192, triton.next_power_of_2(vocab_size))
+        rows = chunk_rows(N, V, _CE_CHUNK_ELEMENTS)
+        block = min(8192, triton.next_power_of_2(V))
         for s in range(0, N, rows):
             h = hidden[s:s + rows]
             logits = h @ w.T  # (n, V) in the inputs' dtype; cuBLAS accumulates in float32
             _ce_kernel[(h.shape[0],)](logits, logits.stride(0), targets[s:s + rows], losses[s:s + rows], scale,
-                                      vocab_size, ignore_index, COMPUTE_GRAD=compute_grad, BLOCK=block,
+                                      vocab_size, V, ignore_index, COMPUTE_GRAD=compute_grad, BLOCK=block,
                                       num_warps=8)
             if compute_grad:  # logits now holds d loss / d logits
                 torch.mm(logits, w, out=grad_hidden[s:s + rows])
                 if logits.dtype == torch.float32:
-                    grad_weight[:vocab_size].addmm_(logits.T, h)
+                    grad_weight.addmm_(logits.T, h)
                 else:  # accumulate the chunks in float32: one bf16 rounding per chunk, not a running one
-                    grad_weight[:vocab_size] += logits.T @ h
+                    grad_weight += logits.T @ h
         loss = losses.sum() * scale
         if not compute_grad:
             return loss, hidden.new_empty(0), weight.new_empty(0)
         return loss, grad_hidden, grad_weight.to(weight.dtype)
+
+    # ---- rms_norm ----
+
+    @triton.jit
+    def _rms_fwd_kernel(X, W, Y, Rstd, n_cols, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        y = x * rstd
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Rstd + row, rstd)
+
+    @triton.jit
+    def _rms_bwd_kernel(DY, X, W, Rstd, DX, DWp, n_rows, n_cols, rows_per_program,
+                        HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+        # As _ln_bwd_kernel: a run of rows per program, its partial grad_weight written once.
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        if HAS_W:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            w = tl.where(mask, 1.0, 0.0)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, rows_per_program):
+            row = pid * rows_per_program + i
+            if row < n_rows:
+                offs = row.to(tl.int64) * n_cols + cols
+                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(Rstd + row)
+                xhat = x * rstd
+                g = dy * w
+                dot = tl.sum(g * xhat, axis=0) / n_cols
+                tl.store(DX + offs, ((g - xhat * dot) * rstd).to(DX.dtype.element_ty), mask=mask)
+                dw += dy * xhat
+        tl.store(DWp + pid * n_cols + cols, dw, mask=mask)
+
+    def rms_norm_forward(x, weight, eps):
+        C = x.shape[-1]
+        x2 = x.view(-1, C)
+        M = x2.shape[0]
+        y = torch.empty_like(x2)
+        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        if M:
+            block, warps = _row_block(C)
+            _rms_fwd_kernel[(M,)](x2, x2 if weight is None else weight, y, rstd, C, eps,
+                                  HAS_W=weight is not None, BLOCK=block, num_warps=warps)
+        return y.view(x.shape), rstd.view(x.shape[:-1])
+
+    def rms_norm_backward(dy, x, weight, rstd):
+        C = x.shape[-1]
+        x2 = x.view(-1, C)
+        M = x2.shape[0]
+        dx = torch.empty_like(x2)
+        block, warps = _row_block(C)
+        programs = max(1, min(M, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count))
+        rows_per_program = triton.cdiv(M, programs) if M else 0
+        dw_partial = torch.zeros((programs, C), dtype=torch.float32, device=x.device)
+        if M:
+            _rms_bwd_kernel[(programs,)](dy.view(-1, C), x2, x2 if weight is None else weight, rstd, dx,
+                                         dw_partial, M, C, rows_per_program, HAS_W=weight is not None,
+                                         BLOCK=block, num_warps=warps)
+        return dx.view(x.shape), dw_partial.sum(0).to(x.dtype if weight is None else weight.dtype)
+
+    # ---- swiglu ----
+
+    @triton.jit
+    def _swiglu_fwd_kernel(G, U, Y, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + offs, (g * tl.sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        tl.store(DG + offs, (dy * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
+        tl.store(DU + offs, (dy * g * s).to(DU.dtype.element_ty), mask=mask)
+
+    def swiglu_forward(gate, up):
+        y = torch.empty_like(gate)
+        n = gate.numel()
+        if n:
+            _swiglu_fwd_kernel[(triton.cdiv(n, _EW_BLOCK),)](gate, up, y, n, BLOCK=_EW_BLOCK)
+        return y
+
+    def swiglu_backward(dy, gate, up):
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        if n:
+            _swiglu_bwd_kernel[(triton.cdiv(n, _EW_BLOCK),)](dy, gate, up, dg, du, n, BLOCK=_EW_BLOCK)
+        return dg, du

@@ -35,11 +35,13 @@ CP loss by cp for the same reason). Logits, when asked for, are all-gathered bac
 sequence order, with the same rule in backward.
 
 **What it needs from a model.** Attention's token-mixing step must be a
-``tinymeg.models.CausalAttention`` module (GPT-2's ``attn.core_attention``): it is swapped for
-``RingAttention``. Positions must come from a position-embedding module (GPT-2's ``wpe``; a
-hook maps the local positions 0..T/cp-1 to the layout's). A rotary model would instead need its
-rotary angles computed from the layout's positions (Hugging Face models take ``position_ids``).
-Attention dropout is refused (the ring would need each block's dropout mask again in backward).
+``tinymeg.models.CausalAttention`` module (GPT-2's ``attn.core_attention``, Llama's
+``self_attn.core_attention``): it is swapped for ``RingAttention``. The model's forward must
+take the tokens' positions (``pos``, tinymeg.models.base's protocol): each rank passes its
+layout's, so learned position embeddings (GPT-2) and rotary angles (Llama) alike are those of
+the tokens' places in the whole sequence. Grouped key/value heads must be repeated to the query
+heads before the core (Llama's attention does). Attention dropout is refused (the ring would
+need each block's dropout mask again in backward).
 
 **Generation** runs without CP (``model.generate`` turns it off): every cp rank holds the whole
 model, so it samples alone, with plain attention on the whole context.
@@ -47,6 +49,7 @@ model, so it samples alone, with plain attention on the whole context.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -57,10 +60,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
+from .. import compat
 from ..context import ParallelContext
-from ..models.gpt2 import CausalAttention
+from ..models.base import CausalAttention
+from ..ops import precision
 from ..nn.functional import all_gather, all_reduce
-from .plan import matches
 from .tensor_parallel import sequence_parallel_size
 
 # ---- the layout ----
@@ -150,8 +154,11 @@ def _resolve_block(block: str, device: torch.device) -> str:
     return block
 
 
+# "math" keeps SDPA's dtypes: its matmuls in the inputs' dtype (bf16 under bf16 or autocast),
+# the scores, softmax and the running output in float32.
+
 def _scores(q, k, causal, scale):
-    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    s = torch.matmul(q, k.transpose(-2, -1)).float() * scale
     if causal:  # square diagonal block: query i sees keys 0..i
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     return s
@@ -164,7 +171,7 @@ def _block_forward(block, q, k, v, causal, scale) -> tuple[Tensor, Tensor]:
         return out.float(), lse.float()
     s = _scores(q, k, causal, scale)
     lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul((s - lse.unsqueeze(-1)).exp(), v.float()), lse
+    return torch.matmul((s - lse.unsqueeze(-1)).exp().to(v.dtype), v).float(), lse
 
 
 def _block_backward(block, dout, q, k, v, out, lse, causal, scale) -> tuple[Tensor, Tensor, Tensor]:
@@ -176,11 +183,10 @@ def _block_backward(block, dout, q, k, v, out, lse, causal, scale) -> tuple[Tens
         return tuple(g.float() for g in grads)
     s = _scores(q, k, causal, scale)
     p = (s - lse.unsqueeze(-1)).exp()
-    dout = dout.float()
-    dv = torch.matmul(p.transpose(-2, -1), dout)
-    dp = torch.matmul(dout, v.float().transpose(-2, -1))
-    ds = p * (dp - (dout * out.float()).sum(-1, keepdim=True)) * scale
-    return torch.matmul(ds, k.float()), torch.matmul(ds.transpose(-2, -1), q.float()), dv
+    dv = torch.matmul(p.to(dout.dtype).transpose(-2, -1), dout).float()
+    dp = torch.matmul(dout, v.transpose(-2, -1)).float()
+    ds = (p * (dp - (dout.float() * out.float()).sum(-1, keepdim=True)) * scale).to(q.dtype)
+    return torch.matmul(ds, k).float(), torch.matmul(ds.transpose(-2, -1), q).float(), dv
 
 
 def _merge_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
@@ -206,7 +212,7 @@ def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, group_name: str, scale: f
                       block: str) -> tuple[Tensor, Tensor]:
     """Causal attention of this rank's queries (B, H, T/cp, D) in the load-balanced layout
     against every cp rank's keys and values. Returns (out, log-sum-exp (B, H, T/cp) fp32)."""
-    group = dist.distributed_c10d._resolve_process_group(group_name)
+    group = compat.resolve_process_group(group_name)
     n, rank, half = group.size(), group.rank(), q.size(2) // 2
     block = _resolve_block(block, q.device)
     kv = torch.stack([k, v])
@@ -241,7 +247,7 @@ def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                                group_name: str, scale: float, block: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ring_attention: (k, v) go around the ring again; the dK/dV of the
     k/v a rank holds travel with them (fp32) and reach their owner after the last hop."""
-    group = dist.distributed_c10d._resolve_process_group(group_name)
+    group = compat.resolve_process_group(group_name)
     n, rank, half = group.size(), group.rank(), q.size(2) // 2
     block = _resolve_block(block, q.device)
     kv = torch.stack([k, v])
@@ -286,6 +292,10 @@ def _backward(ctx, dout, _dlse):
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast, as SDPA: q, k and v in the autocast dtype.
+AUTOCAST = {"cpu": precision.LOWER, "cuda": precision.LOWER}
+precision.register_autocast(ring_attention_op, AUTOCAST)
+precision.register_autocast(ring_attention_backward_op, precision.BACKWARD)
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, mesh: DeviceMesh, block: str = "auto") -> Tensor:
@@ -386,9 +396,13 @@ class ContextParallelMixin:
         if block_size is not None and seq_len > block_size:
             raise ValueError(f"sequence length {seq_len} exceeds block_size {block_size}")
         check_seq_len(seq_len, state.size, state.tp_seq)
+        if kwargs.get("pos") is not None:
+            raise ValueError("a context-parallel model places its tokens itself (the layout's positions): "
+                             "call it without pos, on whole sequences")
         index = state.index(seq_len, idx.device)
         local_targets = None if targets is None else targets.index_select(1, index)
-        logits, loss = super().forward(idx.index_select(1, index), local_targets, *args, **kwargs)
+        logits, loss = super().forward(idx.index_select(1, index), local_targets, *args,
+                                       **{**kwargs, "pos": index})
         if loss is not None:
             loss = _MeanOverCP.apply(loss, (local_targets != -1).sum(), state.mesh)
         if logits is not None:
@@ -410,15 +424,14 @@ class ContextParallelMixin:
             return super().generate(*args, **kwargs)
 
 
-def apply_context_parallel(model: nn.Module, ctx: ParallelContext, position_embedding: str | None = "wpe",
-                           block: str = "auto") -> nn.Module:
+def apply_context_parallel(model: nn.Module, ctx: ParallelContext, block: str = "auto") -> nn.Module:
     """Split every sequence over ``ctx.mesh["cp"]`` and run attention as a ring, in place.
 
-    Every ``CausalAttention`` becomes a ``RingAttention``; the position-embedding module that
-    ``position_embedding`` names (a pattern, as in TP plans; None for a model without one) gets
-    the layout's positions; the model's class gains ContextParallelMixin. Apply it after TP and
-    before DP, which averages gradients over dp x cp (``tm.parallelize`` does the ordering).
-    ``block``: "auto", "flash" (aten's fused CPU kernel) or "math" for each block of the ring.
+    Every ``CausalAttention`` becomes a ``RingAttention``; the model's forward gets each rank's
+    tokens and their positions in the whole sequence (``pos=``: the layout's); the model's class
+    gains ContextParallelMixin. Apply it after TP and before DP, which averages gradients over
+    dp x cp (``tm.parallelize`` does the ordering). ``block``: "auto", "flash" (aten's fused CPU
+    kernel) or "math" for each block of the ring.
     """
     if isinstance(model, ContextParallelMixin):
         raise ValueError("context parallelism was already applied to this model; apply it once")
@@ -426,6 +439,10 @@ def apply_context_parallel(model: nn.Module, ctx: ParallelContext, position_embe
     state = ContextParallelState(ctx.mesh["cp"])
     cores = [name for name, m in model.named_modules() if isinstance(m, CausalAttention)]
     _check_attention(model, cores)
+    if "pos" not in inspect.signature(model.forward).parameters:
+        raise TypeError(f"{type(model).__name__}.forward takes no pos: context parallelism gives each rank "
+                        f"its tokens and their positions in the whole sequence as forward(idx, targets, "
+                        f"pos=...), as tinymeg's GPT2Model and Llama take them (tinymeg.models.base)")
     for name in cores:
         core = model.get_submodule(name)
         if core.dropout.p > 0:
@@ -434,29 +451,10 @@ def apply_context_parallel(model: nn.Module, ctx: ParallelContext, position_embe
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, RingAttention(state, block))
 
-    if position_embedding is not None:
-        hits = [m for n, m in model.named_modules() if isinstance(m, nn.Embedding) and matches(position_embedding, n)]
-        if not hits:
-            raise ValueError(
-                f"position_embedding={position_embedding!r} matches no nn.Embedding of {type(model).__name__}: "
-                f"context parallelism must give each token its position in the whole sequence. Name the "
-                f"module that embeds positions, or pass position_embedding=None if the model has none")
-        for emb in hits:
-            emb.register_forward_pre_hook(_layout_positions_hook(state))
-
     state.tp_seq = sequence_parallel_size(model)
     model.context_parallel = state
     model.__class__ = type(f"ContextParallel{type(model).__name__}", (ContextParallelMixin, type(model)), {})
     return model
-
-
-def _layout_positions_hook(state: ContextParallelState):
-    def hook(module, args):
-        if not state.enabled:
-            return None
-        positions = args[0]  # the model's arange over its T/cp local tokens
-        return (state.index(positions.numel() * state.size, positions.device)[positions], *args[1:])
-    return hook
 
 
 def _check_attention(model: nn.Module, cores: list[str]) -> None:
@@ -470,7 +468,7 @@ def _check_attention(model: nn.Module, cores: list[str]) -> None:
                 f"parallelism cannot split over the sequence. It needs the token-mixing step as a "
                 f"submodule: call a tinymeg.models.CausalAttention on (B, heads, T, head_dim) q, k, v "
                 f"(as GPT-2's attn.core_attention does), with positions (or rotary angles) taken from "
-                f"the positions the model is given")
+                f"the positions the model is given (forward's pos)")
     if not cores:
         raise TypeError(f"{type(model).__name__} has no tinymeg.models.CausalAttention module for "
                         f"context parallelism to replace with ring attention")

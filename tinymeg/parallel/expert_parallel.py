@@ -35,12 +35,12 @@ GPU, as in every dropless MoE), which torch.compile captures as symbolic sizes.
 from __future__ import annotations
 
 import torch
-import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from .. import compat
 from ..context import ParallelContext
 from ..models.moe import GroupedExperts, MoE, expert_mlp, moe_layers
 from ..nn.functional import _wait, all_reduce, copy_to_tp
@@ -117,8 +117,9 @@ class ExpertParallelExperts(GroupedExperts):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         weights = [_local(self, p) for p in (self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)]
         if self.ep_mesh.size() == 1:
-            return expert_mlp(x, counts, *weights)
-        return all_to_all_experts(x, counts, self.ep_mesh, lambda rows, n: expert_mlp(rows, n, *weights))
+            return expert_mlp(x, counts, *weights, self.activation)
+        return all_to_all_experts(x, counts, self.ep_mesh,
+                                  lambda rows, n: expert_mlp(rows, n, *weights, self.activation))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", ep={self.ep_mesh.size()}"
@@ -142,11 +143,11 @@ def all_to_all_experts(x: torch.Tensor, counts: torch.Tensor, mesh: DeviceMesh, 
     ep = mesh.size()
     local_experts = counts.numel() // ep
     # 1. How many slots each rank sends to each of my experts: [source rank, local expert].
-    recv_counts = _wait(funcol.all_to_all_single(counts, None, None, mesh)).view(ep, local_experts)
+    recv_counts = _wait(compat.all_to_all_single(counts, None, None, mesh)).view(ep, local_experts)
     send_splits = counts.view(ep, local_experts).sum(1).tolist()  # splits must be known on the host
     recv_splits = recv_counts.sum(1).tolist()
     # 2. Slots to their experts' ranks; rows arrive by source rank, then by local expert.
-    received = _wait(funcol.all_to_all_single_autograd(x, recv_splits, send_splits, mesh))
+    received = _wait(compat.all_to_all_single_autograd(x, recv_splits, send_splits, mesh))
     # 3. Grouped by local expert for the grouped matmul, computed, put back in arrival order.
     expert_of_row = torch.repeat_interleave(
         torch.arange(local_experts, device=x.device).repeat(ep), recv_counts.flatten(),
@@ -154,7 +155,7 @@ def all_to_all_experts(x: torch.Tensor, counts: torch.Tensor, mesh: DeviceMesh, 
     order = expert_of_row.argsort(stable=True)
     y = compute(received[order], recv_counts.sum(0))[order.argsort()]
     # 4. Back to where each slot came from, in the order it left.
-    return _wait(funcol.all_to_all_single_autograd(y, send_splits, recv_splits, mesh))
+    return _wait(compat.all_to_all_single_autograd(y, send_splits, recv_splits, mesh))
 
 
 class GlobalBatchSum:

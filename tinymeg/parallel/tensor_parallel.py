@@ -12,8 +12,9 @@ from ..nn.layers import (ColumnParallelLinear, ParallelDropout, RowParallelLinea
                          is_transposed_linear, replicate_module)
 from ..nn.region import RESIDUAL, Region
 from .data_parallel import broadcast_replicas
-from .plan import (ColumnParallel, RowParallel, Style, VocabParallel, check_pairing, gpt2_tp_config,
-                   matches, normalize_plan, resolve_plan)
+from .plan import (ColumnParallel, RowParallel, Style, VocabParallel, check_pairing, matches, normalize_plan,
+                   resolve_plan)
+from .plans import for_model
 
 SEQ_DIM = 1
 
@@ -26,8 +27,8 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     vocab-parallel, a Linear tied to a vocab-parallel Embedding shares its sharded weight, and
     every other module with parameters, whatever its class, is replicated: its parameters
     become Replicate() DTensors and it computes what it computes unsharded. Without a plan,
-    GPT-2's plan is used (``gpt2_tp_config``: without the MLP patterns when every MLP is a
-    MoE). MoE layers are left to ``apply_expert_parallel``. Every check runs before the model
+    the model's shipped plan is used (``tm.plans.for_model``: for tinymeg's GPT-2 and Llama,
+    without the MLP patterns when every MLP is a MoE). MoE layers are left to ``apply_expert_parallel``. Every check runs before the model
     is changed.
 
     ``tp_config["sequence_parallel"] = True`` shards activations on the sequence dim from the
@@ -44,7 +45,7 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     over dp with ``apply_hybrid_parallel`` or ``tm.parallelize``.
     """
     _check_model(model, ctx)
-    config = gpt2_tp_config(getattr(model, "config", None)) if tp_config is None else tp_config
+    config = for_model(model) if tp_config is None else tp_config
     mesh, tp = ctx.mesh["tp"], ctx.tp_size
     plan = normalize_plan(config, model)
     if getattr(model, "pipeline", None) is not None:

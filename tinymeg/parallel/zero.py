@@ -38,14 +38,12 @@ import types
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import _init_optim_state
 from torch.distributed.checkpoint.state_dict import get_state_dict as _torch_get_state_dict
 from torch.distributed.checkpoint.state_dict import set_state_dict as _torch_set_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch.distributed.tensor.placement_types import _StridedShard
 
+from .. import compat
 from ..nn.layers import local as _local
 from .grad_sync import MAX_IN_FLIGHT, GradSync, ShardLayout, as_like, data_parallel_mesh
 
@@ -62,7 +60,7 @@ def optimizer_param(p: nn.Parameter) -> torch.Tensor:
 
 
 def _is_shard(pl) -> bool:
-    return isinstance(pl, (Shard, _StridedShard))
+    return isinstance(pl, (Shard, compat.StridedShard))
 
 
 def stacked_count(module: nn.Module, p: nn.Parameter) -> int:
@@ -73,7 +71,7 @@ def stacked_count(module: nn.Module, p: nn.Parameter) -> int:
     if isinstance(p, DTensor):
         names = p.device_mesh.mesh_dim_names or ("tp",) * p.device_mesh.ndim
         k = next((pl.split_factor for name, pl in zip(names, p.placements)
-                  if name == "tp" and isinstance(pl, _StridedShard)), k)
+                  if name == "tp" and isinstance(pl, compat.StridedShard)), k)
     return k
 
 
@@ -94,7 +92,7 @@ def shard_placements(p: torch.Tensor, dim: int) -> tuple:
     for pl, size in zip(tp, p.device_mesh.mesh.shape if tp else ()):
         if _is_shard(pl) and pl.dim == dim:
             split *= size
-    return ((_StridedShard(dim, split_factor=split) if split > 1 else Shard(dim)),) + tp
+    return ((compat.StridedShard(dim, split_factor=split) if split > 1 else Shard(dim)),) + tp
 
 
 _MESHES: dict = {}
@@ -105,7 +103,7 @@ def _dp_tp_mesh(dp_mesh: DeviceMesh, p: torch.Tensor) -> DeviceMesh:
         return dp_mesh
     key = (dp_mesh, p.device_mesh)
     if key not in _MESHES:
-        _MESHES[key] = DeviceMesh._concatenate([dp_mesh, p.device_mesh])   # as FSDP2 does
+        _MESHES[key] = compat.concatenate([dp_mesh, p.device_mesh])   # as FSDP2 does
     return _MESHES[key]
 
 
@@ -321,7 +319,7 @@ def get_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer):
     if state is None or not state.holders:
         model_sd, optim_sd = _torch_get_state_dict(model, optimizer)
     else:
-        _init_optim_state(optimizer)
+        compat.init_optim_state(optimizer)
         names = _names(model)
         model_sd = model.state_dict()
         if state.param_dtype is not None:
@@ -418,7 +416,7 @@ def _gather_dp(t: torch.Tensor, group: str, shape: torch.Size) -> torch.Tensor:
         return t
     mesh = t.device_mesh
     tp_mesh = mesh[mesh.mesh_dim_names[1:]] if mesh.ndim > 1 else None
-    tp_shape = compute_local_shape_and_global_offset(t.shape, tp_mesh, t.placements[1:])[0] \
+    tp_shape = compat.compute_local_shape_and_global_offset(t.shape, tp_mesh, t.placements[1:])[0] \
         if tp_mesh is not None else tuple(t.shape)
     layout = ShardLayout(tp_shape, t.placements[0].dim, mesh.size(0))
     local = _local(t)

@@ -58,11 +58,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
 from tqdm import tqdm
 
+from ..compat import StridedShard
 from ..data import CharTokenizer, GPT2Tokenizer
-from ..models import GPT2Model, GPTConfig
+from ..models import MODELS, CausalLM, model_name
 # torch's get/set_state_dict, extended to ZeRO shards and fp32 master weights (any stage, any mesh)
 from ..parallel.zero import get_state_dict, set_state_dict, stacked_count
 from .checks import check_flags, run_checked
@@ -188,7 +188,7 @@ def _stacked_counts(model: nn.Module) -> dict[str, int]:
 
 
 def _stacked_placement(pl, k: int):
-    if isinstance(pl, _StridedShard):
+    if isinstance(pl, StridedShard):
         if pl.dim != 0 or pl.split_factor != k:
             raise NotImplementedError(f"cannot checkpoint placement {pl} of a {k}-projection weight")
         return Shard(1)
@@ -285,9 +285,10 @@ def _shapes(model: nn.Module) -> dict[str, list[int]]:
 
 
 # The model config fields the recipes' flags set: model config field -> TrainConfig field (the
-# flag: --n-layer ...). The vocabulary comes from the data.
+# flag: --n-layer ...; Llama's own after n_experts). The vocabulary comes from the data.
 MODEL_SHAPE_FIELDS = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "block_size": "seq_len",
-                      "n_experts": "n_experts"}
+                      "n_experts": "n_experts", "n_kv_head": "n_kv_head", "ffn_hidden": "ffn_hidden",
+                      "rope_theta": "rope_theta", "tie_embeddings": "tie_embeddings"}
 
 
 def check_compatible(meta: dict, model: nn.Module, path: str, shapes: dict | None = None) -> None:
@@ -437,7 +438,7 @@ def save(ckpt_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Opti
     if ctx.is_main:
         files = {os.path.relpath(os.path.join(root, n), tmp): os.path.getsize(os.path.join(root, n))
                  for root, _, names in os.walk(tmp) for n in names}
-        record = {"format": FORMAT, "step": step, "mesh": dict(ctx.sizes),
+        record = {"format": FORMAT, "step": step, "model": model_name(model), "mesh": dict(ctx.sizes),
                   "world_size": ctx.world_size, "torch": torch.__version__, "saved_at": time.time(),
                   "model_config": _model_config(model), **(meta or {}), **whole, "files": files}
         _write(os.path.join(tmp, META), json.dumps(record, indent=1).encode())
@@ -478,14 +479,20 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, ctx, see
     return meta
 
 
-def load_model(path: str, device: str | torch.device = "cpu") -> tuple[GPT2Model, dict]:
-    """An unsharded GPT2Model with the weights of a checkpoint (or --ckpt-dir's latest).
+def build_model(meta: dict) -> CausalLM:
+    """The unsharded model a checkpoint's (or an export's) metadata describes, freshly initialised:
+    its ``"model"`` (tinymeg.models.MODELS: gpt2 before Llama existed) and ``"model_config"``."""
+    model_class, config_class = MODELS[meta.get("model") or "gpt2"]
+    return model_class(config_class(**meta["model_config"]))
 
-    One process, no process group needed. Returns (model, tinymeg.json).
+
+def load_model(path: str, device: str | torch.device = "cpu") -> tuple[CausalLM, dict]:
+    """An unsharded model (GPT2Model, Llama) with the weights of a checkpoint (or --ckpt-dir's
+    latest). One process, no process group needed. Returns (model, tinymeg.json).
     """
     path = resolve(path)
     meta = verify(path)
-    model = GPT2Model(GPTConfig(**meta["model_config"])).to(device)
+    model = build_model(meta).to(device)
     check_compatible(meta, model, path)
     with warnings.catch_warnings():  # "...assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

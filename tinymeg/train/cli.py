@@ -54,7 +54,7 @@ def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentP
     epilog = ("This recipe's defaults differ from recipes/train.py's: "
               + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in differs.items()) if differs else None)
     p = _Parser(prog=os.path.basename(sys.argv[0]) if sys.argv[0] else "train.py",
-                description="Train a GPT-2 with tinymeg. Launch with torchrun, e.g. "
+                description="Train a GPT-2 or a Llama with tinymeg. Launch with torchrun, e.g. "
                             "`torchrun --nproc_per_node=4 recipes/train.py --tp 2` (dp: the rest).",
                 epilog=epilog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
@@ -86,9 +86,20 @@ def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentP
     add("--grad-accum", type=int, default=base.grad_accum,
         help="micro-steps per optimizer step; global batch = dp x micro-batch x grad-accum")
     add("--seq-len", type=int, default=base.seq_len, help="tokens per sequence (the model's context)")
+    add("--model", default=base.model, choices=["gpt2", "llama"],
+        help="gpt2: GPT-2 (learned positions, LayerNorm, GELU, tied head); llama: Llama (rotary, RMSNorm, "
+             "SwiGLU, grouped-query attention)")
     add("--n-layer", type=int, default=base.n_layer, help="transformer blocks")
     add("--n-head", type=int, default=base.n_head, help="attention heads (divisible by --tp)")
     add("--n-embd", type=int, default=base.n_embd, help="model width (divisible by --n-head)")
+    llama = p.add_argument_group("llama (with --model llama)")
+    llama.add_argument("--n-kv-head", type=int, default=base.n_kv_head,
+                       help="key/value heads (grouped-query attention; divides --n-head, divisible by --tp); 0: --n-head")
+    llama.add_argument("--ffn-hidden", type=int, default=base.ffn_hidden,
+                       help="the SwiGLU MLP's width; 0: Llama's rule (8/3 x --n-embd, rounded up to a multiple of 256)")
+    llama.add_argument("--rope-theta", type=float, default=base.rope_theta, help="rotary positions' base")
+    llama.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=base.tie_embeddings,
+                       help="share the embedding and LM head weights (GPT-2 always does)")
     add("--dropout", type=float, default=base.dropout, help="dropout probability")
     add("--n-experts", type=int, default=base.n_experts, help="> 0: mixture-of-experts MLPs with this many experts")
     add("--top-k", type=int, default=base.top_k, help="experts per token (with --n-experts)")
@@ -145,8 +156,9 @@ def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentP
     ck.add_argument("--resume-from", default=base.resume_from, metavar="PATH",
                     help="resume from this checkpoint (or this directory's latest) on any mesh")
     add("--init-from", default=base.init_from, metavar="DIR",
-        help="fine-tune: start from the GPT-2 in this Hugging Face directory (config.json + "
-             "model.safetensors, e.g. from recipes/export.py --format hf); its shape replaces --n-layer/--n-head/--n-embd")
+        help="fine-tune: start from the --model (GPT-2 or Llama) in this Hugging Face directory (config.json + "
+             "model.safetensors, as transformers' save_pretrained or recipes/export.py --format hf write it); its "
+             "shape replaces --n-layer/--n-head/--n-embd (and Llama's flags)")
     return p
 
 
@@ -213,18 +225,24 @@ def _given(argv: list[str], base: TrainConfig, defaults: dict) -> set[str]:
 
 
 def shape_from_checkpoint(cfg: TrainConfig, given: set[str]) -> TrainConfig:
-    """A resumed run's model shape (``MODEL_SHAPE_FIELDS``) is its checkpoint's, as nanoGPT's
-    init_from='resume' does, for each shape flag not ``given``. One given that differs from
-    the checkpoint is left to the checkpoint check, which says so; so is a checkpoint that
+    """A resumed run's model (``--model``) and shape (``MODEL_SHAPE_FIELDS``) are its checkpoint's,
+    as nanoGPT's init_from='resume' does, for each flag not ``given``. One given that differs
+    from the checkpoint is left to the checkpoint check, which says so; so is a checkpoint that
     cannot be read (every rank checks it before loading, checkpoint.Checkpointer.restore)."""
     try:
         path = resume_source(cfg)
-        model_config = verify(path)["model_config"] if path else None
+        meta = verify(path) if path else None
     except (OSError, ValueError, KeyError):
         return cfg
-    if not model_config:
+    if not meta or not meta.get("model_config"):
         return cfg
-    shape = {field: model_config[m] for m, field in MODEL_SHAPE_FIELDS.items() if field not in given and m in model_config}
+    kind = meta.get("model") or "gpt2"   # checkpoints from before Llama are GPT-2's
+    if "model" not in given:
+        cfg = dataclasses.replace(cfg, model=kind)
+    if cfg.model != kind:                # another model: the checkpoint check names it
+        return cfg
+    shape = {field: meta["model_config"][m] for m, field in MODEL_SHAPE_FIELDS.items()
+             if field not in given and m in meta["model_config"]}
     return dataclasses.replace(cfg, **shape)
 
 
