@@ -72,7 +72,8 @@ def readme_blocks(text: str) -> list[Block]:
         i += 1
         body = []
         while i < len(lines) and not re.match(r"^\s*```\s*$", lines[i]):
-            body.append(lines[i][indent:] if lines[i][:indent].isspace() else lines[i].lstrip())
+            line = lines[i]
+            body.append(line[indent:] if line[:indent].strip() == "" else line.lstrip())  # the fence's indent
             i += 1
         if i == len(lines):
             raise AssertionError(f"README.md:{start + 1}: a code block is never closed")
