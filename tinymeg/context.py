@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -143,6 +144,12 @@ def resolve_sizes(sizes: dict[str, int], world: int) -> dict[str, int]:
     out = {d: sizes.get(d, 1) for d in DIMS}
     mesh_dims = [d for d in MESH_DIMS if d != "dp"]
     others = math.prod(out[d] for d in mesh_dims)
+    asked = {d: out[d] for d in MESH_DIMS if out[d] not in (None, -1) and out[d] > 1}
+    if world == 1 and asked:  # a plain `python script.py` of a multi-process mesh
+        n = math.prod(asked.values())
+        more = " (or a multiple of it: dp takes the processes the others leave)" if out["dp"] in (None, -1) else ""
+        raise ValueError(f"launch with torchrun: the mesh {_product(asked, asked)} needs {n} processes{more} and "
+                         f"this is one, e.g. `torchrun --nproc_per_node={n} {_script()}`")
     if sizes.get("dp", -1) in (None, -1):
         if world % others:
             raise ValueError(
@@ -158,6 +165,12 @@ def resolve_sizes(sizes: dict[str, int], world: int) -> dict[str, int]:
         raise ValueError(f"ep={out['ep']} must divide dp={out['dp']}: expert parallelism is carved out "
                          f"of the data-parallel ranks. Choose an ep that divides dp, or a larger dp")
     return out
+
+
+def _script() -> str:
+    """The running script as a user would pass it to torchrun (a placeholder from ``python -c``)."""
+    script = sys.argv[0] if sys.argv else ""
+    return script if script.endswith(".py") else "your_script.py"
 
 
 def _product(sizes: dict[str, int], dims) -> str:

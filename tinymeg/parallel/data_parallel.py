@@ -99,11 +99,7 @@ def apply_data_parallel(model: nn.Module, ctx: ParallelContext, bucket_mb: float
         raise ValueError("mixed precision keeps fp32 master weights made from the model's parameters: "
                          "build the model in float32 and pass param_dtype, not a model already in "
                          f"{next(p.dtype for p in params if p.dtype != torch.float32)}")
-    with torch.no_grad():   # replicas start identical (each tensor from its dp mesh's rank 0)
-        for t in [*params, *model.buffers()]:
-            group = getattr(t, "data_parallel_mesh", None) or mesh
-            if group.size() > 1:
-                dist.broadcast(_local(t), group=group.get_group(), group_src=0)
+    broadcast_replicas([*params, *model.buffers()], mesh)
 
     dims = shard_dims(model)
     sync, holders = None, {}
@@ -166,13 +162,23 @@ def _check_moe_prepared(model: nn.Module, ctx: ParallelContext) -> None:
                          f"and balancing statistics span the mesh")
 
 
+def broadcast_replicas(tensors, mesh) -> None:
+    """Make replicas identical: each tensor (its local shard) is broadcast from rank 0 of its
+    data-parallel mesh (its ``data_parallel_mesh`` attribute, set on experts, else ``mesh``)."""
+    with torch.no_grad():
+        for t in tensors:
+            group = getattr(t, "data_parallel_mesh", None) or mesh
+            if group.size() > 1:
+                dist.broadcast(_local(t), group=group.get_group(), group_src=0)
+
+
 def apply_hybrid_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dict | None = None,
                           bucket_mb: float = DEFAULT_BUCKET_MB, zero: int = 0, param_dtype=None) -> nn.Module:
     """TP over ``ctx.mesh["tp"]``, then (for a model with MoE layers) EP, then DP (ZeRO ``zero``)
     over the data-parallel ranks, on one mesh."""
     from .expert_parallel import apply_expert_parallel, unprepared_moe_layers
     from .tensor_parallel import apply_tensor_parallel
-    model = apply_tensor_parallel(model, ctx, tp_config)
+    model = apply_tensor_parallel(model, ctx, tp_config, sync_replicas=False)  # DP broadcasts below
     if unprepared_moe_layers(model):
         model = apply_expert_parallel(model, ctx)
     return apply_data_parallel(model, ctx, bucket_mb, zero, param_dtype)

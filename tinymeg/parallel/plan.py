@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch.nn as nn
 
+from ..suggest import did_you_mean
+
 
 @dataclass(frozen=True)
 class ColumnParallel:
@@ -88,8 +90,9 @@ def normalize_plan(tp_config: dict, model: nn.Module,
         elif isinstance(value, (ColumnParallel, RowParallel, VocabParallel)):
             _add(plan, key, value)
         else:
+            near = did_you_mean(key, [*_DICT_KEYS, *OPTION_KEYS])
             raise ValueError(
-                f"tp_config key {key!r} is neither one of {sorted(_DICT_KEYS) + sorted(OPTION_KEYS)} "
+                f"tp_config key {key!r}{near + ' It' if near else ''} is neither one of {sorted(_DICT_KEYS) + sorted(OPTION_KEYS)} "
                 f"nor a module pattern mapped to ColumnParallel()/RowParallel()/VocabParallel() "
                 f"(got {value!r})")
     if "vocab_embedding_patterns" not in tp_config and not any(
@@ -119,16 +122,25 @@ def resolve_plan(plan: dict[str, Style], model: nn.Module) -> dict[str, Style]:
     for pattern, style in plan.items():
         hits = [n for n in names if matches(pattern, n)]
         if not hits:
-            leaf = pattern.rsplit(".", 1)[-1]
-            near = [n for n in names if leaf in n][:5] or names[:5]
             raise ValueError(f"tensor-parallel pattern {pattern!r} matches no module of "
-                             f"{type(model).__name__}; names look like {near}")
+                             f"{type(model).__name__}{_near_names(pattern, names)}")
         for n in hits:
             if n in resolved and resolved[n] != style:
                 raise ValueError(f"module {n!r} is matched twice with different styles: "
                                  f"{resolved[n]} and {style}")
             resolved[n] = style
     return resolved
+
+
+def _near_names(pattern: str, names: list[str]) -> str:
+    """Why a pattern matched nothing: the module-name ending (with as many dotted parts) closest
+    to it, for a typo (``attn.c_atn`` -> ``attn.c_attn``); else a few module names."""
+    parts = pattern.count(".") + 1
+    near = did_you_mean(pattern, sorted({".".join(n.split(".")[-parts:]) for n in names}))
+    if near:
+        return near
+    leaf = pattern.rsplit(".", 1)[-1]
+    return f"; names look like {[n for n in names if leaf in n][:5] or names[:5]}"
 
 
 def tied_embedding_names(model: nn.Module) -> list[str]:

@@ -11,6 +11,7 @@ from ..nn.functional import gather_from_tp, split_seq
 from ..nn.layers import (ColumnParallelLinear, ParallelDropout, RowParallelLinear, VocabParallelEmbedding,
                          is_transposed_linear, replicate_module)
 from ..nn.region import RESIDUAL, Region
+from .data_parallel import broadcast_replicas
 from .plan import (ColumnParallel, RowParallel, Style, VocabParallel, check_pairing, check_ties, matches,
                    normalize_plan, resolve_plan)
 from .plans import for_model
@@ -18,7 +19,8 @@ from .plans import for_model
 SEQ_DIM = 1
 
 
-def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dict | None = None) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dict | None = None, *,
+                          sync_replicas: bool = True) -> nn.Module:
     """Shard ``model`` over ``ctx.mesh["tp"]`` as ``tp_config`` says and return it.
 
     Matched Linears (and Hugging Face Conv1Ds) become column/row-parallel, matched Embeddings
@@ -36,6 +38,11 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     ``lm_head``, which gathers the sequence as it shards the vocabulary). Norms, dropout and
     residual adds run on 1/tp of the tokens; each module that holds column-parallel layers
     (attention, MLP) gets its input all-gathered once.
+
+    On a mesh with dp (or cp) > 1 the parameters are broadcast from each shard's first replica,
+    so that the replicas agree (``sync_replicas=False`` skips it, for callers that apply data
+    parallelism next, which broadcasts them anyway); TP does not average their gradients: train
+    over dp with ``apply_hybrid_parallel`` or ``tm.parallelize``.
     """
     _check_model(model, ctx)
     config = for_model(model) if tp_config is None else tp_config
@@ -116,6 +123,10 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
             head.loss_parallel = True
     # Every forward starts with whole activations, whatever an earlier one left (an exception).
     model.register_forward_pre_hook(lambda *_: region.reset())
+    # On a mesh with dp (or cp) > 1, the replicas of each shard start identical, whatever seed
+    # each process used; averaging their gradients is data parallelism's (apply_hybrid_parallel).
+    if sync_replicas:
+        broadcast_replicas([*model.parameters(), *model.buffers()], ctx.dp_cp_mesh)
     return model
 
 

@@ -15,7 +15,6 @@ Steps are counted as optimizer steps done: step 1 is the first; the console, the
 from __future__ import annotations
 
 import contextlib
-import json
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ from . import report
 from .checkpoint import Checkpointer, maybe_inject_fault
 from .checks import (ConfigError, PeerError, check_config, pipeline_args, rank_from_env, run_checked,
                      world_size_from_env)
+from .metrics import MetricLog
 from .optim import build_optimizer, clip_grad_norm_, compile_step, lr_at
 from .routing import RoutingLog
 
@@ -77,6 +77,7 @@ class TrainConfig:
     data: str | None = None        # None: the shipped Shakespeare
     tokenizer: str = "char"
     log_jsonl: str | None = None
+    tensorboard: str | None = None # a TensorBoard log directory (needs the tensorboard package)
     compile: bool = False
     device: str = "auto"           # auto | cpu | cuda
     sample_tokens: int = 200       # 0: no sample at the end
@@ -250,8 +251,9 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     world = ctx.world_size if ctx is not None else world_size_from_env()
     cfg = check_config(cfg, world, mesh_sizes(cfg))
     wall_start = time.perf_counter()
-    _say(ctx, f"tinymeg: {world} process(es), {' x '.join(f'{d}={s}' for d, s in mesh_sizes(cfg).items())}: "
-              f"setting up the mesh, the data and the model...")
+    asked = " x ".join(f"{d}={s}" for d, s in mesh_sizes(cfg).items() if s != 1)
+    _say(ctx, f"tinymeg: {world} process(es){', ' + asked if asked else ''}: setting up the mesh, the data and "
+              f"the model...")
     ctx = ctx or build_context(cfg)
     want = resolve_sizes(mesh_sizes(cfg), ctx.world_size)
     if any(ctx.sizes[d] != size for d, size in want.items()):
@@ -266,7 +268,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     optimizer_step = compile_step(optimizer) if cfg.compile and ctx.pp_size == 1 else optimizer.step
     ckpt = Checkpointer(cfg, ctx, model, optimizer, corpus.tokenizer)
     start_step = ckpt.restore()  # 0, or the step of the checkpoint resumed from
-    peak = report.peak_flops(ctx.device, configured_tflops=cfg.peak_tflops)
+    peak = report.peak_flops(ctx.device, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32, cfg.peak_tflops)
     _say(ctx, report.banner(cfg, ctx, model, corpus, peak=peak, start_step=start_step,
                             resumed_from=ckpt.resumed_from))
     step_fn = compile_model(model) if cfg.compile and ctx.pp_size == 1 else model  # ZeRO-3: per block; pp: per stage
@@ -274,7 +276,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
         _say(ctx, "compiling the model (torch.compile, fullgraph): the first step takes a while...")
 
     records, losses, val_loss, train_s = [], [], None, 0.0
-    log = open(cfg.log_jsonl, "a") if cfg.log_jsonl and ctx.is_main else None
+    log = MetricLog(cfg.log_jsonl, cfg.tensorboard, ctx.is_main)
     routing = RoutingLog(model) if cfg.n_experts else None  # aux_loss, expert token fractions
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
                disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
@@ -304,14 +306,11 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
                           f"lr {lr:.3g}, {record['tokens_per_s']:,.0f} tokens/s")
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", ms=f"{1000 * dt:.0f}")
             records.append(record)
-            if log:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+            log.write(record)
             ckpt.after_step(done)  # every ckpt_every steps and at the end
     finally:
         bar.close()
-        if log:
-            log.close()
+        log.close()
     if start_step >= cfg.steps:
         _say(ctx, f"nothing to train: the checkpoint is at step {start_step} and --steps is {cfg.steps}")
     sample = generate_sample(model, corpus.tokenizer, cfg, ctx) if cfg.sample_tokens else None
