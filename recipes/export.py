@@ -10,10 +10,11 @@ config) next to it:
 
 `python recipes/sample.py model.pt` generates text from it.
 
-``--format hf -o DIR`` writes a Hugging Face directory instead (config.json + model.safetensors)
-that ``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` (a Llama: ``LlamaForCausalLM``) loads,
-and that ``GPT2Model.from_pretrained(DIR)`` (``Llama.from_pretrained``) and ``recipes/train.py
---init-from DIR`` read back.
+``--format hf -o DIR`` writes a Hugging Face directory instead (config.json + model.safetensors,
+and for a GPT-2-BPE run GPT-2's tokenizer files) that ``transformers.GPT2LMHeadModel`` (a Llama:
+``LlamaForCausalLM``; and ``GPT2TokenizerFast``) ``.from_pretrained(DIR)`` load, and that
+``GPT2Model.from_pretrained(DIR)`` (``Llama.from_pretrained``) and ``recipes/train.py --init-from DIR``
+read back.
 """
 import argparse
 import json
@@ -21,11 +22,25 @@ import os
 
 import torch
 
-from tinymeg.train.checkpoint import load_model
+from tinymeg.train.checkpoint import load_model, tokenizer_from_meta
 
 
 def config_path(model_path: str) -> str:
     return os.path.splitext(model_path)[0] + ".json"
+
+
+def hf_tokenizer(meta: dict, out: str, model_max_length: int) -> str:
+    """Write the tokenizer files of a GPT-2-BPE run next to the weights; say what was written."""
+    kind = (meta.get("tokenizer") or {}).get("kind")
+    if kind != "gpt2":
+        return ("no tokenizer files: the run's tokenizer is character-level, which Hugging Face has no class for "
+                "(its characters are in the checkpoint's tinymeg.json)" if kind == "char"
+                else "no tokenizer files: the run trained on token ids (a .bin) without a tokenizer")
+    try:
+        files = tokenizer_from_meta(meta).save_pretrained(out, model_max_length)
+    except (ImportError, RuntimeError) as e:  # no tiktoken, or its files cannot be fetched offline
+        return f"no tokenizer files: {e}"
+    return f"GPT-2's tokenizer ({', '.join(files)}) for transformers.GPT2TokenizerFast.from_pretrained"
 
 
 def main(argv=None) -> str:
@@ -42,7 +57,7 @@ def main(argv=None) -> str:
     if args.format == "hf":
         model.save_pretrained(args.out)
         print(f"exported step {meta['step']} ({model.num_params():,} parameters) as a Hugging Face "
-              f"{type(model).__name__} to {args.out}/")
+              f"{type(model).__name__} to {args.out}/; {hf_tokenizer(meta, args.out, model.config.block_size)}")
         return args.out
     torch.save(model.state_dict(), args.out)
     info = {k: meta.get(k) for k in ("step", "model", "model_config", "tokenizer", "train_config")}

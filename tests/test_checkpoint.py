@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from rank_pool import get_ctx, world
+from tinymeg import compat
 from tinymeg.train import TrainConfig, build_model, build_optimizer, train
 from tinymeg.train import checkpoint as ckpt
 from tinymeg.train.cli import parse_args
@@ -45,10 +46,9 @@ def _step_dir(d, step) -> str:
 
 def _full_state(model, optimizer) -> dict:
     """Every parameter and optimizer state, unsharded (a collective under TP)."""
-    from torch.distributed.tensor import DTensor
 
     def full(t):
-        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
+        return compat.full_tensor(t).detach().cpu().clone()
     out = {}
     for name, p in model.named_parameters():
         out[name] = full(p)
@@ -333,20 +333,26 @@ BAD_INPUTS = {
     "resume without checkpoint": (dict(resume=True), "empty dir", r"--resume: --ckpt-dir .* holds no checkpoint"),
     "truncated shard": (dict(resume=True), "truncated shard",
                         r"step_000008' \(step 8\) is damaged: __0_0.distcp has \d+ bytes, the save wrote \d+\. "
-                        r"Other checkpoints there: step_000004"),
+                        r"Checkpoints there: .*/ck/step_000004 \(--resume-from one of them"),
     "no .metadata": (dict(resume=True), "no .metadata", r"is damaged: \.metadata is missing"),
     "no tinymeg.json": (dict(resume=True), "no tinymeg.json", r"is incomplete or not a tinymeg checkpoint"),
+    # one line, the fix first: the settings that differ and the flags that give the checkpoint's
     "other model shape": (dict(resume=True, n_embd=64), None,
-                          r"holds a different model; \d+ parameter\(s\) do not match:\n"
-                          r"(.|\n)*transformer\.h\.0\.attn\.c_attn\.weight: checkpoint \(96, 32\), model \(192, 64\)"
-                          r"(.|\n)*n_embd=32 \(now 64\)"),
+                          r"^ValueError: checkpoint '.*step_000008' holds another model \(n_embd=32; this one has "
+                          r"n_embd=64\): pass --n-embd 32 \(or leave those flags out: resuming takes them from the "
+                          r"checkpoint\), or start a fresh run in another --ckpt-dir \(\d+ parameters differ in shape\)$"),
     "other head count, same shapes": (dict(resume=True, n_head=2), None,
-                                      r"holds a model with other settings: n_head=4 \(now 2\)\. Its parameters "
-                                      r"have the shapes of this model's but compute something else"),
+                                      r"holds another model \(n_head=4; this one has n_head=2\): pass --n-head 4 "
+                                      r"\(or leave those flags out: .*\), or start a fresh run in another --ckpt-dir$"),
     "vocabulary padded to the same size": (dict(resume=True, data="{d}/../seventy_chars.txt"), "70-char data",
-                                           r"holds a model with other settings: vocab_size=65 \(now 70\)"),
+                                           r"holds another model \(vocab_size=65; this one has vocab_size=70\): use "
+                                           r"that run's --data and --tokenizer, or start a fresh run"),
     "other layer count": (dict(resume=True, n_layer=3), None,
-                          r"transformer\.h\.2\.attn\.c_attn\.weight: checkpoint absent, model \(96, 32\)"),
+                          r"holds another model \(n_layer=2; this one has n_layer=3\): pass --n-layer 2 .*"
+                          r"\(\d+ parameters differ in shape\)$"),
+    "missing checkpoint": (dict(resume_from="{d}/step_000100"), None,
+                           r"checkpoint '.*/ck/step_000100' does not exist\. Checkpoints there: .*/ck/step_000004, "
+                           r".*/ck/step_000008 \(--resume-from one of them, or --resume-from .*/ck for its latest\)"),
     "fresh run over checkpoints": ({}, None, r"already holds checkpoints \(step_000008\); a fresh run would "
                                              r"overwrite them\. Pass --resume"),
     "fresh run, checkpoints but no latest": ({}, "no latest", r"already holds checkpoints \(step_000008\)"),

@@ -129,7 +129,7 @@ def test_bin_vocab_grows_past_gpt2(tmp_path):
 
 def test_missing_file(tmp_path):
     path = str(tmp_path / "nope.txt")
-    with pytest.raises(FileNotFoundError, match=r"nope\.txt.*does not exist.*omit --data.*shipped"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt' does not exist: check the path, or leave --data out to train on the shipped Tiny Shakespeare$"):
         load_corpus(path)
 
 

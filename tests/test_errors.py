@@ -70,7 +70,7 @@ def _tp_errors_body():
             ValueError, r"15 input features, not divisible by tp=2")
     _raises(lambda: tm.apply_tensor_parallel(model(n_embd=15, n_head=1), ctx, {"column_linear_patterns": ["attn.c_attn"]}),
             ValueError, r"45 output features in 3 chunk\(s\), not divisible by tp=2")
-    _raises(lambda: tm.apply_tensor_parallel(model(vocab_multiple=1), ctx),
+    _raises(lambda: tm.apply_tensor_parallel(model(vocab_multiple=1), ctx, {**tm.GPT2_TP_CONFIG, "vocab_embedding_patterns": ["wte"]}),
             ValueError, r"has 65 rows, not divisible by tp=2: pad the vocabulary")
     done = tm.apply_tensor_parallel(model(), ctx)
     _raises(lambda: tm.apply_tensor_parallel(done, ctx), ValueError, r"applied to it before")
@@ -78,7 +78,14 @@ def _tp_errors_body():
     _raises(lambda: tm.apply_tensor_parallel(model(), ctx, {"column_linear_patterns": "attn.c_attn"}),
             TypeError, r"must be a list of patterns")
     _raises(lambda: tm.apply_tensor_parallel(model(), ctx, {"colum_linear_patterns": ["attn.c_attn"]}),
-            ValueError, r"key 'colum_linear_patterns' is neither")
+            ValueError, r"key 'colum_linear_patterns': did you mean 'column_linear_patterns'\? It is neither")
+    # a typo gets its near match first, not a list of top-level modules
+    _raises(lambda: tm.apply_tensor_parallel(model(), ctx, {"column_linear_patterns": ["attn.c_atn", "mlp.c_fc"],
+                                                            "row_linear_patterns": ["attn.c_proj", "mlp.c_proj"]}),
+            ValueError, r"^tensor-parallel pattern 'attn.c_atn' matches no module of GPT2Model: did you mean "
+                        r"'attn.c_attn'\?$")
+    _raises(lambda: tm.apply_tensor_parallel(model(), ctx, {"column_linear_patterns": ["attn.zzz"]}),
+            ValueError, r"pattern 'attn.zzz' matches no module of GPT2Model; names look like")
 
     sp = {**tm.GPT2_TP_CONFIG, "sequence_parallel": True}
     _raises(lambda: tm.apply_tensor_parallel(model(), ctx, sp)(torch.zeros(1, 3, dtype=torch.long)),

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import tinymeg as tm
+from tinymeg import compat
 from rank_pool import get_ctx, world
 
 hf = pytest.importorskip("transformers", reason="transformers is in the [test] extra: pip install -e '.[test]'")
@@ -84,6 +85,44 @@ def test_round_trip_through_a_tensor_parallel_model(hf_dir, tmp_path, sp):
     out = str(tmp_path / "from_tp2")
     world(2).run(_sharded_round_trip_body, path, out, want, sp)
     torch.testing.assert_close(hf_logits(out, _ids()), want, atol=ATOL, rtol=RTOL)
+
+
+def _parallel_export_body(path, out_pp, out_bf16):
+    """A pipelined model (pp=2 x tp=2) writes every stage's tensors (one file per stage, named by
+    the index: only the first stage's were written), over an earlier single-file save of another
+    model (readers take model.safetensors first: it must go); under mixed precision (dp=2 x tp=2,
+    ZeRO-2, bf16) the fp32 masters are written, not the bf16 working copies."""
+    other = tm.models.GPT2Model.from_pretrained(path)
+    torch.nn.init.zeros_(other.transformer.wpe.weight)
+    other.save_pretrained(out_pp)
+    pipelined = tm.parallelize(tm.models.GPT2Model.from_pretrained(path), get_ctx(tp=2, pp=2),
+                               pipeline=dict(schedule="gpipe", microbatches=2))
+    pipelined.save_pretrained(out_pp)
+    mixed = tm.parallelize(tm.models.GPT2Model.from_pretrained(path), get_ctx(dp=2, tp=2), zero=2, param_dtype="bf16")
+    assert next(mixed.parameters()).dtype == torch.bfloat16
+    mixed.save_pretrained(out_bf16)
+
+
+def test_pipelined_and_mixed_precision_models_write_every_tensor_at_full_precision(hf_dir, tmp_path):
+    from tinymeg.models.hf_io import read_tensors
+    path, want = hf_dir
+    out_pp, out_bf16 = str(tmp_path / "pp"), str(tmp_path / "bf16")
+    world(4).run(_parallel_export_body, path, out_pp, out_bf16)
+    original = load_file(os.path.join(path, "model.safetensors"))
+    for out in (out_pp, out_bf16):
+        back = read_tensors(out)
+        assert back.keys() == original.keys(), out
+        assert all(torch.equal(original[k], back[k]) for k in original), f"{out}: weights move, they do not change"
+    assert sorted(os.listdir(out_pp)) == ["config.json", "model-00001-of-00002.safetensors",
+                                          "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    torch.testing.assert_close(hf_logits(out_pp, _ids()), want, atol=ATOL, rtol=RTOL)
+
+
+def test_a_mixture_of_experts_model_is_not_written_as_a_dense_gpt2(tmp_path):
+    model = tm.models.GPT2Model(tm.models.GPTConfig.tiny(n_experts=4))
+    with pytest.raises(ValueError, match=r"mixture-of-experts layers \(n_experts=4\).*--format torch"):
+        model.save_pretrained(tmp_path / "moe")
+    assert not (tmp_path / "moe").exists()
 
 
 def test_hub_layout_and_sharded_files_are_read(hf_dir, tmp_path):
@@ -173,7 +212,7 @@ TINY = dict(n_layer=1, n_head=2, n_embd=32, seq_len=16, micro_batch=2, eval_ever
 def _train_body(tp, dp, steps, **kw):
     from tinymeg.train import TrainConfig, train
     out = train(TrainConfig(tp=tp, dp=dp, steps=steps, **{**TINY, **kw}), ctx=get_ctx(dp=dp, tp=tp))
-    return out["losses"], {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+    return out["losses"], {n: compat.full_tensor(p).detach()
                            for n, p in out["model"].named_parameters()}
 
 
@@ -207,3 +246,93 @@ def _init_from_errors_body(path):
 def test_init_from_a_model_with_another_vocabulary_is_an_error(tmp_path):
     hf_gpt2(vocab=80).save_pretrained(tmp_path / "v80")
     assert world(1).run(_init_from_errors_body, str(tmp_path / "v80")) == ["ok"]
+
+
+# ---- GPT-2's tokenizer files (export.py --format hf of a --tokenizer gpt2 run) ----
+
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+VERSE = ("ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+         "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo? 'Tis but thy name that is my enemy;\n")
+
+
+def _reference_encode(text: str, ranks: dict) -> list[int]:
+    """Byte-level BPE as tiktoken defines it: split with GPT-2's pattern, then in each piece merge
+    the adjacent pair of lowest rank until no pair is a token."""
+    import regex
+    ids = []
+    for word in regex.findall(GPT2_SPLIT, text):
+        parts = [bytes([b]) for b in word.encode()]
+        while len(parts) > 1:
+            pairs = [(ranks[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:])) if a + b in ranks]
+            if not pairs:
+                break
+            _, i = min(pairs)
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        ids += [ranks[p] for p in parts]
+    return ids
+
+
+def _small_bpe(text: str, merges: int) -> dict:
+    """A byte-level BPE learned on text (most frequent adjacent pair first), with GPT-2's byte
+    order (printable bytes first), as tiktoken's {token bytes: rank}."""
+    import regex
+    order = sorted(range(256), key=lambda b: not (33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255))
+    ranks = {bytes([b]): r for r, b in enumerate(order)}
+    words = [[bytes([b]) for b in w.encode()] for w in regex.findall(GPT2_SPLIT, text)]
+    for _ in range(merges):
+        counts = {}
+        for w in words:
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        a, b = max(counts, key=counts.get)
+        ranks[a + b] = len(ranks)
+        words = [_merge(w, a, b) for w in words]
+    return ranks
+
+
+def _merge(word, a, b):
+    out, i = [], 0
+    while i < len(word):
+        if word[i:i + 2] == [a, b]:
+            out.append(a + b)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def test_gpt2_tokenizer_files_tokenize_as_the_bpe_does(tmp_path):
+    """The files made from a BPE's ranks load in transformers' GPT2TokenizerFast, which then
+    encodes like the ranks do (and decodes back), text it was not learned on included."""
+    from transformers import GPT2TokenizerFast
+    from tinymeg.data.hf_tokenizer import save_gpt2_tokenizer
+    ranks = _small_bpe(VERSE * 3, merges=80)
+    eot = {"<|endoftext|>": len(ranks)}
+    assert save_gpt2_tokenizer(str(tmp_path), ranks, eot, model_max_length=64) == [
+        "vocab.json", "merges.txt", "tokenizer_config.json"]
+    hf = GPT2TokenizerFast.from_pretrained(str(tmp_path))
+    assert hf.eos_token == "<|endoftext|>" and hf.eos_token_id == len(ranks) and hf.model_max_length == 64
+    for text in (VERSE, "Wherefore, Romeo?  Thou art\tnot 42 ünïcödé names;\n\n  the east...", " the"):
+        want = _reference_encode(text, ranks)
+        assert hf.encode(text) == want, text
+        assert hf.decode(want) == text
+
+
+def test_export_hf_writes_the_tokenizer_of_a_gpt2_bpe_run(tmp_path, monkeypatch, capsys):
+    """export.py --format hf asks the run's tokenizer for its files (here a small BPE in place of
+    tiktoken's GPT-2, which needs a download)."""
+    import types
+    from tinymeg.data import GPT2Tokenizer
+    export = _recipe("export")
+    tokenizer = GPT2Tokenizer.__new__(GPT2Tokenizer)
+    ranks = _small_bpe(VERSE, merges=20)
+    tokenizer._encoding = types.SimpleNamespace(_mergeable_ranks=ranks, _special_tokens={"<|endoftext|>": len(ranks)})
+    monkeypatch.setattr(export, "tokenizer_from_meta", lambda meta: tokenizer)
+    said = export.hf_tokenizer({"tokenizer": {"kind": "gpt2"}}, str(tmp_path), 64)
+    assert said.startswith("GPT-2's tokenizer (vocab.json, merges.txt, tokenizer_config.json)")
+    assert (tmp_path / "merges.txt").read_text().count("\n") == 21  # the version line and 20 merges
+    assert export.hf_tokenizer({"tokenizer": {"kind": "char", "chars": "ab"}}, str(tmp_path), 64).startswith(
+        "no tokenizer files: the run's tokenizer is character-level")

@@ -19,13 +19,14 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import tinymeg as tm
+from tinymeg import compat
 from rank_pool import get_ctx, world
 
 ATOL = RTOL = 1e-5
 
 
 def full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return compat.full_tensor(t)
 
 
 def assert_close(actual, expected, what):
@@ -305,3 +306,27 @@ def _sp_dropout_body():
 
 def test_sequence_parallel_dropout_masks():
     world(2).run(_sp_dropout_body)
+
+
+def _replicas_body():
+    """Each rank builds its model from another seed (as a script that seeds nothing would): after
+    apply_tensor_parallel on (dp2, tp2), the dp replicas hold dp rank 0's shards, so the same input
+    gives the same loss everywhere, and each tp shard is its dp-rank-0 counterpart's."""
+    ctx = get_ctx(dp=2, tp=2)
+    torch.manual_seed(100 + ctx.rank)
+    model = tm.apply_tensor_parallel(tm.models.GPT2Model(tm.models.GPTConfig.tiny()), ctx)
+    idx = torch.arange(16).view(1, 16) % 65
+    loss = model(idx, idx)[1].item()
+    first = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    for t in first.values():
+        torch.distributed.broadcast(t, group=ctx.mesh["dp"].get_group(), group_src=0)
+    same = all(torch.equal(t, p.to_local()) for t, p in zip(first.values(), model.parameters()))
+    return loss, same
+
+
+def test_tensor_parallel_on_a_mesh_with_dp_makes_the_replicas_agree():
+    """The README's first example applied TP on (tp2, dp2): before, the dp replicas kept their own
+    random weights and gave other losses for one input (10.0958 vs 10.0367), silently."""
+    results = world(4).run(_replicas_body)
+    assert all(same for _, same in results), results
+    assert len({loss for loss, _ in results}) == 1, results

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from . import compat
 
 # The world mesh, outermost to innermost (see the module docstring for why this order).
 MESH_DIMS = ("pp", "dp", "cp", "tp")
@@ -91,11 +94,13 @@ class ParallelContext:
             self.device_type, tuple(self.sizes[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
         # Derived views. Each creates process groups (a collective call), so all are built
         # here, on every rank, in the same order: never lazily.
-        self.dp_cp_mesh = self.mesh["dp", "cp"]._flatten("dp_cp") if self.cp_size > 1 else self.mesh["dp"]
-        expert = self.mesh._unflatten("dp", (self.dp_size // self.ep_size, self.ep_size), ("edp", "ep"))
+        self.dp_cp_mesh = compat.flatten(self.mesh["dp", "cp"], "dp_cp") if self.cp_size > 1 else self.mesh["dp"]
+        expert = compat.unflatten(self.mesh, "dp", (self.dp_size // self.ep_size, self.ep_size), ("edp", "ep"))
         self.edp_mesh, self.ep_mesh = expert["edp"], expert["ep"]
         # The ranks holding the same experts and seeing other tokens: expert gradients' DP mesh.
-        self.edp_cp_mesh = expert["edp", "cp"]._flatten("edp_cp") if self.cp_size > 1 else self.edp_mesh
+        # Without experts edp is dp, so edp_cp is dp_cp (torch 2.11 cannot slice ("edp", "cp") across ep).
+        self.edp_cp_mesh = (compat.flatten(expert["edp", "cp"], "edp_cp") if self.cp_size > 1 and self.ep_size > 1
+                            else self.dp_cp_mesh if self.cp_size > 1 else self.edp_mesh)
         self.timeout = timeout
         _set_mesh_timeout(self._meshes(), timeout)
 
@@ -139,6 +144,12 @@ def resolve_sizes(sizes: dict[str, int], world: int) -> dict[str, int]:
     out = {d: sizes.get(d, 1) for d in DIMS}
     mesh_dims = [d for d in MESH_DIMS if d != "dp"]
     others = math.prod(out[d] for d in mesh_dims)
+    asked = {d: out[d] for d in MESH_DIMS if out[d] not in (None, -1) and out[d] > 1}
+    if world == 1 and asked:  # a plain `python script.py` of a multi-process mesh
+        n = math.prod(asked.values())
+        more = " (or a multiple of it: dp takes the processes the others leave)" if out["dp"] in (None, -1) else ""
+        raise ValueError(f"launch with torchrun: the mesh {_product(asked, asked)} needs {n} processes{more} and "
+                         f"this is one, e.g. `torchrun --nproc_per_node={n} {_script()}`")
     if sizes.get("dp", -1) in (None, -1):
         if world % others:
             raise ValueError(
@@ -154,6 +165,12 @@ def resolve_sizes(sizes: dict[str, int], world: int) -> dict[str, int]:
         raise ValueError(f"ep={out['ep']} must divide dp={out['dp']}: expert parallelism is carved out "
                          f"of the data-parallel ranks. Choose an ep that divides dp, or a larger dp")
     return out
+
+
+def _script() -> str:
+    """The running script as a user would pass it to torchrun (a placeholder from ``python -c``)."""
+    script = sys.argv[0] if sys.argv else ""
+    return script if script.endswith(".py") else "your_script.py"
 
 
 def _product(sizes: dict[str, int], dims) -> str:
@@ -179,7 +196,7 @@ def _set_mesh_timeout(meshes: list[DeviceMesh], timeout: timedelta) -> None:
     for mesh in meshes:
         group = mesh.get_group()
         if group is not dist.group.WORLD:
-            dist.distributed_c10d._set_pg_timeout(timeout, group)
+            compat.set_process_group_timeout(timeout, group)
 
 
 def _free_port() -> int:

@@ -97,6 +97,11 @@ class GPT2Tokenizer:
     def decode(self, ids) -> str:
         return self._enc.decode(_id_list(ids, self.vocab_size))
 
+    def save_pretrained(self, path: str, model_max_length: int = 1024) -> list[str]:
+        """Write the files Hugging Face's GPT2TokenizerFast reads (vocab.json, merges.txt, ...)."""
+        from .hf_tokenizer import save_gpt2_tokenizer
+        return save_gpt2_tokenizer(path, self._enc._mergeable_ranks, self._enc._special_tokens, model_max_length)
+
     def __repr__(self) -> str:
         return "GPT2Tokenizer(vocab_size=50257)"
 
@@ -194,8 +199,8 @@ def load_corpus(path: str | os.PathLike | None = None, tokenizer: str = "char",
 
 def _check_file(path: str) -> None:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist; check the path, or omit --data "
-                                f"(path=None) to train on the shipped tinyshakespeare")
+        raise FileNotFoundError(f"data file {path!r} does not exist: check the path, or leave --data out "
+                                f"to train on the shipped Tiny Shakespeare")
     if not os.path.isfile(path):
         raise ValueError(f"data path {path!r} is not a file; pass a .txt, .txt.gz or .bin file")
     if os.path.getsize(path) == 0:

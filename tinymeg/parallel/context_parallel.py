@@ -29,23 +29,24 @@ the CUDA flash/efficient/cudnn kernels do), and it works by monkey-patching
 **Loss and gradients.** Weights are replicated over cp: cp ranks are data-parallel for the
 weights, and DP averages gradients over dp x cp (``ctx.dp_cp_mesh``). The model's loss is the
 mean over all tokens of the sequences, the same number on every cp rank (an all-reduce of
-(sum, count), so unevenly ignored targets count right); its backward gives each rank cp x its
-own tokens' share, so that the average over cp is the whole gradient (Megatron-LM scales its
-CP loss by cp for the same reason). Logits, when asked for, are all-gathered back into
-sequence order, with the same rule in backward.
+(sum, count), so unevenly ignored targets count right; inside ``tinymeg.parallel.token_mean``
+that mean's share of the step's), and MoE balancing losses are added to it whole; its backward
+gives each rank cp x its own tokens' share, so that the average over cp is the whole gradient
+(Megatron-LM scales its CP loss by cp for the same reason). Logits, when asked for, are
+all-gathered back into sequence order, with the same rule in backward.
 
 **What it needs from a model.** Attention's token-mixing step must be a
 ``tinymeg.models.CausalAttention`` module (GPT-2's ``attn.core_attention``, Llama's
-``self_attn.core_attention``): it is swapped for ``RingAttention``. The model must be a
-``tinymeg.models.CausalLM`` (tinymeg.models.base's protocol): its forward takes the tokens'
-positions (``pos``) and each rank passes its layout's, so learned position embeddings (GPT-2)
-and rotary angles (Llama) alike are those of the tokens' places in the whole sequence; its loss
-goes through ``loss_share``, which CP makes the mean over every cp rank's counted targets (the
-MoE aux losses added after it, whole). Grouped key/value heads must be repeated to the query
+``self_attn.core_attention``): it is swapped for ``RingAttention``. The model's forward must
+take the tokens' positions (``pos``, tinymeg.models.base's protocol): each rank passes its
+layout's, so learned position embeddings (GPT-2) and rotary angles (Llama) alike are those of
+the tokens' places in the whole sequence. Grouped key/value heads must be repeated to the query
 heads before the core (Llama's attention does). Attention dropout is refused (the ring would
-need each block's dropout mask again in backward). A transformers Llama, Qwen2 or Mistral
-qualifies once adapted (``tm.models.from_transformers``: its attention goes through transformers'
-attention interface to a CausalAttention, its rotary angles follow the positions given).
+need each block's dropout mask again in backward).
+The loss goes through the model's ``loss_share`` (tinymeg.models.base.CausalLM), which this
+mixin overrides. A transformers Llama, Qwen2 or Mistral qualifies once adapted
+(``tm.models.from_transformers``: its attention goes through transformers' attention interface to
+a CausalAttention, its rotary angles follow the positions given).
 
 **Under pipeline parallelism** the cores are swapped the same way, and the pipeline places the
 tokens: each microbatch's ids and targets are taken in this rank's layout before the schedule
@@ -68,8 +69,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
+from .. import compat
 from ..context import ParallelContext
 from ..models.base import CausalAttention, CausalLM, token_share
+from ..ops import precision
 from ..nn.functional import all_gather, all_reduce
 from .tensor_parallel import sequence_parallel_size
 
@@ -160,8 +163,11 @@ def _resolve_block(block: str, device: torch.device) -> str:
     return block
 
 
+# "math" keeps SDPA's dtypes: its matmuls in the inputs' dtype (bf16 under bf16 or autocast),
+# the scores, softmax and the running output in float32.
+
 def _scores(q, k, causal, scale):
-    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    s = torch.matmul(q, k.transpose(-2, -1)).float() * scale
     if causal:  # square diagonal block: query i sees keys 0..i
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     return s
@@ -174,7 +180,7 @@ def _block_forward(block, q, k, v, causal, scale) -> tuple[Tensor, Tensor]:
         return out.float(), lse.float()
     s = _scores(q, k, causal, scale)
     lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul((s - lse.unsqueeze(-1)).exp(), v.float()), lse
+    return torch.matmul((s - lse.unsqueeze(-1)).exp().to(v.dtype), v).float(), lse
 
 
 def _block_backward(block, dout, q, k, v, out, lse, causal, scale) -> tuple[Tensor, Tensor, Tensor]:
@@ -186,11 +192,10 @@ def _block_backward(block, dout, q, k, v, out, lse, causal, scale) -> tuple[Tens
         return tuple(g.float() for g in grads)
     s = _scores(q, k, causal, scale)
     p = (s - lse.unsqueeze(-1)).exp()
-    dout = dout.float()
-    dv = torch.matmul(p.transpose(-2, -1), dout)
-    dp = torch.matmul(dout, v.float().transpose(-2, -1))
-    ds = p * (dp - (dout * out.float()).sum(-1, keepdim=True)) * scale
-    return torch.matmul(ds, k.float()), torch.matmul(ds.transpose(-2, -1), q.float()), dv
+    dv = torch.matmul(p.to(dout.dtype).transpose(-2, -1), dout).float()
+    dp = torch.matmul(dout, v.transpose(-2, -1)).float()
+    ds = (p * (dp - (dout.float() * out.float()).sum(-1, keepdim=True)) * scale).to(q.dtype)
+    return torch.matmul(ds, k).float(), torch.matmul(ds.transpose(-2, -1), q).float(), dv
 
 
 def _merge_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
@@ -216,7 +221,7 @@ def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, group_name: str, scale: f
                       block: str) -> tuple[Tensor, Tensor]:
     """Causal attention of this rank's queries (B, H, T/cp, D) in the load-balanced layout
     against every cp rank's keys and values. Returns (out, log-sum-exp (B, H, T/cp) fp32)."""
-    group = dist.distributed_c10d._resolve_process_group(group_name)
+    group = compat.resolve_process_group(group_name)
     n, rank, half = group.size(), group.rank(), q.size(2) // 2
     block = _resolve_block(block, q.device)
     kv = torch.stack([k, v])
@@ -251,7 +256,7 @@ def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                                group_name: str, scale: float, block: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ring_attention: (k, v) go around the ring again; the dK/dV of the
     k/v a rank holds travel with them (fp32) and reach their owner after the last hop."""
-    group = dist.distributed_c10d._resolve_process_group(group_name)
+    group = compat.resolve_process_group(group_name)
     n, rank, half = group.size(), group.rank(), q.size(2) // 2
     block = _resolve_block(block, q.device)
     kv = torch.stack([k, v])
@@ -296,6 +301,10 @@ def _backward(ctx, dout, _dlse):
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast, as SDPA: q, k and v in the autocast dtype.
+AUTOCAST = {"cpu": precision.LOWER, "cuda": precision.LOWER}
+precision.register_autocast(ring_attention_op, AUTOCAST)
+precision.register_autocast(ring_attention_backward_op, precision.BACKWARD)
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, mesh: DeviceMesh, block: str = "auto") -> Tensor:
@@ -315,7 +324,6 @@ class ContextParallelState:
     mesh: DeviceMesh
     tp_seq: int = 1          # sequence parallelism's split of each rank's tokens (tp), else 1
     enabled: bool = True     # False: plain single-rank attention on whole sequences (generation)
-    counted: Tensor | None = None   # the forward's counted targets, over every cp rank (the whole sequences')
 
     @property
     def size(self) -> int:
@@ -349,20 +357,25 @@ class RingAttention(nn.Module):
 
 
 class _MeanOverCP(torch.autograd.Function):
-    """The mean loss over all tokens of the cp group, from each rank's mean over its own.
-    Backward: cp x this rank's share (DP averages the gradients over cp)."""
+    """(the mean loss over all tokens of the cp group, their count), from each rank's mean over
+    its own. Backward: cp x this rank's share (DP averages the gradients over cp)."""
 
     @staticmethod
     def forward(ctx, local_mean, count, mesh):
-        local_sum = torch.where(count > 0, local_mean * count, torch.zeros_like(local_mean))
-        total_sum, total_count = all_reduce(torch.stack([local_sum, count.to(local_mean.dtype)]), mesh)
-        ctx.save_for_backward(mesh.size() * count.to(local_mean.dtype) / total_count.clamp(min=1))
-        return total_sum / total_count.clamp(min=1)
+        # in float32 whatever the loss's dtype: bf16 holds integers exactly only up to 256
+        count = count.float()
+        local_sum = torch.where(count > 0, local_mean.float() * count, torch.zeros_like(count))
+        total_sum, total_count = all_reduce(torch.stack([local_sum, count]), mesh)
+        ctx.save_for_backward(mesh.size() * count / total_count.clamp(min=1))
+        ctx.dtype = local_mean.dtype
+        total_count = total_count.round().long()
+        ctx.mark_non_differentiable(total_count)
+        return total_sum / total_count.clamp(min=1), total_count
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_count):
         scale, = ctx.saved_tensors
-        return grad * scale, None, None
+        return (grad * scale).to(ctx.dtype), None, None
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -386,7 +399,7 @@ class _GatherSequence(torch.autograd.Function):
 def mean_over_cp(local_mean: Tensor, count: Tensor, mesh: DeviceMesh) -> Tensor:
     """The mean over every cp rank's counted tokens from each rank's mean over its ``count``
     (backward: cp x this rank's share, see _MeanOverCP)."""
-    return _MeanOverCP.apply(local_mean, count, mesh)
+    return _MeanOverCP.apply(local_mean, count, mesh)[0]
 
 
 def gather_sequence(x: Tensor, state: ContextParallelState) -> Tensor:
@@ -428,21 +441,20 @@ class ContextParallelMixin:
                              "call it without pos, on whole sequences")
         index = state.index(seq_len, idx.device)
         local_targets = None if targets is None else targets.index_select(1, index)
-        state.counted = None if targets is None else (targets != -1).sum()
         logits, loss = super().forward(idx.index_select(1, index), local_targets, *args,
-                                       **{**kwargs, "pos": index})   # the loss: loss_share's, below
+                                       **{**kwargs, "pos": index})
         if logits is not None:
             logits = gather_sequence(logits, state)
         return logits, loss
 
     def loss_share(self, ce: Tensor, targets: Tensor) -> Tensor:
-        """The cross-entropy of this rank's targets -> the mean over every cp rank's (the same on
-        each), as CausalLM's share of the step's token mean. The MoE aux losses are added after it
-        (CausalLM._loss), whole, as without CP."""
-        state = self.context_parallel
-        if not state.enabled:
+        """CausalLM.loss_share over the cp group's chunks together: their mean (the loss of the
+        whole sequences, the same on every cp rank), as one forward's share of the step's
+        token mean. MoE balancing losses are added after it, whole (they are global already)."""
+        if not self.context_parallel.enabled:
             return super().loss_share(ce, targets)
-        return token_share(mean_over_cp(ce, (targets != -1).sum(), state.mesh), state.counted, self.loss_tokens)
+        mean, count = _MeanOverCP.apply(ce, (targets != -1).sum(), self.context_parallel.mesh)
+        return token_share(mean, count, self.loss_tokens)
 
     def generate(self, *args, **kwargs):
         """Sampling runs without CP: each rank holds the whole model (see the module docstring)."""

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from ..context import ParallelContext
 from ..nn.layers import local as _local
 from .grad_sync import GradSync
-from .zero import ZeroState, fully_shard_model, make_holders, recover_fsdp, shard_dims
+from .zero import ZeroState, fully_shard_model, make_holders, master_state_dict, recover_fsdp, shard_dims
 
 DEFAULT_BUCKET_MB = 25.0
 PARAM_DTYPES = {None: None, "fp32": None, "float32": None, torch.float32: None,
@@ -62,13 +62,18 @@ class DataParallelMixin:
         finally:
             self.grad_sync.enabled = previous
 
+    def export_state_dict(self) -> dict:
+        """What GPT2Model.save_pretrained writes: the fp32 masters under mixed precision, not the
+        bf16 working copies (zero.master_state_dict)."""
+        return master_state_dict(self)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """nn.Module.zero_grad, and the gradients accumulated in the data-parallel buckets."""
         if self.grad_sync is None:
             recover_fsdp(self)
+        else:
+            self.grad_sync.zero_grad()   # (first: it drops the GradientElsewhere that zero_() would reject)
         super().zero_grad(set_to_none)
-        if self.grad_sync is not None:
-            self.grad_sync.zero_grad()
 
 
 def apply_data_parallel(model: nn.Module, ctx: ParallelContext, bucket_mb: float = DEFAULT_BUCKET_MB,
@@ -98,11 +103,7 @@ def apply_data_parallel(model: nn.Module, ctx: ParallelContext, bucket_mb: float
         raise ValueError("mixed precision keeps fp32 master weights made from the model's parameters: "
                          "build the model in float32 and pass param_dtype, not a model already in "
                          f"{next(p.dtype for p in params if p.dtype != torch.float32)}")
-    with torch.no_grad():   # replicas start identical (each tensor from its dp mesh's rank 0)
-        for t in [*params, *model.buffers()]:
-            group = getattr(t, "data_parallel_mesh", None) or mesh
-            if group.size() > 1:
-                dist.broadcast(_local(t), group=group.get_group(), group_src=0)
+    broadcast_replicas([*params, *model.buffers()], mesh)
 
     dims = shard_dims(model)
     sync, holders = None, {}
@@ -165,13 +166,23 @@ def _check_moe_prepared(model: nn.Module, ctx: ParallelContext) -> None:
                          f"and balancing statistics span the mesh")
 
 
+def broadcast_replicas(tensors, mesh) -> None:
+    """Make replicas identical: each tensor (its local shard) is broadcast from rank 0 of its
+    data-parallel mesh (its ``data_parallel_mesh`` attribute, set on experts, else ``mesh``)."""
+    with torch.no_grad():
+        for t in tensors:
+            group = getattr(t, "data_parallel_mesh", None) or mesh
+            if group.size() > 1:
+                dist.broadcast(_local(t), group=group.get_group(), group_src=0)
+
+
 def apply_hybrid_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dict | None = None,
                           bucket_mb: float = DEFAULT_BUCKET_MB, zero: int = 0, param_dtype=None) -> nn.Module:
     """TP over ``ctx.mesh["tp"]``, then (for a model with MoE layers) EP, then DP (ZeRO ``zero``)
     over the data-parallel ranks, on one mesh."""
     from .expert_parallel import apply_expert_parallel, unprepared_moe_layers
     from .tensor_parallel import apply_tensor_parallel
-    model = apply_tensor_parallel(model, ctx, tp_config)
+    model = apply_tensor_parallel(model, ctx, tp_config, sync_replicas=False)  # DP broadcasts below
     if unprepared_moe_layers(model):
         model = apply_expert_parallel(model, ctx)
     return apply_data_parallel(model, ctx, bucket_mb, zero, param_dtype)

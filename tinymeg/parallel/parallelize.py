@@ -61,7 +61,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
         tp_config = dict(for_model(model) if plan is None else plan)
         tp_config["sequence_parallel"] = sequence_parallel or tp_config.get("sequence_parallel", False)
         tp_config["loss_parallel"] = loss_parallel or tp_config.get("loss_parallel", False)
-        model = apply_tensor_parallel(model, ctx, tp_config)
+        model = apply_tensor_parallel(model, ctx, tp_config, sync_replicas=False)  # step 6 broadcasts
     # 3. Context parallelism.
     if ctx.cp_size > 1:
         model = apply_context_parallel(model, ctx, cp_block)

@@ -58,9 +58,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
 from tqdm import tqdm
 
+from ..compat import StridedShard
 from ..data import CharTokenizer, GPT2Tokenizer
 from ..models import MODELS, CausalLM, model_name
 # torch's get/set_state_dict, extended to ZeRO shards and fp32 master weights (any stage, any mesh)
@@ -110,7 +110,7 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
 def resolve(path: str) -> str:
     """A checkpoint directory, or a --ckpt-dir (then its latest)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist{_others_hint(path)}")
     latest = latest_checkpoint(path) if os.path.isdir(path) else None
     return latest or path
 
@@ -152,11 +152,13 @@ def verify(path: str) -> dict:
 
 
 def _others_hint(path: str) -> str:
-    others = [p for p in list_checkpoints(os.path.dirname(os.path.abspath(path)))
-              if os.path.abspath(p) != os.path.abspath(path)]
+    """The complete checkpoints beside ``path``, as the user would name them."""
+    parent = os.path.dirname(path.rstrip("/"))
+    others = [p for p in list_checkpoints(parent or ".") if os.path.abspath(p) != os.path.abspath(path)]
     if not others:
         return ""
-    return f". Other checkpoints there: {', '.join(os.path.basename(p) for p in others)} (--resume-from one of them)"
+    names = ", ".join(os.path.join(parent, os.path.basename(p)) for p in others)
+    return f". Checkpoints there: {names} (--resume-from one of them, or --resume-from {parent or '.'} for its latest)"
 
 
 def check_writable(ckpt_dir: str) -> None:
@@ -186,7 +188,7 @@ def _stacked_counts(model: nn.Module) -> dict[str, int]:
 
 
 def _stacked_placement(pl, k: int):
-    if isinstance(pl, _StridedShard):
+    if isinstance(pl, StridedShard):
         if pl.dim != 0 or pl.split_factor != k:
             raise NotImplementedError(f"cannot checkpoint placement {pl} of a {k}-projection weight")
         return Shard(1)
@@ -282,35 +284,50 @@ def _shapes(model: nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
+# The model config fields the recipes' flags set: model config field -> TrainConfig field (the
+# flag: --n-layer ...; Llama's own after n_experts). The vocabulary comes from the data.
+MODEL_SHAPE_FIELDS = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "block_size": "seq_len",
+                      "n_experts": "n_experts", "n_kv_head": "n_kv_head", "ffn_hidden": "ffn_hidden",
+                      "rope_theta": "rope_theta", "tie_embeddings": "tie_embeddings"}
+
+
 def check_compatible(meta: dict, model: nn.Module, path: str, shapes: dict | None = None) -> None:
     """Parameter names and global shapes must match, and so must every model config field
     that changes what the model computes (n_head, vocab_size, ...: parameters of the same
-    shapes can mean another model); name every one that does not. ``shapes``: the whole
+    shapes can mean another model). The error is one line that names the settings that differ
+    and the flags that fix it (a few mismatched parameters instead, for a model without a
+    config). ``shapes``: the whole
     model's (_whole_model), when this rank holds only a part of it (a pipeline stage)."""
     saved, now = meta["param_shapes"], _shapes(model) if shapes is None else shapes
     bad = [f"{k}: checkpoint {tuple(saved[k]) if k in saved else 'absent'}, model "
            f"{tuple(now[k]) if k in now else 'absent'}"
            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    if not bad:
-        ours, theirs = _model_config(model) or {}, meta.get("model_config") or {}
-        # A field the checkpoint lacks is one added since: the saving run had its default.
-        diff = [f"{f}={theirs[f]!r} (now {v!r})" for f, v in ours.items()
-                if f not in _TRAINING_ONLY_MODEL_FIELDS and f in theirs and theirs[f] != v]
-        if diff:
-            raise ValueError(
-                f"checkpoint {path!r} holds a model with other settings: {', '.join(diff)}. Its parameters "
-                f"have the shapes of this model's but compute something else. Pass the settings of the run "
-                f"that saved it (--n-head, --data/--tokenizer for the vocabulary, ...), or start a fresh run")
+    ours, theirs = _model_config(model) or {}, meta.get("model_config") or {}
+    # A field the checkpoint lacks is one added since: the saving run had its default.
+    diff = {f: theirs[f] for f, v in ours.items()
+            if f not in _TRAINING_ONLY_MODEL_FIELDS and f in theirs and theirs[f] != v}
+    if not bad and not diff:
         return
-    ours, fields = _model_config(model), ""
-    if ours and meta.get("model_config"):
-        diff = [f"{f}={meta['model_config'].get(f)!r} (now {v!r})" for f, v in ours.items()
-                if meta["model_config"].get(f) != v]
-        fields = f"\nModel config in the checkpoint: {', '.join(diff)}" if diff else ""
-    shown = bad[:20] + ([f"... and {len(bad) - 20} more"] if len(bad) > 20 else [])
-    raise ValueError(f"checkpoint {path!r} holds a different model; {len(bad)} parameter(s) do not "
-                     f"match:\n  " + "\n  ".join(shown) + fields
-                     + "\nPass the same --n-layer/--n-head/--n-embd/--seq-len/--data as the run that saved it.")
+    if not diff:  # no config to compare (a model without one): name the parameters
+        shown = bad[:5] + ([f"... and {len(bad) - 5} more"] if len(bad) > 5 else [])
+        raise ValueError(f"checkpoint {path!r} holds a different model: pass the --n-layer/--n-head/--n-embd/"
+                         f"--seq-len/--data of the run that saved it, or start a fresh run. {len(bad)} "
+                         f"parameter(s) do not match:\n  " + "\n  ".join(shown))
+    fixes = []
+    flags = " ".join(f"--{MODEL_SHAPE_FIELDS[f].replace('_', '-')} {v}" for f, v in diff.items()
+                     if f in MODEL_SHAPE_FIELDS)
+    if flags:
+        fixes.append(f"pass {flags} (or leave those flags out: resuming takes them from the checkpoint)")
+    if "vocab_size" in diff:
+        fixes.append("use that run's --data and --tokenizer")
+    rest = [f for f in diff if f not in MODEL_SHAPE_FIELDS and f != "vocab_size"]
+    if rest:
+        fixes.append(f"build the model with {', '.join(f'{f}={diff[f]!r}' for f in rest)}")
+    theirs_now = ", ".join(f"{f}={v!r}" for f, v in diff.items())
+    ours_now = ", ".join(f"{f}={ours[f]!r}" for f in diff)
+    raise ValueError(f"checkpoint {path!r} holds another model ({theirs_now}; this one has {ours_now}): "
+                     f"{' and '.join(fixes)}, or start a fresh run in another --ckpt-dir"
+                     + (f" ({len(bad)} parameters differ in shape)" if bad else ""))
 
 
 # ---------------------------------------------------------------- RNG
@@ -506,6 +523,23 @@ def tokenizer_meta(tokenizer) -> dict | None:
 
 # ---------------------------------------------------------------- the trainer's side
 
+def resume_source(cfg) -> str | None:
+    """The checkpoint the flags resume from (None: a fresh start): ``--resume``, ``--ckpt-dir``'s
+    latest (an error when there is none); ``--auto-resume``, that latest if there is one, else
+    ``--resume-from``; ``--resume-from PATH``, that checkpoint or that directory's latest."""
+    latest = latest_checkpoint(cfg.ckpt_dir) if cfg.ckpt_dir else None
+    if cfg.resume:
+        if latest is None:
+            raise FileNotFoundError(
+                f"--resume: --ckpt-dir {cfg.ckpt_dir!r} holds no checkpoint (no `{LATEST}` file, no "
+                f"complete step_* directory). "
+                f"Start without --resume, or use --auto-resume to resume only when there is one")
+        return latest
+    if cfg.auto_resume and latest is not None:
+        return latest
+    return resolve(cfg.resume_from) if cfg.resume_from else None
+
+
 class Checkpointer:
     """What the training loop needs: ``restore()`` once before training (returns the step to
     start from) and ``after_step(n)`` after each optimizer step (saves when it is due).
@@ -560,17 +594,10 @@ class Checkpointer:
     def _source(self) -> str | None:
         cfg = self.cfg
         latest = latest_checkpoint(cfg.ckpt_dir) if cfg.ckpt_dir else None
-        if cfg.resume:
-            if latest is None:
-                raise FileNotFoundError(
-                    f"--resume: --ckpt-dir {cfg.ckpt_dir!r} holds no checkpoint (no `{LATEST}` file, no "
-                    f"complete step_* directory). "
-                    f"Start without --resume, or use --auto-resume to resume only when there is one")
-            return latest
-        if cfg.auto_resume and latest is not None:
-            return latest
+        path = resume_source(cfg)
+        if cfg.resume or (cfg.auto_resume and latest is not None):
+            return path
         if cfg.resume_from:
-            path = resolve(cfg.resume_from)
             verify(path)  # a damaged checkpoint is the first thing to hear about
             if latest is not None and os.path.realpath(latest) != os.path.realpath(path):
                 raise FileExistsError(

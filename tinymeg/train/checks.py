@@ -9,6 +9,7 @@ failure on some ranks is an error on all of them, printed once, instead of a han
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 import torch
@@ -38,7 +39,8 @@ def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
     try:
         sizes = resolve_sizes(mesh, world_size)
     except ValueError as e:
-        raise ConfigError(f"{e} (asked: {_flags(mesh)})") from None
+        asked = _flags(mesh)
+        raise ConfigError(f"{e} (asked: {asked})" if asked and "launch with torchrun" not in str(e) else str(e)) from None
     cfg = dataclasses.replace(cfg, dp=sizes["dp"])
     if cfg.warmup is None and isinstance(cfg.steps, int):
         cfg = dataclasses.replace(cfg, warmup=default_warmup(cfg.steps))
@@ -89,6 +91,9 @@ def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
          f"mixture-of-experts model: drop one of them")
     if pp > 1:
         _check_pipeline_config(cfg, pp)
+    need(not cfg.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+         f"--tensorboard {cfg.tensorboard} needs the tensorboard package, which is not installed: "
+         f"pip install -e \".[tensorboard]\" (or pip install tensorboard), or drop --tensorboard")
     check_device(cfg.device)
     check_flags(cfg)
     return cfg
@@ -205,7 +210,8 @@ def _flag(name: str) -> str:
 
 
 def _flags(mesh: dict) -> str:
-    return " ".join(f"--{d} {s}" if s not in (None, -1) else f"{d} inferred" for d, s in mesh.items())
+    """The mesh flags that were given a size other than 1 (dp -1: inferred, left out)."""
+    return " ".join(f"--{d} {s}" for d, s in mesh.items() if s not in (None, -1, 1))
 
 
 def _divisor_near(n: int, k: int) -> int:

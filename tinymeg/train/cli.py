@@ -14,8 +14,15 @@ import sys
 import time
 import traceback
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 import torch.distributed as dist
 
+from ..suggest import did_you_mean
+from .checkpoint import MODEL_SHAPE_FIELDS, resume_source, verify
 from .checks import (DEFAULT_WARMUP, ConfigError, PeerError, check_config, default_warmup, rank_from_env,
                      world_size_from_env)
 from .trainer import TrainConfig, mesh_sizes, train
@@ -32,7 +39,14 @@ class _Parser(argparse.ArgumentParser):
             super()._print_message(message, file)
 
     def error(self, message):
+        unknown = message.removeprefix("unrecognized arguments: ")
+        if unknown != message:  # a misspelt flag: name it and the flag it is closest to, first
+            flags = [t.split("=")[0] for t in unknown.split() if t.startswith("-")]
+            message = "; ".join(f"{f} is not a flag{did_you_mean(f, self._flags())}" for f in flags) or message
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+    def _flags(self) -> list[str]:
+        return [o for o in self._option_string_actions if o.startswith("--")]
 
 
 def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentParser:
@@ -44,6 +58,9 @@ def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentP
                             "`torchrun --nproc_per_node=4 recipes/train.py --tp 2` (dp: the rest).",
                 epilog=epilog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
+    add("--config", default=None, metavar="FILE.toml",
+        help="read flags from a TOML file (keys as the flags without --, e.g. n_embd = 256); flags given on "
+             "the command line override it")
     mesh = p.add_argument_group("mesh (their product is the number of processes torchrun starts)")
     mesh.add_argument("--tp", type=int, default=base.tp, help="tensor-parallel size")
     mesh.add_argument("--dp", type=int, default=base.dp,
@@ -100,7 +117,10 @@ def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentP
         help=".txt (.txt.gz) text or a nanoGPT/llm.c uint16 .bin; None: the shipped Tiny Shakespeare")
     add("--tokenizer", default=base.tokenizer, choices=["char", "gpt2"],
         help="for .txt data: characters, or GPT-2 BPE (pip install tiktoken, see README)")
-    add("--log-jsonl", default=base.log_jsonl, metavar="PATH", help="append one JSON line of metrics per step")
+    add("--log-jsonl", default=base.log_jsonl, metavar="PATH",
+        help="append one JSON line of metrics per step (recipes/plot.py draws its loss curves)")
+    add("--tensorboard", default=base.tensorboard, metavar="DIR",
+        help="also write the metrics to TensorBoard in DIR (pip install -e \".[tensorboard]\")")
     add("--compile", action=argparse.BooleanOptionalAction, default=base.compile,
         help="torch.compile the model (fullgraph) and the optimizer step; the first step then takes a while")
     add("--device", default=base.device, choices=["auto", "cpu", "cuda"],
@@ -143,19 +163,87 @@ def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentP
 
 
 def parse_args(argv=None, **defaults) -> TrainConfig:
-    """Flags -> a checked TrainConfig (dp resolved for the world torchrun started).
-    ``defaults`` are the recipe's (hybrid.py: tp=2, steps=2000, ...)."""
+    """Flags (after those of ``--config FILE.toml``) -> a checked TrainConfig, dp resolved for
+    the world torchrun started. A run that resumes takes the model's shape from its checkpoint,
+    except for the shape flags given. ``defaults`` are the recipe's (hybrid.py: tp=2, ...)."""
     base = dataclasses.replace(TrainConfig(), **defaults)
     p = build_parser(base, defaults)
-    args = p.parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    if "warmup" not in values:  # the default warmup never outlasts a short run
-        values["warmup"] = default_warmup(values["steps"], base.warmup)
-    cfg = TrainConfig(**{**dataclasses.asdict(base), **values})
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        config = p.parse_args(argv).config
+        argv = (config_file_argv(config, p) if config else []) + argv  # later flags win
+        args = p.parse_args(argv)
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+        if "warmup" not in values:  # the default warmup never outlasts a short run
+            values["warmup"] = default_warmup(values["steps"], base.warmup)
+        cfg = TrainConfig(**{**dataclasses.asdict(base), **values})
+        cfg = shape_from_checkpoint(cfg, given=_given(argv, base, defaults))
         return check_config(cfg, world_size_from_env(), mesh_sizes(cfg))
     except ConfigError as e:
         p.error(str(e))
+
+
+def config_file_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """A TOML file's keys as flags: ``n_embd = 256`` -> ``--n-embd 256``, ``compile = true`` ->
+    ``--compile``, ``compile = false`` -> ``--no-compile`` (or nothing, for a flag without one)."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"--config {path} cannot be read as TOML: {e}") from None
+    flags = {o: a for o, a in parser._option_string_actions.items() if o.startswith("--")}
+    argv = []
+    for key, value in table.items():
+        flag = "--" + key.replace("_", "-")
+        if flag not in flags or flag in ("--config", "--help") or flag.startswith("--no-"):
+            keys = [o[2:].replace("-", "_") for o in flags if o not in ("--config", "--help")
+                    and not o.startswith("--no-")]
+            raise ConfigError(f"--config {path}: unknown key {key!r}{did_you_mean(key.replace('-', '_'), keys)} "
+                              f"(keys are the flags without --, e.g. n_embd = 256)")
+        takes_value = flags[flag].nargs != 0
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"--config {path}: {key} = {value!r}: each key takes one value, as its flag does")
+        if isinstance(value, bool) and not takes_value:
+            negated = "--no-" + flag[2:]
+            argv += [flag] if value else [negated] if negated in flags else []
+        elif takes_value and not isinstance(value, bool):
+            argv += [flag, str(value)]
+        else:
+            raise ConfigError(f"--config {path}: {key} = {value!r}: "
+                              + ("true or false" if not takes_value else f"a value for {flag}, not a boolean"))
+    return argv
+
+
+def _given(argv: list[str], base: TrainConfig, defaults: dict) -> set[str]:
+    """The TrainConfig fields that argv's flags set (given, not defaulted)."""
+    quiet = build_parser(base, defaults)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+def shape_from_checkpoint(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """A resumed run's model (``--model``) and shape (``MODEL_SHAPE_FIELDS``) are its checkpoint's,
+    as nanoGPT's init_from='resume' does, for each flag not ``given``. One given that differs
+    from the checkpoint is left to the checkpoint check, which says so; so is a checkpoint that
+    cannot be read (every rank checks it before loading, checkpoint.Checkpointer.restore)."""
+    try:
+        path = resume_source(cfg)
+        meta = verify(path) if path else None
+    except (OSError, ValueError, KeyError):
+        return cfg
+    if not meta or not meta.get("model_config"):
+        return cfg
+    kind = meta.get("model") or "gpt2"   # checkpoints from before Llama are GPT-2's
+    if "model" not in given:
+        cfg = dataclasses.replace(cfg, model=kind)
+    if cfg.model != kind:                # another model: the checkpoint check names it
+        return cfg
+    shape = {field: meta["model_config"][m] for m, field in MODEL_SHAPE_FIELDS.items()
+             if field not in given and m in meta["model_config"]}
+    return dataclasses.replace(cfg, **shape)
 
 
 def main(argv=None, **defaults) -> None:

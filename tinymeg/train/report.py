@@ -6,8 +6,8 @@ rate / the peak FLOPs of the devices. The model's FLOPs per token are PaLM's est
 attention's scores and weighted sum; N counts every parameter but the position embeddings
 (a lookup; the tied token embedding is the LM head's matmul). The peak is one
 device's: from ``--peak-tflops``, else from the table below for known GPUs (dense, no
-sparsity, NVIDIA's datasheets), else, on CPU, measured by timing float32 matmuls on each rank
-at start-up (all ranks at once, so that they contend for cores as they do in training).
+sparsity, NVIDIA's datasheets), else, on CPU, measured at start-up: the best of short timings
+of a one-thread matmul, by CPU time (``core_matmul_flops``), times the threads of a rank.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def flops_per_token(model, seq_len: int) -> float:
     return model.flops_per_token(seq_len)
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, configured_tflops: float = 0.0,
-               measure_s: float = 0.3) -> tuple[float, str]:
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
+               configured_tflops: float = 0.0) -> tuple[float, str]:
     """(peak FLOP/s of one device, where that number comes from)."""
     if configured_tflops > 0:
         return configured_tflops * 1e12, "--peak-tflops"
@@ -50,19 +50,33 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, configu
             if key in name:
                 return peaks[kind] * 1e12, f"{name}, {kind} dense, datasheet"
         return 0.0, f"{name} is not in tinymeg's table: pass --peak-tflops for MFU"
-    return _measured_matmul_flops(dtype, measure_s), (
-        f"measured: {torch.get_num_threads()}-thread {str(dtype).removeprefix('torch.')} matmul on each rank")
+    threads = torch.get_num_threads()
+    return threads * core_matmul_flops(dtype), (
+        f"measured: the best 1-thread {str(dtype).removeprefix('torch.')} matmul by CPU time"
+        + (f", x {threads} threads" if threads > 1 else "") + " per rank")
 
 
 @functools.lru_cache(maxsize=None)  # once per process: a pool of test ranks trains many times
-def _measured_matmul_flops(dtype: torch.dtype, seconds: float, n: int = 256) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm up
-    calls, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds:
-        a @ b
-        calls += 1
-    return 2 * n ** 3 * calls / elapsed
+def core_matmul_flops(dtype: torch.dtype, n: int = 256, trials: int = 20, calls: int = 3) -> float:
+    """FLOP/s of one CPU core on an n x n matmul: the best of ``trials`` short timings, each
+    by the thread's CPU time. Why: other processes (the run's other ranks, other jobs) take the
+    core away at times; the CPU time does not count those, and a trial of a millisecond or so
+    mostly fits between them. Timed by the wall clock over a longer span, the peak came out
+    up to 30x too low on a loaded machine, and MFU above 100%."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b  # warm up
+        best = 0.0
+        for _ in range(trials):
+            t0 = time.thread_time()
+            for _ in range(calls):
+                a @ b
+            best = max(best, 2 * n ** 3 * calls / max(time.thread_time() - t0, 1e-9))
+        return best
+    finally:
+        torch.set_num_threads(threads)
 
 
 def format_count(n: float) -> str:
@@ -88,12 +102,16 @@ def banner(cfg, ctx, model, corpus, *, peak: tuple[float, str], start_step: int,
                   f"{c.n_layer} layers, {c.n_head} heads"
                   + (f" ({c.kv_heads} key/value)" if getattr(c, "kv_heads", c.n_head) != c.n_head else "")
                   + f", width {c.n_embd}, context {c.block_size}, vocabulary {c.vocab_size}"
-                  + (f" (padded to {c.padded_vocab_size})" if c.padded_vocab_size != c.vocab_size else "")),
+                  + (f" (padded to {c.padded_vocab_size})" if c.padded_vocab_size != c.vocab_size else "")
+                  + (f"; weights from {cfg.init_from} (--init-from)" if cfg.init_from and not resumed_from else "")),
         ("mesh", f"{ctx.describe()} on {ctx.world_size} process(es), {ctx.device.type} "
                  f"({'nccl' if ctx.device.type == 'cuda' else 'gloo'})"
-                 + "".join(f", {name}" for name, on in (("sequence parallel", cfg.sequence_parallel),
-                                                        ("loss parallel", cfg.loss_parallel),
-                                                        ("torch.compile", cfg.compile)) if on)),
+                 + "".join(f", {name}" for name, on in (
+                     (f"ZeRO-{cfg.zero}", cfg.zero),
+                     ("bf16 (fp32 master weights)", cfg.dtype == "bf16"),
+                     ("sequence parallel", cfg.sequence_parallel),
+                     ("loss parallel", cfg.loss_parallel),
+                     ("torch.compile", cfg.compile)) if on)),
         ("batch", f"{cfg.global_batch} sequences per step = dp {cfg.dp} x micro-batch {cfg.micro_batch} x "
                   f"grad-accum {cfg.grad_accum}; {cfg.global_batch * cfg.seq_len:,} tokens per step"),
         ("data", f"{data}, {tok}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "

@@ -15,7 +15,6 @@ Steps are counted as optimizer steps done: step 1 is the first; the console, the
 from __future__ import annotations
 
 import contextlib
-import json
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -29,12 +28,13 @@ from ..data import TokenizerUnavailable, eval_batch, get_batch, load_corpus
 from ..models import MODELS, CausalLM
 from ..models.hf_io import init_from_pretrained
 from ..ops import synchronized
-from ..parallel import compile_model, parallelize
+from ..parallel import compile_model, parallelize, token_mean
 from ..parallel.zero import memory_mb
 from . import report
 from .checkpoint import Checkpointer, maybe_inject_fault
 from .checks import (ConfigError, PeerError, check_config, pipeline_args, rank_from_env, run_checked,
                      world_size_from_env)
+from .metrics import MetricLog
 from .optim import build_optimizer, clip_grad_norm_, compile_step, lr_at
 from .routing import RoutingLog
 
@@ -77,6 +77,7 @@ class TrainConfig:
     data: str | None = None        # None: the shipped Shakespeare
     tokenizer: str = "char"
     log_jsonl: str | None = None
+    tensorboard: str | None = None # a TensorBoard log directory (needs the tensorboard package)
     compile: bool = False
     device: str = "auto"           # auto | cpu | cuda
     sample_tokens: int = 200       # 0: no sample at the end
@@ -160,22 +161,12 @@ def train_step(step: int, model, step_fn, optimizer, tokens: torch.Tensor, cfg: 
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)  # also clears what a step that raised left behind
-    loss_sum = torch.zeros((), device=ctx.device)
-    for micro in range(cfg.grad_accum):
-        x, y = get_batch(tokens, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed,
-                         step=step, micro_step=micro, grad_accum=cfg.grad_accum,
-                         dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
-                         microbatches=model.pipeline.microbatches if ctx.pp_size > 1 else 1)
-        last = micro == cfg.grad_accum - 1
-        with contextlib.nullcontext() if last else model.no_sync():  # one gradient reduction per step
-            if ctx.pp_size > 1:  # pipeline: the schedule runs every microbatch's forward and backward
-                loss = model.train_step(x.to(ctx.device), y.to(ctx.device), grad_scale=1 / cfg.grad_accum)
-            else:
-                loss = step_fn(x.to(ctx.device), y.to(ctx.device), return_logits=False)[1]
-                (loss / cfg.grad_accum).backward()  # the mean over the global batch
-        loss_sum += loss.detach()
-        if routing is not None:
-            routing.add()
+    microbatches = model.pipeline.microbatches if ctx.pp_size > 1 else 1  # pp: each forward's rows together
+    batches = [get_batch(tokens, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed, step=step,
+                         micro_step=micro, grad_accum=cfg.grad_accum, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+                         microbatches=microbatches)
+               for micro in range(cfg.grad_accum)]
+    loss = forward_backward(model, batches, ctx, step_fn, routing)
     norm_args = model.grad_norm_args() if ctx.pp_size > 1 else {}  # pp: summed over the stages
     grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip, **norm_args) if cfg.grad_clip > 0 else None
     (optimizer_step or optimizer.step)()
@@ -183,7 +174,32 @@ def train_step(step: int, model, step_fn, optimizer, tokens: torch.Tensor, cfg: 
     optimizer.zero_grad(set_to_none=True)
     if routing is not None:
         extras.update(routing.summary())
-    return _dp_mean(loss_sum / cfg.grad_accum, ctx), grad_norm, lr, extras
+    return loss, grad_norm, lr, extras
+
+
+def forward_backward(model, batches: list[tuple[torch.Tensor, torch.Tensor]], ctx: ParallelContext,
+                     step_fn=None, routing: RoutingLog | None = None) -> float:
+    """Forward and backward of one optimizer step's micro-batches (this rank's (x, y) pairs, one per
+    accumulation micro-step), gradients reduced once, after the last. Returns the step's loss, the
+    same on every rank: the mean over the counted targets of the global batch (``token_mean``:
+    whatever the mesh, the micro-steps and the pipeline's microbatches), plus the MoE balancing
+    losses' mean over the micro-steps. ``step_fn``: the model's (compiled) forward."""
+    step_fn = step_fn or model
+    accum = len(batches)
+    loss_sum = torch.zeros((), device=ctx.device)
+    with token_mean(model, ctx, [y for _, y in batches]):
+        for micro, (x, y) in enumerate(batches):
+            x, y = x.to(ctx.device), y.to(ctx.device)
+            with contextlib.nullcontext() if micro == accum - 1 else model.no_sync():  # one reduction per step
+                if ctx.pp_size > 1:  # pipeline: the schedule runs every microbatch's forward and backward
+                    loss = model.train_step(x, y, grad_scale=1 / accum)
+                else:
+                    loss = step_fn(x, y, return_logits=False)[1]
+                    (loss / accum).backward()
+            loss_sum += loss.detach()
+            if routing is not None:
+                routing.add()
+    return _dp_mean(loss_sum / accum, ctx)
 
 
 @torch.no_grad()
@@ -237,8 +253,9 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     world = ctx.world_size if ctx is not None else world_size_from_env()
     cfg = check_config(cfg, world, mesh_sizes(cfg))
     wall_start = time.perf_counter()
-    _say(ctx, f"tinymeg: {world} process(es), {' x '.join(f'{d}={s}' for d, s in mesh_sizes(cfg).items())}: "
-              f"setting up the mesh, the data and the model...")
+    asked = " x ".join(f"{d}={s}" for d, s in mesh_sizes(cfg).items() if s != 1)
+    _say(ctx, f"tinymeg: {world} process(es){', ' + asked if asked else ''}: setting up the mesh, the data and "
+              f"the model...")
     ctx = ctx or build_context(cfg)
     want = resolve_sizes(mesh_sizes(cfg), ctx.world_size)
     if any(ctx.sizes[d] != size for d, size in want.items()):
@@ -253,7 +270,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     optimizer_step = compile_step(optimizer) if cfg.compile and ctx.pp_size == 1 else optimizer.step
     ckpt = Checkpointer(cfg, ctx, model, optimizer, corpus.tokenizer)
     start_step = ckpt.restore()  # 0, or the step of the checkpoint resumed from
-    peak = report.peak_flops(ctx.device, configured_tflops=cfg.peak_tflops)
+    peak = report.peak_flops(ctx.device, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32, cfg.peak_tflops)
     _say(ctx, report.banner(cfg, ctx, model, corpus, peak=peak, start_step=start_step,
                             resumed_from=ckpt.resumed_from))
     step_fn = compile_model(model) if cfg.compile and ctx.pp_size == 1 else model  # ZeRO-3: per block; pp: per stage
@@ -261,7 +278,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
         _say(ctx, "compiling the model (torch.compile, fullgraph): the first step takes a while...")
 
     records, losses, val_loss, train_s = [], [], None, 0.0
-    log = open(cfg.log_jsonl, "a") if cfg.log_jsonl and ctx.is_main else None
+    log = MetricLog(cfg.log_jsonl, cfg.tensorboard, ctx.is_main)
     routing = RoutingLog(model) if cfg.n_experts else None  # aux_loss, expert token fractions
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
                disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
@@ -291,14 +308,11 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
                           f"lr {lr:.3g}, {record['tokens_per_s']:,.0f} tokens/s")
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", ms=f"{1000 * dt:.0f}")
             records.append(record)
-            if log:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+            log.write(record)
             ckpt.after_step(done)  # every ckpt_every steps and at the end
     finally:
         bar.close()
-        if log:
-            log.close()
+        log.close()
     if start_step >= cfg.steps:
         _say(ctx, f"nothing to train: the checkpoint is at step {start_step} and --steps is {cfg.steps}")
     sample = generate_sample(model, corpus.tokenizer, cfg, ctx) if cfg.sample_tokens else None
