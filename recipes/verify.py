@@ -15,7 +15,7 @@ import time
 
 from tinymeg.train.checks import rank_from_env, world_size_from_env
 from tinymeg.train.cli import exit_process
-from tinymeg.train.verify import cases, run_case, table, worst_world
+from tinymeg.train.verify import cases, run_case, table, largest_difference
 
 
 def main(argv=None) -> None:
@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     if main_rank:
         print(f"\n{table(world, results, args.tolerance)}\n")
         print(f"{len(results)} runs on {world} ranks in {time.perf_counter() - start:.0f} s; largest difference "
-              f"{worst_world(results):.1e}; {'FAILED' if failed else 'all within'} {args.tolerance:g}")
+              f"{largest_difference(results):.1e}; {'FAILED' if failed else 'all within'} {args.tolerance:g}")
     sys.stdout.flush()
     exit_process(1 if failed else 0, barrier=True)
 

@@ -41,7 +41,8 @@ def _pairs() -> list[Case]:
 
 
 def _case_body(case, **kw):
-    return run_case(case, steps=2, **kw)
+    """run_case on the pool's context for the case's mesh (rank_pool builds each mesh once)."""
+    return run_case(case, steps=2, ctx=get_ctx(**case.sizes(4)), **kw)
 
 
 @pytest.mark.parametrize("case", _pairs(), ids=lambda c: f"{c.mesh(4)}-{'moe' if c.moe else 'dense'}")
@@ -64,7 +65,7 @@ def _ignore_unevenly(y):
 
 
 def _ignored_body(case):
-    return run_case(case, steps=2, targets=_ignore_unevenly)
+    return _case_body(case, targets=_ignore_unevenly)
 
 
 @pytest.mark.parametrize("case", [Case((("pp", 2), ("cp", 2))), Case((("pp", 2), ("cp", 2)), moe=True),
@@ -98,8 +99,7 @@ def test_starved_experts_get_no_token():
 
 
 def _pp_ep_starved_body(zero):
-    return run_case(Case((("pp", 2), ("ep", 2)), moe=True, zero=zero), steps=2, prepare=_starve,
-                    targets=_ignore_unevenly)
+    return _case_body(Case((("pp", 2), ("ep", 2)), moe=True, zero=zero), prepare=_starve, targets=_ignore_unevenly)
 
 
 @pytest.mark.parametrize("zero", [0, 3])

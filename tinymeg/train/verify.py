@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -72,7 +72,6 @@ class Outcome:
     grad_norm: float = 0.0
     params: float = 0.0        # max over parameters of ||p - reference|| / ||reference|| after the steps
     refused: str | None = None  # the error of a composition tinymeg refuses
-    steps: list = field(default_factory=list)   # (loss, reference loss) per step
 
     def worst(self) -> float:
         return max(self.loss, self.grad_norm, self.params)
@@ -120,19 +119,19 @@ def _model(moe: bool, n_layer: int):
     return tm.models.GPT2Model(tm.models.GPTConfig.tiny(block_size=SEQ, n_layer=n_layer))
 
 
-def run_case(case: Case, steps: int = 3, accum: int = 2, seed: int = 0, prepare=None, targets=None,
-             n_layer: int | None = None) -> Outcome:
+def run_case(case: Case, steps: int = 3, accum: int = 2, seed: int = 0, ctx: ParallelContext | None = None,
+             prepare=None, targets=None) -> Outcome:
     """Train ``case`` and one process side by side (see the module docstring); every rank calls it
-    and gets the same Outcome. For tests off the happy path: ``prepare(model)`` changes both plain
-    models alike before sharding, ``targets(y)`` the batch's targets (e.g. ignores some: -1);
-    ``n_layer``: instead of two blocks per pipeline stage."""
+    and gets the same Outcome. ``ctx``: the case's mesh, if the caller has built it already. For
+    tests off the happy path: ``prepare(model)`` changes both plain models alike before sharding,
+    ``targets(y)`` the batch's targets (e.g. ignores some: -1)."""
     world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
     sizes = case.sizes(world)
     pp, dp = sizes["pp"], sizes["dp"]
     V = 2 if case.schedule == "interleaved-1f1b" else 1
     micro = M = pp if pp > 1 else 1   # microbatches of one sequence each
-    n_layer = n_layer or 2 * pp * V
-    ctx = _context(sizes)
+    n_layer = 2 * pp * V
+    ctx = ctx or _context(sizes)
     models = []
     for _ in range(2):
         torch.manual_seed(seed)
@@ -164,7 +163,6 @@ def run_case(case: Case, steps: int = 3, accum: int = 2, seed: int = 0, prepare=
             opt.zero_grad(set_to_none=True)
         out.loss = max(out.loss, _rel(loss, ref_loss))
         out.grad_norm = max(out.grad_norm, _rel(norms[1], norms[0]))
-        out.steps.append((float(loss), float(ref_loss)))
     out.params = _params_rel(model, ref)
     worst = torch.tensor([out.loss, out.grad_norm, out.params], dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)   # every rank reports the worst of any rank
@@ -247,5 +245,5 @@ def _cell(outcome: Outcome | None, tolerance: float) -> str:
     return f"{mark} {outcome.loss:.1e} / {outcome.grad_norm:.1e} / {outcome.params:.1e}"
 
 
-def worst_world(results: list[tuple[Case, Outcome]]) -> float:
+def largest_difference(results: list[tuple[Case, Outcome]]) -> float:
     return max((o.worst() for _, o in results if o.refused is None), default=math.nan)
