@@ -92,7 +92,8 @@ def banner(cfg, ctx, model, corpus, *, peak: tuple[float, str], start_step: int,
                  f"({'nccl' if ctx.device.type == 'cuda' else 'gloo'})"
                  + "".join(f", {name}" for name, on in (("sequence parallel", cfg.sequence_parallel),
                                                         ("loss parallel", cfg.loss_parallel),
-                                                        ("torch.compile", cfg.compile)) if on)),
+                                                        ("torch.compile", cfg.compile)) if on)
+                 + (f", {cfg.ac} activation checkpointing" if cfg.ac != "none" else "")),
         ("batch", f"{cfg.global_batch} sequences per step = dp {cfg.dp} x micro-batch {cfg.micro_batch} x "
                   f"grad-accum {cfg.grad_accum}; {cfg.global_batch * cfg.seq_len:,} tokens per step"),
         ("data", f"{data}, {tok}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "

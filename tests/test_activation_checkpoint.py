@@ -1,0 +1,185 @@
+"""Activation checkpointing: the same losses, gradients and AdamW steps as without it, on every mesh.
+
+``ac="full"`` and ``ac="selective"`` against ``ac="none"`` on the same mesh and the same batches:
+GPT-2 unsharded, (tp2 + SP + LP), (cp2, tp2), (dp2, ZeRO-3), (dp2 = ep2, MoE), (pp2), and
+compiled; with dropout wherever the mesh allows it (CP refuses attention dropout). A recomputation
+runs the very ops of the forward on the same inputs with the RNG state replayed, so the results
+are bit-identical (asserted to 1e-6, the issue's bound). Also: the recomputation happens (the
+forward's ops run again in backward, and selective skips the ones it keeps), the autotuner's
+first decisions inside a checkpoint, and the errors.
+"""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tinymeg as tm
+from rank_pool import get_ctx, world
+from tinymeg.nn.layers import local
+from tinymeg.parallel.activation_checkpoint import CheckpointedBlock, transformer_blocks
+
+MODES = ("full", "selective")
+TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def _batches(cfg, n_seq, seq, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, cfg.vocab_size, (n_seq, seq), generator=g),
+             torch.randint(0, cfg.vocab_size, (n_seq, seq), generator=g)) for _ in range(steps)]
+
+
+def _train(cfg, ctx, ac, batches, parallel_kw=None):
+    """Losses, then local gradients and parameters after the last of len(batches) AdamW steps.
+    ctx None: one process, no mesh (parallel_kw: compile=True or not)."""
+    torch.manual_seed(0)
+    if ctx is None:
+        model = tm.apply_activation_checkpointing(tm.models.GPT2Model(cfg), ac)
+        if (parallel_kw or {}).get("compile"):
+            model.compile(fullgraph=True)
+    else:
+        model = tm.parallelize(tm.models.GPT2Model(cfg), ctx, ac=ac, **(parallel_kw or {}))
+    blocks = transformer_blocks(model)
+    assert blocks and all(isinstance(b, CheckpointedBlock) == (ac != "none") for b in blocks)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    losses = []
+    for step, (x, y) in enumerate(batches):
+        torch.manual_seed(100 + step)  # dropout: the same draws for every mode
+        opt.zero_grad(set_to_none=True)
+        if ctx is not None and ctx.pp_size > 1:
+            loss = model.train_step(x, y)
+        else:
+            loss = model(x, y, return_logits=False)[1]
+            loss.backward()
+        losses.append(loss.detach())
+        grads = {n: local(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+    return losses, grads, {n: local(p).detach().clone() for n, p in model.named_parameters()}
+
+
+def _compare(got, want, what):
+    losses, grads, params = got
+    torch.testing.assert_close(losses, want[0], **TOL, msg=lambda m: f"{what} losses: {m}")
+    assert grads.keys() == want[1].keys(), what
+    for name in grads:
+        torch.testing.assert_close(grads[name], want[1][name], **TOL, msg=lambda m: f"{what} grad of {name}: {m}")
+    for name in params:
+        torch.testing.assert_close(params[name], want[2][name], **TOL, msg=lambda m: f"{what} {name}: {m}")
+
+
+def _modes_body(dims, cfg_kw, parallel_kw, n_seq, seq, steps=2):
+    ctx = get_ctx(**dims)
+    cfg = tm.models.GPTConfig.tiny(**{"block_size": seq, **cfg_kw})
+    batches = _batches(cfg, n_seq, seq, steps, seed=ctx.dp_rank)  # each dp rank its own sequences
+    want = _train(cfg, ctx, "none", batches, parallel_kw)
+    for mode in MODES:
+        _compare(_train(cfg, ctx, mode, batches, parallel_kw), want, f"ac={mode} on {dims}")
+
+
+# ---- one process
+
+@given(mode=st.sampled_from(MODES), dropout=st.sampled_from([0.0, 0.1]), n_layer=st.integers(1, 2),
+       seq=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_ac_equals_no_ac_unsharded(mode, dropout, n_layer, seq, seed):
+    cfg = tm.models.GPTConfig.tiny(dropout=dropout, n_layer=n_layer, block_size=12)
+    batches = _batches(cfg, 2, seq, 2, seed)
+    _compare(_train(cfg, None, mode, batches), _train(cfg, None, "none", batches), f"ac={mode}")
+
+
+def test_ac_with_the_autotuner_deciding_inside_the_checkpoint(fresh_tuner, monkeypatch):
+    """The tuner's first calls time their candidates (forward and backward) inside a block's
+    checkpointed forward; the recomputation looks the choices up. Neither may see the other."""
+    monkeypatch.setenv("TINYMEG_AUTOTUNE", "1")
+    cfg = tm.models.GPTConfig.tiny(dropout=0.1)
+    batches = _batches(cfg, 2, 16, 1)
+    for mode in MODES:
+        tm.ops.get_default_tuner().forget()  # every op decides again, inside this mode's checkpoint
+        got = _train(cfg, None, mode, batches)
+        _compare(got, _train(cfg, None, "none", batches), f"ac={mode}, tuner deciding")
+
+
+class _ForwardOpsInBackward(TorchDispatchMode):
+    """Counts, by op, the forward ops that run while backward runs (a recomputation's)."""
+
+    FORWARD_OPS = {torch.ops.aten.native_layer_norm.default: "layer_norm",
+                   torch.ops.aten.addmm.default: "addmm",
+                   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: "attention"}
+
+    def __init__(self):
+        super().__init__()
+        self.counts = dict.fromkeys(self.FORWARD_OPS.values(), 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.FORWARD_OPS:
+            self.counts[self.FORWARD_OPS[func]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode, recomputed", [
+    ("none", {"layer_norm": 0, "addmm": 0, "attention": 0}),
+    # each of 2 blocks: both norms, attention, the Linears up to the last one backward needs the
+    # input of (the MLP's c_proj: its output is not needed, torch stops the recomputation there)
+    ("full", {"layer_norm": 4, "addmm": 6, "attention": 2}),
+    # the norms again; of the products only attention's output projection (to rebuild the stream
+    # that ln_2 normalizes; the MLP's is never needed); attention's output is kept
+    ("selective", {"layer_norm": 4, "addmm": 2, "attention": 0}),
+])
+def test_the_forward_is_recomputed_in_backward(mode, recomputed):
+    """A no-op checkpoint would recompute nothing: this counts what backward runs again."""
+    torch.manual_seed(0)
+    model = tm.apply_activation_checkpointing(tm.models.GPT2Model(tm.models.GPTConfig.tiny()), mode)
+    x, y = _batches(model.config, 2, 16, 1)[0]
+    loss = model(x, y, return_logits=False)[1]
+    with _ForwardOpsInBackward() as counter:
+        loss.backward()
+    assert counter.counts == recomputed
+
+
+def test_blocks_are_found_and_keep_their_names():
+    model = tm.models.GPT2Model(tm.models.GPTConfig.tiny(n_layer=3))
+    keys = list(model.state_dict())
+    tm.apply_activation_checkpointing(model, "selective")
+    assert transformer_blocks(model) == list(model.transformer.h)
+    assert all(isinstance(b, CheckpointedBlock) and isinstance(b, tm.models.gpt2.Block) for b in model.transformer.h)
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():  # eval/generation: no checkpoint, the block's own forward
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 2)
+
+
+def test_bad_uses_are_clear_errors():
+    model = tm.models.GPT2Model(tm.models.GPTConfig.tiny())
+    with pytest.raises(ValueError, match=r"activation checkpointing mode 'partial' is not one of none, full, "
+                                         r"selective: use 'full' .* or 'none'"):
+        tm.parallelize(model, None, ac="partial")
+    assert not isinstance(model.transformer.h[0], CheckpointedBlock)  # refused before any change
+    tm.apply_activation_checkpointing(model, "full")
+    with pytest.raises(ValueError, match="already applied to this model; apply it once"):
+        tm.apply_activation_checkpointing(model, "selective")
+    with pytest.raises(ValueError, match=r"found no blocks in Linear: .* ModuleList of transformer blocks"):
+        tm.apply_activation_checkpointing(torch.nn.Linear(2, 2), "full")
+
+
+def test_compiled_ac_equals_compiled_without():
+    """fullgraph compile traces the checkpoints (the partitioner then decides what to recompute,
+    keeping what the policy must save, and never redraws dropout): as compiled without AC."""
+    cfg = tm.models.GPTConfig.tiny(dropout=0.1, n_layer=1, block_size=16)
+    batches = _batches(cfg, 2, 16, 2)
+    want = _train(cfg, None, "none", batches, dict(compile=True))
+    for mode in MODES:
+        _compare(_train(cfg, None, mode, batches, dict(compile=True)), want, f"compiled ac={mode}")
+
+
+# ---- every mesh the issue names: AC against no AC on the same ranks
+
+MESHES = [
+    pytest.param(2, {"tp": 2}, dict(dropout=0.1), dict(sequence_parallel=True, loss_parallel=True), 2, 8, id="tp2-sp-lp"),
+    pytest.param(4, {"cp": 2, "tp": 2}, {}, dict(sequence_parallel=True), 2, 16, id="cp2-tp2-sp"),
+    pytest.param(2, {"dp": 2}, dict(dropout=0.1), dict(zero=3), 2, 8, id="dp2-zero3"),
+    pytest.param(2, {"dp": 2, "ep": 2}, dict(dropout=0.1, n_experts=4), {}, 2, 8, id="ep2-moe"),
+    pytest.param(2, {"pp": 2}, dict(dropout=0.1), dict(pipeline=dict(schedule="1f1b", microbatches=2)), 4, 8, id="pp2"),
+]
+
+
+@pytest.mark.parametrize("world_size, dims, cfg_kw, parallel_kw, n_seq, seq", MESHES)
+def test_ac_equals_no_ac_on_every_mesh(world_size, dims, cfg_kw, parallel_kw, n_seq, seq):
+    world(world_size).run(_modes_body, dims, cfg_kw, parallel_kw, n_seq, seq)
