@@ -183,3 +183,45 @@ MESHES = [
 @pytest.mark.parametrize("world_size, dims, cfg_kw, parallel_kw, n_seq, seq", MESHES)
 def test_ac_equals_no_ac_on_every_mesh(world_size, dims, cfg_kw, parallel_kw, n_seq, seq):
     world(world_size).run(_modes_body, dims, cfg_kw, parallel_kw, n_seq, seq)
+
+
+# ---- the trainer and the command line
+
+TRAIN = dict(steps=4, n_layer=2, n_head=4, n_embd=32, seq_len=16, micro_batch=2, dropout=0.1, eval_every=0,
+             eval_iters=1, sample_tokens=0, progress=False, warmup=1)
+
+
+def _trainer_body(ckpt_dir):
+    """A run with --ac none saving at step 2, the same run resumed there with --ac selective."""
+    from tinymeg.data import load_corpus
+    from tinymeg.train import TrainConfig, train
+    from tinymeg.train.report import banner
+    ctx = get_ctx()
+    straight = train(TrainConfig(**TRAIN, ckpt_dir=ckpt_dir, ckpt_every=2), ctx=ctx)
+    resumed = train(TrainConfig(**TRAIN, ac="selective", resume_from=f"{ckpt_dir}/step_000002"), ctx=ctx)
+    cfg = TrainConfig(**TRAIN, ac="selective", dp=1)
+    text = banner(cfg, ctx, resumed["model"], load_corpus(None, "char"), peak=(1e12, "test"), start_step=2,
+                  resumed_from=None)
+    return straight["losses"], resumed["losses"], text
+
+
+def test_trainer_resumes_with_another_ac_mode(tmp_path):
+    """Checkpoints do not depend on the mode (same modules, names, RNG streams): a run saved
+    without AC resumes with selective AC on the losses it would have had."""
+    straight, resumed, text = world(1).run(_trainer_body, str(tmp_path / "ckpt"))[0]
+    assert resumed == pytest.approx(straight[2:], rel=1e-6, abs=0)
+    assert "selective activation checkpointing" in text
+
+
+def test_ac_flag(monkeypatch, capsys):
+    from tinymeg.train import TrainConfig
+    from tinymeg.train.checks import ConfigError, check_config
+    from tinymeg.train.cli import parse_args
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    assert parse_args(["--ac", "selective"]).ac == "selective" and parse_args([]).ac == "none"
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--ac", "some"])
+    assert e.value.code == 2 and "argument --ac: invalid choice: 'some'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"--ac: activation checkpointing mode 'some' is not one of"):
+        check_config(TrainConfig(ac="some"), 1)
