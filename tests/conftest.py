@@ -8,10 +8,11 @@ from hypothesis import HealthCheck, settings
 
 import rank_pool
 
-# Tests never depend on timings: the autotuner is off (each op's default path and kernel) unless
-# the caller turns it on (TINYMEG_AUTOTUNE=1), and its disk cache is a private directory, never
-# the user's. Set here, before any rank pool or subprocess starts, so that they inherit it.
-os.environ.setdefault("TINYMEG_AUTOTUNE", "0")
+# The suite runs the configuration users run: the autotuner on (its default), from a fresh disk
+# cache: a private directory per test session, never the user's, shared by the session's
+# processes (set here, before any rank pool or subprocess starts, so that they inherit it).
+# No test depends on what the tuner picks: every pick computes the same result to float
+# reassociation. A test that needs tuning off says why, where it turns it off.
 os.environ["TINYMEG_CACHE_DIR"] = _cache_dir = tempfile.mkdtemp(prefix="tinymeg-test-cache-")
 atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
@@ -24,11 +25,11 @@ settings.load_profile("tinymeg")
 
 @pytest.fixture
 def fresh_tuner(monkeypatch, tmp_path):
-    """Tuning off, nothing forced, a private cache, whatever the caller's environment says, and a
-    fresh default tuner (one that has made no choice yet, so it reads this environment)."""
+    """Tuning on (the default), nothing forced, a private cache, whatever the caller's environment
+    says, and a fresh default tuner (one that has made no choice yet, so it reads this environment)."""
     import tinymeg as tm
     from tinymeg.ops.autotune import RuntimeAutoTuner
-    monkeypatch.setenv("TINYMEG_AUTOTUNE", "0")
+    monkeypatch.delenv("TINYMEG_AUTOTUNE", raising=False)
     monkeypatch.delenv("TINYMEG_OP_IMPL", raising=False)
     monkeypatch.setenv("TINYMEG_CACHE_DIR", str(tmp_path / "cache"))
     previous = tm.ops.set_default_tuner(RuntimeAutoTuner())

@@ -149,9 +149,30 @@ def test_gpt2_bpe_without_network_says_how_to_get_the_files(monkeypatch):
         raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
     monkeypatch.setitem(sys.modules, "tiktoken", types.SimpleNamespace(get_encoding=offline))
     from tinymeg.data import GPT2Tokenizer
+    tokenizer = GPT2Tokenizer()  # the encoding is loaded when text is first encoded or decoded
     with pytest.raises(RuntimeError, match=r"downloads on first use .* Offline: on a machine with network run "
                                            r"`TIKTOKEN_CACHE_DIR=bpe python -c"):
-        GPT2Tokenizer()
+        tokenizer.encode("x")
+
+
+def test_a_bin_trains_offline_and_only_the_sample_is_skipped(tmp_path):
+    """A .bin of GPT-2 tokens trains on a machine without network, tiktoken installed: its
+    tokenizer is made only when text is decoded, and the end sample, which needs the BPE files,
+    is skipped with one line. Offline here: an empty tiktoken cache and a proxy that refuses."""
+    pytest.importorskip("tiktoken", reason="the offline path under test is tiktoken's (pip install tiktoken)")
+    import numpy as np
+    np.random.default_rng(0).integers(0, 50257, 4096).astype("<u2").tofile(tmp_path / "x.bin")
+    offline = _env(TIKTOKEN_CACHE_DIR=str(tmp_path / "empty"), HTTPS_PROXY="http://127.0.0.1:9",
+                   HTTP_PROXY="http://127.0.0.1:9", NO_PROXY="", no_proxy="")
+    done = subprocess.run([sys.executable, str(ROOT / "recipes" / "train.py"), "--data", "x.bin", "--steps", "2",
+                           "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "16",
+                           "--micro-batch", "2", "--eval-every", "0", "--sample-tokens", "5", "--no-progress"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=offline)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    skipped = [line for line in out.splitlines() if line.startswith("no sample:")]
+    assert len(skipped) == 1 and "GPT-2 BPE needs its encoding files" in skipped[0], out[-3000:]
+    assert "--- sample ---" not in out and "Traceback" not in out
 
 
 def test_what_the_readme_commands_write_is_ignored_by_git():
@@ -172,7 +193,7 @@ def test_bench_e2e_reports_a_failing_variant_and_times_the_others(capsys):
     TP half) is dropped and reported as "failed: <root exception>"; the others are still timed."""
     sys.path.insert(0, str(ROOT / "recipes"))
     try:
-        import bench
+        from benchmarks import e2e as bench
     finally:
         sys.path.remove(str(ROOT / "recipes"))
     from torch._dynamo.exc import BackendCompilerFailed

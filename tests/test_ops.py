@@ -26,6 +26,7 @@ import tinymeg as tm
 from rank_pool import get_ctx, world
 from tinymeg.ops import autotune, cross_entropy, gelu, norm
 from tinymeg.ops.autotune import RuntimeAutoTuner
+from tinymeg.ops.autotune_timing import MIN_ROUNDS
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 HAS_CUDA_TRITON = torch.cuda.is_available() and tm.ops._triton.AVAILABLE
@@ -432,25 +433,27 @@ class FakeClock:
         return self.now
 
     def kernel(self, name, cost):
+        """A kernel that costs ``cost`` seconds a call, or costs[i % len(costs)] on its i-th call."""
+        costs = cost if isinstance(cost, (list, tuple)) else [cost]
+        calls = []
+
         def run(x):
-            self.now += cost
+            self.now += costs[len(calls) % len(costs)]
+            calls.append(name)
             self.calls.append(name)
             return x * 1.0
         return run
 
 
-def _tuner(tmp_path, clock, **kw):
-    """A tuner on the fake clock, whose kernels cost seconds: no budget (budget_s is tested alone)."""
-    return RuntimeAutoTuner(warmup_iterations=2, measure_iterations=3, clock=clock, enabled=True,
-                            cache_dir=tmp_path, budget_s=None, **kw)
+def _tuner(tmp_path, clock, measure_iterations=MIN_ROUNDS):
+    """A tuner on the fake clock, whose kernels cost seconds: no budget (budget_s is tested alone),
+    by default the fewest timed rounds in which a pick can beat the default."""
+    return RuntimeAutoTuner(warmup_iterations=2, measure_iterations=measure_iterations, clock=clock,
+                            enabled=True, cache_dir=tmp_path, budget_s=None)
 
 
-@pytest.fixture
-def tuning_on(monkeypatch):
-    monkeypatch.delenv("TINYMEG_AUTOTUNE")
 
-
-def test_autotuner_picks_fastest_and_caches(tmp_path, tuning_on):
+def test_autotuner_picks_fastest_and_caches(tmp_path):
     clock = FakeClock()
     cands = {"slow": clock.kernel("slow", 3.0), "fast": clock.kernel("fast", 1.0), "mid": clock.kernel("mid", 2.0)}
     tuner = _tuner(tmp_path, clock)
@@ -458,8 +461,8 @@ def test_autotuner_picks_fastest_and_caches(tmp_path, tuning_on):
     assert tuner.choose("op", cands, (x,), default="slow") == "fast"
     key = tuner.key("op", (x,))
     assert tuner.timings[key] == pytest.approx({"slow": 3.0, "fast": 1.0, "mid": 2.0})
-    # 1 verification call per non-default candidate + 1 for the default, then 2 warmup + 3 timed each
-    assert len(clock.calls) == 1 + 2 + 3 * (2 + 3)
+    # 1 verification call per non-default candidate + 1 for the default, then 2 warmup + 5 timed each
+    assert len(clock.calls) == 1 + 2 + 3 * (2 + MIN_ROUNDS)
     clock.calls.clear()
     assert tuner.choose("op", cands, (x,), default="slow") == "fast"
     assert tuner.run("op", cands, (x,), default="slow") is not None
@@ -476,7 +479,7 @@ def test_autotuner_picks_fastest_and_caches(tmp_path, tuning_on):
     assert tuner.key("op", (torch.ones(3, 7),)) == tuner.key("op", (x,)) != tuner.key("op", (torch.ones(5, 8),))
 
 
-def test_autotuner_never_times_untuned_candidates(tmp_path, monkeypatch, tuning_on):
+def test_autotuner_never_times_untuned_candidates(tmp_path, monkeypatch):
     clock = FakeClock()
     cands = {"ref": clock.kernel("ref", 0.5), "chunked": clock.kernel("chunked", 1.0)}
     x = torch.ones(3)
@@ -488,7 +491,7 @@ def test_autotuner_never_times_untuned_candidates(tmp_path, monkeypatch, tuning_
     assert tuner.choose("op", cands, (x,), default="chunked", untuned=("ref",)) == "ref", "forcing still works"
 
 
-def test_autotuner_environment(tmp_path, monkeypatch, tuning_on):
+def test_autotuner_environment(tmp_path, monkeypatch):
     clock = FakeClock()
     cands = {"a": clock.kernel("a", 3.0), "b": clock.kernel("b", 1.0)}
     x = torch.ones(3)
@@ -515,7 +518,7 @@ def test_autotuner_environment(tmp_path, monkeypatch, tuning_on):
     assert autotune.cache_path() == tmp_path / "elsewhere" / "autotune.json"
 
 
-def test_autotuner_recovers_from_a_corrupt_cache(tmp_path, tuning_on):
+def test_autotuner_recovers_from_a_corrupt_cache(tmp_path):
     (tmp_path / "autotune.json").write_text('{"version": 1, "entries": {"op|cpu')
     clock = FakeClock()
     cands = {"a": clock.kernel("a", 3.0), "b": clock.kernel("b", 1.0)}
@@ -526,7 +529,7 @@ def test_autotuner_recovers_from_a_corrupt_cache(tmp_path, tuning_on):
     assert not list(tmp_path.glob(".autotune.*")), "no temporary file left behind"
 
 
-def test_autotuner_leaves_out_broken_and_wrong_candidates(tmp_path, tuning_on):
+def test_autotuner_leaves_out_broken_and_wrong_candidates(tmp_path):
     clock = FakeClock()
 
     def broken(x):
@@ -539,7 +542,77 @@ def test_autotuner_leaves_out_broken_and_wrong_candidates(tmp_path, tuning_on):
     assert "'wrong' disagrees" in messages and "'broken' failed" in messages
 
 
-def test_autotuner_never_times_while_compiling(tmp_path, monkeypatch, tuning_on):
+def test_autotuner_keeps_the_default_unless_another_wins_beyond_the_noise(tmp_path):
+    """A pick is cached for good, so one that may lose to the default must not be kept: a
+    candidate faster by less than the margin, or faster at the median but not in 3 rounds of 4,
+    leaves the default; one faster in every round by more than the margin is kept."""
+    clock = FakeClock()
+    default = clock.kernel("default", 1.0)
+    near = clock.kernel("near", 0.97)                 # 3% faster: within the margin
+    # any 8 calls in a row: 5 at 0.8 and 3 at 1.25, so 8 rounds have median 0.8 but 5 wins of 8
+    erratic = clock.kernel("erratic", [0.8] * 5 + [1.25] * 3)
+    clear = clock.kernel("clear", 0.9)                # 10% faster, every round
+    x = torch.ones(2)
+    for name, cand in (("near", near), ("erratic", erratic)):
+        tuner = _tuner(tmp_path / name, clock, measure_iterations=8)
+        assert tuner.choose("op", {"default": default, name: cand}, (x,), default="default") == "default"
+        assert tuner.timings[tuner.key("op", (x,))][name] < 1.0, "faster at the median, yet not kept"
+        assert json.loads((tmp_path / name / "autotune.json").read_text())["entries"] == {
+            tuner.key("op", (x,)): "default"}, "the default is what is cached"
+    tuner = _tuner(tmp_path / "all", clock)
+    cands = {"default": default, "near": near, "erratic": erratic, "clear": clear}
+    assert tuner.choose("op", cands, (x,), default="default") == "clear"
+
+
+def test_a_tuning_failure_never_stops_a_run(tmp_path):
+    """A candidate that passes its check and then raises while it is timed (out of memory on a
+    later call, say) leaves the key to its default with one line of warning; nothing is cached
+    (the next process tries again), and the key is not timed again in this one."""
+    clock = FakeClock()
+    calls = []
+
+    def flaky(x):
+        calls.append(x)
+        if len(calls) > 1:
+            raise RuntimeError("out of memory\ntried to allocate 8.00 GiB")
+        return x * 1.0
+
+    tuner = _tuner(tmp_path, clock)
+    cands, x = {"a": clock.kernel("a", 3.0), "flaky": flaky}, torch.ones(2)
+    with pytest.warns(RuntimeWarning) as record:
+        assert tuner.choose("op", cands, (x,), default="a") == "a"
+    assert len(record) == 1, [str(r.message) for r in record]
+    message = str(record[0].message)
+    assert "\n" not in message and "RuntimeError: out of memory" in message and "keeps its default 'a'" in message
+    assert not (tmp_path / "autotune.json").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        n = len(calls)
+        assert tuner.run("op", cands, (x,), default="a") is not None
+        assert len(calls) == n, "decided: neither timed nor warned about again"
+
+
+def test_bf16_candidates_agree_within_bf16_rounding(tmp_path):
+    """A bf16 op's float32 outputs (LayerNorm's mean and rstd) carry bf16 rounding: the check
+    allows it (the tolerance of the least precise dtype among inputs and outputs), so a correct
+    kernel is not reported as disagreeing; one 10% off still is."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 64, 128, generator=g) * 3 + 1).bfloat16()
+    w, b = torch.randn(128, generator=g).bfloat16(), torch.randn(128, generator=g).bfloat16()
+    args, fast = (x, w, b, 1e-5), norm.FORWARD["fast"]
+    tuner = RuntimeAutoTuner(warmup_iterations=0, measure_iterations=MIN_ROUNDS, enabled=True, cache_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuner.choose("layer_norm", cpu_impls(norm.FORWARD), args, "fast")
+
+    def off(*a):
+        y, mean, rstd = fast(*a)
+        return y * 1.1, mean, rstd
+    with pytest.warns(RuntimeWarning, match=r"'off' disagrees .*output 0: max \|difference\|"):
+        tuner.choose("layer_norm", {"fast": fast, "off": off}, (x[:1], w, b, 1e-5), "fast")
+
+
+def test_autotuner_never_times_while_compiling(tmp_path, monkeypatch):
     clock = FakeClock()
     cands = {"a": clock.kernel("a", 3.0), "b": clock.kernel("b", 1.0)}
     tuner = _tuner(tmp_path, clock)
@@ -552,7 +625,7 @@ def test_autotuner_never_times_while_compiling(tmp_path, monkeypatch, tuning_on)
     assert tuner.choose("op", cands, (torch.ones(2),), default="a") == "b"  # ...and kept inside it
 
 
-def test_default_tuner_drives_the_ops(tmp_path, monkeypatch, tuning_on):
+def test_default_tuner_drives_the_ops(tmp_path, monkeypatch):
     """End to end through the op: each op's kernel is timed from its own table, the fastest is
     kept, written, and is what runs. The forward and backward tables use the same names, so every
     kernel call is tagged with its table and costs fake time by (table, name): the forward's
@@ -586,7 +659,7 @@ def test_default_tuner_drives_the_ops(tmp_path, monkeypatch, tuning_on):
     assert json.loads((tmp_path / "autotune.json").read_text())["entries"] == tuner.choices
 
 
-def test_autotuner_budget_bounds_the_timing(tmp_path, tuning_on):
+def test_autotuner_budget_bounds_the_timing(tmp_path):
     """budget_s bounds the time one key spends being timed, all candidates together: after one
     call each (the check) and one more (the estimate), as many interleaved rounds as fit."""
     clock = FakeClock()
@@ -597,6 +670,11 @@ def test_autotuner_budget_bounds_the_timing(tmp_path, tuning_on):
     assert clock.now == pytest.approx(0.5 * (1 + 1 + 8)), "check + estimate + 8 rounds (7 timed, 1 warmup)"
     assert clock.calls[-4:] == ["b", "a", "b", "a"], "calls interleave, the default first"
     clock.now = 0.0
+    tight = RuntimeAutoTuner(warmup_iterations=10, measure_iterations=100, clock=clock, enabled=True,
+                             cache_dir=tmp_path / "tight", budget_s=2.0)
+    assert tight.choose("op", cands, (torch.ones(2),), default="b") == "b"
+    assert clock.now == pytest.approx(0.5 * (1 + 1)), f"{MIN_ROUNDS} rounds do not fit: check + estimate, the default"
+    clock.now = 0.0
     unbounded = RuntimeAutoTuner(warmup_iterations=10, measure_iterations=100, clock=clock, enabled=True,
                                  cache_dir=tmp_path / "other", budget_s=None)
     assert unbounded.choose("op", cands, (torch.ones(2),), default="b") == "a"
@@ -605,7 +683,7 @@ def test_autotuner_budget_bounds_the_timing(tmp_path, tuning_on):
         RuntimeAutoTuner(budget_s=0)
 
 
-def test_autotune_cache_is_written_with_the_users_permissions(tmp_path, tuning_on):
+def test_autotune_cache_is_written_with_the_users_permissions(tmp_path):
     """A cache file is created as open() would create it (0o666 less the umask), and a rewrite
     keeps the mode the file has: a shared cache directory stays readable by everyone."""
     clock = FakeClock()
@@ -648,35 +726,91 @@ def _autotune_ranks_body(tmp_dir):
     # rank-dependent clocks: rank 0 sees "a" fastest, rank 1 sees "b" fastest
     costs = {"a": 1.0, "b": 2.0} if rank == 0 else {"a": 2.0, "b": 1.0}
     cands = {k: clock.kernel(k, c) for k, c in costs.items()}
-    old = os.environ.pop("TINYMEG_AUTOTUNE", None)
+
+    def flaky(x):  # passes its check, then fails while rank 0 times it
+        if clock.calls.count("flaky") and rank == 0:
+            raise RuntimeError("out of memory")
+        clock.calls.append("flaky")
+        return x * 1.0
+
+    old = os.environ.pop("TINYMEG_AUTOTUNE", None)  # the pool may have started with another test's
     try:
-        tuner = RuntimeAutoTuner(warmup_iterations=1, measure_iterations=1, clock=clock, enabled=True,
-                                 cache_dir=f"{tmp_dir}/rank{rank}")
+        tuner = RuntimeAutoTuner(warmup_iterations=1, measure_iterations=MIN_ROUNDS, clock=clock, enabled=True,
+                                 cache_dir=f"{tmp_dir}/rank{rank}", budget_s=None)
         x = torch.ones(4)
         outside = tuner.choose("op", cands, (x,), default="b")
         timed_outside = list(clock.calls)
-        with tuner.synchronized():
+        with warnings.catch_warnings(record=True) as caught, tuner.synchronized():
+            warnings.simplefilter("always")
             inside = tuner.choose("op", cands, (x,), default="b")
             again = tuner.choose("op", cands, (x,), default="b")  # memory hit: no collective
-            # ranks that reach different decision points fail loudly instead of diverging
-            try:  # a new key on both ranks, but not the same one
-                tuner.choose("op", cands, (torch.ones(16 * (rank + 1)),), default="b")
-                out_of_step = None
-            except RuntimeError as e:
-                out_of_step = str(e)
-        return outside, timed_outside, inside, again, len(clock.calls), out_of_step
+            timed_inside = len(clock.calls)
+            failed = tuner.choose("flaky_op", {"a": cands["a"], "flaky": flaky}, (x,), default="a")
+            # a new key on both ranks, but not the same one: every rank sees it at that collective
+            diverged = tuner.choose("op", cands, (torch.ones(16 * (rank + 1)),), default="b")
+            # from then on no collective: a key that only rank 1 meets would hang in one
+            alone = tuner.choose("op", cands, (torch.ones(64),), default="b") if rank == 1 else "b"
+        return (outside, timed_outside, inside, again, timed_inside, failed, diverged, alone,
+                [str(w.message) for w in caught])
     finally:
         if old is not None:
             os.environ["TINYMEG_AUTOTUNE"] = old
 
 
 def test_autotuner_agrees_across_ranks(tmp_path):
-    (out0, timed0, in0, again0, n0, err0), (out1, timed1, in1, again1, n1, err1) = \
-        world(2).run(_autotune_ranks_body, str(tmp_path))
+    """Rank 0 decides inside synchronized(), every rank takes its choice; nothing rank 0's tuning
+    meets stops the run: a timing that fails gives every rank the default, and ranks that ask
+    different questions all take the default at that collective and make no more (rank 0 warns)."""
+    r0, r1 = world(2).run(_autotune_ranks_body, str(tmp_path))
+    (out0, timed0, in0, again0, _, failed0, diverged0, _, warned0) = r0
+    (out1, timed1, in1, again1, timed_inside1, failed1, diverged1, alone1, warned1) = r1
     assert out0 == out1 == "b" and timed0 == timed1 == [], "outside synchronized(): default, no collective"
     assert in0 == in1 == again0 == again1 == "a", "rank 0 decides for everyone"
-    assert n1 == 0, "only rank 0 times"
-    assert err0 is None and "out of step" in err1
+    assert timed_inside1 == 0, "only rank 0 times"
+    assert failed0 == failed1 == "a", "rank 0's timing failed: the default everywhere"
+    assert diverged0 == diverged1 == alone1 == "b"
+    assert len(warned0) == 2 and "timing flaky_op" in warned0[0] and "ranks ran different ops" in warned0[1]
+    assert warned1 == []
+
+
+def _moe_tuning_body(tmp_dir):
+    """One training step of a MoE model whose routing gives each rank another number of token
+    rows (rank 0 holds the experts of 13 of the 16 tokens of both ranks, rank 1 of 3),
+    from an empty cache, tuning on, as the trainer's first step: under synchronized()."""
+    import torch.distributed as dist
+    from test_expert_parallel import _tokens, steer
+    rank = dist.get_rank()
+    cfg = tm.models.GPTConfig.tiny(n_layer=1, n_experts=4, top_k=1, expert_hidden=32)
+    torch.manual_seed(0)
+    model = tm.models.GPT2Model(cfg)
+    steer(model)  # token t goes to expert t % 4; experts 0 and 1 live on rank 0
+    model = tm.apply_hybrid_parallel(model, get_ctx(dp=2, ep=2), tm.gpt2_tp_config(cfg))
+    classes = [0, 1, 0, 1, 0, 1, 0, 2] if rank == 0 else [0, 1, 0, 3]
+    x, y = _tokens(classes)[None], _tokens(classes, offset=3)[None]
+    old = os.environ.pop("TINYMEG_AUTOTUNE", None)  # the pool may have started with another test's
+    previous = tm.ops.set_default_tuner(RuntimeAutoTuner(cache_dir=tmp_dir, budget_s=0.05))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with tm.ops.synchronized():
+                model(x, y, return_logits=False)[1].backward()
+            model(x, y, return_logits=False)[1].backward()  # decided: no collective, the same choices
+        return tm.ops.get_default_tuner().choices, [str(w.message) for w in caught if "autotune" in str(w.message)]
+    finally:
+        tm.ops.set_default_tuner(previous)
+        if old is not None:
+            os.environ["TINYMEG_AUTOTUNE"] = old
+
+
+def test_autotuner_agrees_across_ranks_on_moe_routing(tmp_path):
+    """The rows a MoE routes to a rank's experts differ by rank (and by step): they are not part
+    of grouped_mm's key, so every rank asks the same question and takes the same choice."""
+    (choices0, warned0), (choices1, warned1) = world(2).run(_moe_tuning_body, str(tmp_path))
+    assert warned0 == warned1 == []
+    assert choices0 == choices1
+    grouped = sorted(k for k in choices0 if k.startswith("grouped_mm"))
+    assert {k.split("|")[0] for k in grouped} == {"grouped_mm", "grouped_mm_backward"}
+    assert all("float32[*, " in k for k in grouped), grouped
 
 
 # ---------------------------------------------------------------- GPU only (CUDA + triton)
@@ -734,7 +868,7 @@ def test_triton_linear_cross_entropy(dtype, n, c, v, vocab, ignored):
 
 
 @needs_triton
-def test_autotuner_on_cuda_picks_a_verified_kernel(tmp_path, tuning_on):
+def test_autotuner_on_cuda_picks_a_verified_kernel(tmp_path):
     """CUDA events time every candidate; whichever wins, it agrees with the default."""
     tuner = RuntimeAutoTuner(warmup_iterations=2, measure_iterations=5, cache_dir=tmp_path)
     previous = tm.ops.set_default_tuner(tuner)

@@ -18,6 +18,7 @@ import tinymeg as tm
 from rank_pool import get_ctx, world
 from tinymeg.ops import cross_entropy, gelu, norm, paths
 from tinymeg.ops.autotune import RuntimeAutoTuner
+from tinymeg.ops.autotune_timing import MIN_ROUNDS
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 OPS = {"layer_norm": norm, "bias_gelu": gelu, "linear_cross_entropy": cross_entropy}
@@ -179,17 +180,13 @@ def _costed_paths(monkeypatch, clock, costs: dict):
                                                                     costs.get((op, "backward"), 0.0)))
 
 
-@pytest.fixture
-def tuning_on(monkeypatch):
-    monkeypatch.delenv("TINYMEG_AUTOTUNE")
-
 
 def _tuning_tuner(tmp_path, clock):
-    return RuntimeAutoTuner(warmup_iterations=1, measure_iterations=2, clock=clock, enabled=True,
+    return RuntimeAutoTuner(warmup_iterations=1, measure_iterations=MIN_ROUNDS, clock=clock, enabled=True,
                             cache_dir=tmp_path, budget_s=None)
 
 
-def test_tuner_picks_the_plain_path_when_faster_counting_the_backward(tmp_path, monkeypatch, tuning_on):
+def test_tuner_picks_the_plain_path_when_faster_counting_the_backward(tmp_path, monkeypatch):
     clock = FakeClock()
     # forward: the op is faster; its backward costs more than it saves, so plain wins the step.
     # (bias_gelu: the op wins outright.)
@@ -216,7 +213,7 @@ def test_tuner_picks_the_plain_path_when_faster_counting_the_backward(tmp_path, 
     assert torch.isfinite(z).all()
 
 
-def test_loss_plain_path_only_where_its_logits_are_small(tmp_path, monkeypatch, tuning_on):
+def test_loss_plain_path_only_where_its_logits_are_small(tmp_path, monkeypatch):
     """The plain path holds the whole logits: past PLAIN_MAX_LOGITS it is never timed, whatever
     the clock says, and the op runs; forcing it still works."""
     clock = FakeClock()
@@ -237,7 +234,7 @@ def test_loss_plain_path_only_where_its_logits_are_small(tmp_path, monkeypatch, 
     assert clock.calls == ["linear_cross_entropy:plain"]
 
 
-def test_second_run_reads_the_cache_and_times_nothing(tmp_path, monkeypatch, tuning_on):
+def test_second_run_reads_the_cache_and_times_nothing(tmp_path, monkeypatch):
     """A model's first step on a cold cache times each shape class once; a second process (a fresh
     tuner on the same cache) makes the same choices without running a candidate."""
     clock = FakeClock()
@@ -283,7 +280,7 @@ def _ranks_agree_body(tmp_dir):
     saved = {op: (dict(m.PATHS), dict(m.BACKWARD)) for op, m in OPS.items()}
     env = {k: os.environ.pop(k, None) for k in ("TINYMEG_AUTOTUNE", "TINYMEG_OP_IMPL")}
     previous = tm.ops.set_default_tuner(RuntimeAutoTuner(
-        warmup_iterations=1, measure_iterations=2, clock=clock, enabled=True, budget_s=None,
+        warmup_iterations=1, measure_iterations=MIN_ROUNDS, clock=clock, enabled=True, budget_s=None,
         cache_dir=f"{tmp_dir}/rank{rank}"))
     try:
         for op, m in OPS.items():

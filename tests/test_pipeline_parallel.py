@@ -350,6 +350,92 @@ def test_train_step_and_apply_errors():
     world(2).run(_bad_microbatch_body)
 
 
+# ---- off the happy path (issue 23): each of these failed before its fix
+
+def _uneven_ignored_body():
+    """Ignored targets spread unevenly over the microbatches: train_step's loss and gradients are
+    the token mean of its micro-batch (one process's), not the mean of the microbatches' means."""
+    ctx = get_ctx(pp=2)
+    cfg = tm.models.GPTConfig.tiny()
+    torch.manual_seed(0)
+    ref = tm.models.GPT2Model(cfg)
+    model = build_pipelined(cfg, ctx, 0, schedule="gpipe", microbatches=2)
+    (x, y), = _batches(cfg.vocab_size, 1, 4, 0)
+    y[:2, 1:] = -1  # microbatch 0 counts 2 targets, microbatch 1 counts 16
+    ref_loss = ref(x, y, return_logits=False)[1]
+    ref_loss.backward()
+    assert_close(model.train_step(x, y), ref_loss.detach(), "loss")
+    ref_params = dict(ref.named_parameters())
+    for name, param in model.named_parameters():
+        assert_close(param.grad, ref_params[name].grad, f"grad of {name}")
+
+
+def _frozen_stage_and_bad_input_body():
+    """A last stage whose parameters are all frozen (the tied embedding too): clipping does not hang
+    there, the norm is one process's, and AdamW's weight decay leaves the frozen embedding alone.
+    Sequences longer than block_size and sampling settings that cannot be drawn are refused on
+    every stage, before any of them waits for another."""
+    ctx = get_ctx(pp=2)
+    cfg = tm.models.GPTConfig.tiny()
+    torch.manual_seed(0)
+    ref = tm.models.GPT2Model(cfg)
+    model = build_pipelined(cfg, ctx, 0, schedule="1f1b", microbatches=2)
+    (x, y), = _batches(cfg.vocab_size, 1, 4, 1)
+    too_long = torch.zeros(2, cfg.block_size + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"sequence length 33 exceeds block_size 32"):
+        model.train_step(too_long, too_long)
+    for bad, message in ((dict(temperature=0), r"temperature must be a finite number > 0"),
+                         (dict(top_k=0), r"top_k must be None .* or an integer >= 1, got 0")):
+        with pytest.raises(ValueError, match=message):
+            model.generate(x[:1, :2], 2, **bad)
+
+    last_stage = [None, None]
+    dist.all_gather_object(last_stage, [n for n, _ in model.named_parameters()] if ctx.pp_rank == 1 else [],
+                           group=ctx.mesh["pp"].get_group())
+    for m in (ref, model):
+        for name, param in m.named_parameters():
+            param.requires_grad_(name not in last_stage[1])
+    ref(x, y, return_logits=False)[1].backward()
+    model.train_step(x, y)
+    ref_norm = torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.grad is not None], CLIP)
+    assert_close(clip_grad_norm_(model.parameters(), CLIP, **model.grad_norm_args()), ref_norm, "grad norm")
+    wte = model.transformer.wte.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    optimizer.step()
+    assert torch.equal(model.transformer.wte.weight, wte), "the frozen tied embedding moved"
+
+
+def test_pipeline_token_mean_frozen_stage_and_bad_input():
+    world(2).run(_uneven_ignored_body)
+    world(2).run(_frozen_stage_and_bad_input_body)
+
+
+def _bf16_body():
+    """pp x tp with bf16 parameters: the last stage's loss (bf16 from TP's loss, fp32 from the fused
+    one) reaches every stage as float32, in training and in eval, at the one-process value (bf16
+    compute: 2e-2)."""
+    ctx = get_ctx(tp=2, pp=2)
+    cfg = tm.models.GPTConfig.tiny()
+    torch.manual_seed(0)
+    ref = tm.models.GPT2Model(cfg)
+    torch.manual_seed(0)
+    model = tm.parallelize(tm.models.GPT2Model(cfg), ctx, param_dtype="bf16",
+                           pipeline=dict(schedule="1f1b", microbatches=2))
+    (x, y), = _batches(cfg.vocab_size, 1, 4, 2)
+    with torch.no_grad():
+        ref_loss = ref(x, y)[1]
+    got = [model.train_step(x, y)]
+    model.eval()
+    got += [model(x, y)[1], model(x, y, return_logits=False)[1]]
+    for loss in got:
+        assert loss.dtype == torch.float32, loss.dtype
+        torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=0)
+
+
+def test_pipeline_bf16_loss_reaches_every_stage():
+    world(4).run(_bf16_body)
+
+
 # ---- the trainer: losses, eval and the sample equal one process's
 
 TINY = dict(steps=4, n_layer=4, n_head=4, n_embd=32, seq_len=16, eval_every=2, eval_iters=2,

@@ -17,7 +17,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-__all__ = ["CharTokenizer", "GPT2Tokenizer", "Corpus", "load_corpus", "get_batch", "global_batch", "eval_batch",
+__all__ = ["CharTokenizer", "GPT2Tokenizer", "TokenizerUnavailable", "Corpus", "load_corpus", "get_batch", "global_batch", "eval_batch",
            "SHIPPED_CORPUS", "LLMC_MAGIC", "GPT2_VOCAB_SIZE"]
 
 SHIPPED_CORPUS = "tinyshakespeare.txt.gz"   # inside this package, see pyproject's package-data
@@ -61,29 +61,33 @@ class CharTokenizer:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
+class TokenizerUnavailable(RuntimeError):
+    """GPT-2 BPE's encoding files are neither cached nor downloadable (a machine without network)."""
+
+
 class GPT2Tokenizer:
-    """GPT-2's BPE (tiktoken's "gpt2" encoding): 50257 tokens."""
+    """GPT-2's BPE (tiktoken's "gpt2" encoding): 50257 tokens.
+
+    The encoding (files tiktoken downloads on first use) is loaded when text is first encoded or
+    decoded, not when the tokenizer is made: training on a .bin of tokens never needs it, so it
+    runs on a machine without network. Loading it there raises TokenizerUnavailable."""
 
     vocab_size = GPT2_VOCAB_SIZE
 
     def __init__(self):
         try:
-            import tiktoken
+            import tiktoken  # noqa: F401 - only checked here: the encoding is loaded on first use
         except ImportError as e:
             raise ImportError("the 'gpt2' tokenizer needs tiktoken, which is not installed: "
                               "pip install tiktoken (or pip install -e '.[bpe]'), "
                               "or use tokenizer='char'") from e
-        try:
-            self._enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:  # noqa: BLE001 - tiktoken raises whatever its download raised
-            raise RuntimeError(
-                f"GPT-2 BPE needs its encoding files (vocab.bpe, encoder.json; 1.5 MB), which tiktoken "
-                f"downloads on first use from openaipublic.blob.core.windows.net and caches in "
-                f"$TIKTOKEN_CACHE_DIR ({os.environ.get('TIKTOKEN_CACHE_DIR') or 'unset: a temporary directory'}); "
-                f"that failed ({type(e).__name__}: {e}). Offline: on a machine with network run "
-                f"`TIKTOKEN_CACHE_DIR=bpe python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"`, copy "
-                f"the directory bpe here and set TIKTOKEN_CACHE_DIR to it; or train on a .bin of GPT-2 "
-                f"tokens made elsewhere (--data x.bin), or use --tokenizer char") from e
+        self._encoding = None
+
+    @property
+    def _enc(self):
+        if self._encoding is None:
+            self._encoding = _gpt2_encoding()
+        return self._encoding
 
     def encode(self, s: str) -> list[int]:
         # encode_ordinary: a literal "<|endoftext|>" in a corpus is text, not a special token
@@ -95,6 +99,22 @@ class GPT2Tokenizer:
 
     def __repr__(self) -> str:
         return "GPT2Tokenizer(vocab_size=50257)"
+
+
+def _gpt2_encoding():
+    """tiktoken's GPT-2 encoding, from its cache or downloaded."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # noqa: BLE001 - tiktoken raises whatever its download raised
+        raise TokenizerUnavailable(
+            f"GPT-2 BPE needs its encoding files (vocab.bpe, encoder.json; 1.5 MB), which tiktoken "
+            f"downloads on first use from openaipublic.blob.core.windows.net and caches in "
+            f"$TIKTOKEN_CACHE_DIR ({os.environ.get('TIKTOKEN_CACHE_DIR') or 'unset: a temporary directory'}); "
+            f"that failed ({type(e).__name__}: {e}). Offline: on a machine with network run "
+            f"`TIKTOKEN_CACHE_DIR=bpe python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"`, copy "
+            f"the directory bpe here and set TIKTOKEN_CACHE_DIR to it; or train on a .bin of GPT-2 "
+            f"tokens made elsewhere (--data x.bin), or use --tokenizer char") from e
 
 
 def _id_list(ids, vocab_size: int) -> list[int]:

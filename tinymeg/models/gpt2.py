@@ -207,16 +207,45 @@ def _bias_in_matmul(linear: nn.Module, x: torch.Tensor) -> bool:
     return bias is None or bias_gelu_path(h.requires_grad_(grad), bias) == "plain"
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+    """A clear error for sampling settings sample_token cannot draw with. Every generate checks
+    them before its first forward, so that under pipeline parallelism all stages refuse alike
+    (instead of the last stage failing mid-way while the others wait for its token)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0 (logits are divided by it), got "
+                         f"{temperature!r}: for greedy decoding pass top_k=1")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None (the whole vocabulary) or an integer >= 1, got {top_k!r}")
+
+
 def sample_token(logits: torch.Tensor, temperature: float, top_k: int | None,
                  generator: torch.Generator | None) -> torch.Tensor:
     """The next token (B, 1) from the last position's logits (B, vocab): scaled by temperature,
     cut to the top_k, drawn from the softmax with generator. One home for generation's sampling
-    step, so that every parallel layout draws exactly the unsharded model's tokens."""
+    step, so that every parallel layout draws exactly the unsharded model's tokens (settings
+    checked by check_sampling)."""
     logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def token_share(mean: torch.Tensor, count: torch.Tensor, loss_tokens: torch.Tensor) -> torch.Tensor:
+    """One forward's loss as its share of a step's token mean.
+
+    ``mean`` is the cross-entropy averaged over this forward's ``count`` counted targets (not -1);
+    ``loss_tokens`` = (total, forwards): the counted targets of the step's whole batch and the
+    number of forwards it is split into (data-parallel ranks x accumulation micro-steps x pipeline
+    microbatches), set for a step by ``tinymeg.parallel.token_mean``. The share is
+    ``mean * count * forwards / total``, so the mean of the forwards' shares is the mean over every
+    counted target of the batch, however unevenly ignored targets fall between the forwards.
+    Where nothing is ignored each forward counts total / forwards targets and the factor is
+    exactly 1. (0, 0), outside such a step: the forward's own mean."""
+    total, forwards = loss_tokens.unbind()
+    return mean * torch.where(forwards > 0, count * forwards / total.clamp(min=1), 1.0)
 
 
 def lm_head_loss(head: nn.Module, x: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -266,6 +295,9 @@ class GPT2Model(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one parameter, two uses
+        # token_share's (total, forwards) for the current step; a buffer, so that a compiled model
+        # reads new values without recompiling
+        self.register_buffer("loss_tokens", torch.zeros(2, dtype=torch.long), persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
@@ -300,7 +332,8 @@ class GPT2Model(nn.Module):
                 pos: torch.Tensor | None = None):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
 
-        Targets equal to -1 are ignored in the loss. ``return_logits=False`` (with targets)
+        Targets equal to -1 are ignored in the loss. Inside ``tinymeg.parallel.token_mean`` the
+        loss is this forward's share of the step's token mean (``token_share``). ``return_logits=False`` (with targets)
         returns ``(None, loss)`` computed by ``lm_head_loss``, which never holds the
         (B*T, vocab) logits at once (the training step's memory peak) and gives 0, not NaN,
         when every target is ignored. ``pos`` (T,): the tokens' positions, 0..T-1 by default
@@ -318,18 +351,26 @@ class GPT2Model(nn.Module):
             x = block(x)
         x = self.transformer.ln_f(x)
         if not return_logits:
-            return None, self._with_aux_loss(lm_head_loss(self.lm_head, x, targets, self.config.vocab_size))
+            return None, self._loss(lm_head_loss(self.lm_head, x, targets, self.config.vocab_size), targets)
         logits = self.lm_head(x)
         if logits.size(-1) != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # padded rows are not tokens
         loss = None
         if targets is not None:
-            loss = self._with_aux_loss(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
+            loss = self._loss(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1), targets)
         return logits, loss
 
-    def _with_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """In training, the MoE layers' balancing and z losses are part of what is optimized."""
+    def _loss(self, ce: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss forward returns: the cross-entropy's share of the step's token mean, plus in
+        training the MoE layers' balancing and z losses (whole: they are statistics of the batch,
+        not of its tokens one by one)."""
+        loss = self.loss_share(ce, targets)
         return loss + moe_aux_loss(self) if self.training and self.config.n_experts else loss
+
+    def loss_share(self, ce: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """token_share of ce, the mean cross-entropy of targets. Context parallelism overrides it
+        (its ranks' chunks make one forward)."""
+        return token_share(ce, (targets != -1).sum(), self.loss_tokens)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -349,6 +390,7 @@ class GPT2Model(nn.Module):
         """
         if idx.size(1) < 1:
             raise ValueError("generate needs a prompt of at least one token")
+        check_sampling(max_new_tokens, temperature, top_k)
         block = self.config.block_size
         attention = [m for m in self.modules() if isinstance(m, CausalSelfAttention)]
         caches = [KVCache(block + context_multiple) for _ in attention] if kv_cache else []

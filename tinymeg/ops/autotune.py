@@ -12,7 +12,10 @@ A choice is keyed on the op, the device, the thread count, and each argument's s
 contiguity (and placements and mesh, for DTensor arguments; inside a kernel DTensor has already
 unwrapped its arguments to local shards, whose shapes carry the sharding). Each dim of a shape
 is rounded up to a power of two (a "shape class"), so that a sequence growing by one token
-(sampling) is not re-tuned at every length. A choice is cached in memory and in a JSON file.
+(sampling) is not re-tuned at every length. A dim the op calls data-dependent (``data_dependent``:
+the rows a mixture of experts routes to a rank's experts) is left out of the key: it differs
+from rank to rank and step to step, and every rank must ask the same question. A choice is
+cached in memory and on disk (``autotune_cache.py``).
 
 Policy, in order:
 
@@ -38,60 +41,54 @@ step, or call ``get_default_tuner().forget()`` after changing them.
    every rank, and a collective is only safe where every rank is known to reach the same
    decision in the same order. That is only true where the caller says so: inside
    ``with tuner.synchronized():`` (wrap one training step that every rank runs, e.g. the first),
-   rank 0 decides (from its disk cache, or by timing) and broadcasts the choice with
-   ``dist.broadcast_object_list``, with any choice it made inside that timing (a path timed
-   through the custom op decides the op's kernels); the others adopt them. Outside that scope a
-   multi-rank process uses choices made inside it or the default, and never calls a collective:
-   so sampling on one rank, uneven last batches or rank-specific shapes cannot hang or diverge.
-6. One process: the disk cache, else time every candidate, keep the fastest, write it to disk.
+   rank 0 decides (from its disk cache, or by timing), and one ``all_gather_object`` per new key
+   gives every rank rank 0's choice, with any choice it made inside that timing (a path timed
+   through the custom op decides the op's kernels), and every rank's key. Where the keys differ
+   (code that is not the same on every rank, wrapped all the same), every rank sees it at that
+   same collective: each takes the default and the tuner makes no more collectives in this
+   process (rank 0 warns once). Outside that scope a multi-rank process uses choices made inside
+   it or the default, and never calls a collective: so sampling on one rank, uneven last batches
+   or rank-specific shapes cannot hang or diverge.
+6. One process: the disk cache, else time the candidates, keep the default unless another beats
+   it beyond the noise (``autotune_timing.py``), write the choice to disk.
 
-Timing: one call of each candidate first (it checks the output against the default's), one
-more to estimate the cost, then ``warmup_iterations`` and ``measure_iterations`` calls of each,
-interleaved (a, b, a, b, ...) so that a machine whose load changes slows every candidate alike,
-each call timed alone; the median wins. The counts shrink so that all candidates of one key take
-about ``budget_s`` together (at least one timed call each). A key with one candidate is not timed. CPU clock: the calling thread's CPU
-time when torch runs one thread (it does not count time the OS gave to other processes, which
-on a shared machine is most of the noise), the wall clock otherwise; CUDA: events.
+Timing: one call of each candidate first (it checks the output against the default's, within the
+rounding of the least precise dtype among the inputs and outputs), then the timing rounds of
+``autotune_timing.py``, at most ``warmup_iterations`` + ``measure_iterations`` calls of each,
+fewer so that all candidates of one key take about ``budget_s`` together. A key with one
+candidate is not timed.
 
-A candidate that raises, or whose output differs from the default implementation's, is left
-out with a warning, so a broken kernel can never win. Candidates an op calls ``untuned`` (the
-loss's reference, which holds the whole logits) are never timed and run only when forced.
-
-The disk cache is ``$TINYMEG_CACHE_DIR/autotune.json`` (default ``~/.cache/tinymeg``), written
-atomically (temp file + os.replace) with the permissions of a file created by ``open`` (or the
-file's own, when it exists: a shared cache directory stays readable); a corrupt file is ignored
-with a warning and rewritten. ``get_default_tuner`` / ``set_default_tuner`` reach the tuner the
-ops use.
+Nothing the tuner does can stop a run: a candidate that raises or whose output differs from the
+default's is left out with a one-line warning, so a broken kernel can never win; a timing that
+fails (a candidate that raises only on a later call, say) leaves the key to its default, with
+one line of warning, and is not cached, so a later run tries again. Candidates an op calls
+``untuned`` (the loss's reference, which holds the whole logits) are never timed and run only
+when forced. ``get_default_tuner`` / ``set_default_tuner`` reach the tuner the ops use.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import statistics
 import sys
 import time
-import uuid
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
 
 import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
-CACHE_VERSION = 2           # 2: keys of path choices; interleaved, budgeted timing
+from . import autotune_cache, autotune_timing
+from .autotune_cache import CACHE_VERSION, cache_path  # noqa: F401 - part of this module's API
+
 DEFAULT_BUDGET_S = 0.25     # seconds of timing per key (all its candidates together)
 PATHS = ("plain", "op")     # the path names (paths.py); any other forced name is a kernel
-
-
-def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The disk cache: ``cache_dir``, else ``$TINYMEG_CACHE_DIR``, else the user cache dir."""
-    root = cache_dir or os.environ.get("TINYMEG_CACHE_DIR")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinymeg"
-    return Path(root) / "autotune.json"
+# How far a correct candidate's output may be from the default's, relative to the output's
+# largest value: the rounding of the least precise dtype the op computes in, among its inputs'
+# and outputs' (a bf16 layer norm's float32 statistics carry bf16 rounding).
+TOLERANCE = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 @functools.lru_cache(maxsize=8)
@@ -124,39 +121,44 @@ def _bucket(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
-def _describe(a: Any) -> str:
+def _describe(a: Any, varying: Collection[int] = ()) -> str:
+    """One argument in a key: a tensor's dtype, shape class and contiguity; ``varying`` dims
+    (data-dependent) as ``*``."""
     from torch.distributed.tensor import DTensor
     if isinstance(a, DTensor):
         return (f"DT[{','.join(map(str, a.placements))}/mesh{tuple(a.device_mesh.shape)}]"
-                + _describe(a.to_local()))
+                + _describe(a.to_local(), varying))
     if isinstance(a, torch.Tensor):
-        shape = [_bucket(n) for n in a.shape]
-        return f"{str(a.dtype).removeprefix('torch.')}{shape}{'' if a.is_contiguous() else 'nc'}"
+        shape = ", ".join("*" if d in varying else str(_bucket(n)) for d, n in enumerate(a.shape))
+        return f"{str(a.dtype).removeprefix('torch.')}[{shape}]{'' if a.is_contiguous() else 'nc'}"
     return repr(a)
 
 
-def _signature(args: tuple) -> tuple | None:
+def _varying(data_dependent: Collection[tuple[int, int]], i: int) -> tuple[int, ...]:
+    """The data-dependent dims of argument i."""
+    return tuple(d for j, d in data_dependent if j == i)
+
+
+def _signature(args: tuple, data_dependent: Collection[tuple[int, int]] = ()) -> tuple | None:
     """Everything a key is made of, exactly, cheap to build (a microsecond or two): the thread
-    count, the device (of the first tensor: an op's tensors share one), each tensor's shape, dtype
-    and contiguity, the other values. None for DTensor arguments (only the slow key knows them)."""
+    count, the device (of the first tensor: an op's tensors share one), each tensor's shape (its
+    data-dependent dims left out), dtype and contiguity, the other values. None for DTensor
+    arguments (only the slow key knows them)."""
     sig, device = [torch.get_num_threads()], None
-    for a in args:
+    for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
             if type(a) is not torch.Tensor and type(a) is not torch.nn.Parameter:
                 return None
             if device is None:
                 device = a.device
                 sig.append(device)
-            sig.append((a.shape, a.dtype, a.is_contiguous()))
+            shape = a.shape
+            if data_dependent and (varying := _varying(data_dependent, i)):
+                shape = tuple(None if d in varying else n for d, n in enumerate(shape))
+            sig.append((shape, a.dtype, a.is_contiguous()))
         else:
             sig.append(a)
     return tuple(sig)
-
-
-def _memo_key(op: str, args: tuple) -> tuple | None:
-    """(op, exact signature): the in-process memo's key; None where only the slow key will do."""
-    sig = _signature(args)
-    return None if sig is None else (op, sig)
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,11 +175,6 @@ def _device_of(args) -> torch.device:
     return torch.device("cpu")
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -186,34 +183,39 @@ def _multi_rank() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _close(a, b) -> bool:
-    """Outputs agree: same structure and shapes, values within the dtype's rounding."""
-    fa, fb = tree_flatten(a)[0], tree_flatten(b)[0]
+def _tolerance(args: tuple, expected) -> float:
+    dtypes = {t.dtype for t in tree_flatten((args, expected))[0]
+              if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    return max((TOLERANCE.get(d, TOLERANCE[torch.bfloat16]) for d in dtypes), default=TOLERANCE[torch.float32])
+
+
+def _disagreement(out, expected, tol: float) -> str | None:
+    """Why out is not expected (same structure, shapes and dtypes, values within tol relative to
+    the largest), or None if it is."""
+    fa, fb = tree_flatten(out)[0], tree_flatten(expected)[0]
     if len(fa) != len(fb):
-        return False
-    for x, y in zip(fa, fb):
+        return f"{len(fa)} outputs, not {len(fb)}"
+    for i, (x, y) in enumerate(zip(fa, fb)):
         if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return False
+            return f"output {i} is {type(x).__name__}, not {type(y).__name__}"
         if isinstance(x, torch.Tensor):
             if x.shape != y.shape or x.dtype != y.dtype:
-                return False
-            tol = 1e-3 if x.dtype == torch.float32 else 5e-2
+                return f"output {i} is {x.dtype}{list(x.shape)}, not {y.dtype}{list(y.shape)}"
             x, y = x.float(), y.float()
             scale = max(1.0, y.abs().max().item()) if y.numel() else 1.0
             if not torch.allclose(x, y, atol=tol * scale, rtol=tol, equal_nan=True):
-                return False
-    return True
+                diff = (x - y).abs().nan_to_num(nan=float("inf")).max().item()
+                return f"output {i}: max |difference| {diff:.3g}, allowed {tol:g} x {scale:.3g}"
+    return None
 
 
-def _cpu_clock() -> Callable[[], float]:
-    # With one torch thread every kernel runs on the calling thread, so its CPU time is the
-    # candidate's cost without the time the OS gave to other processes (on a shared machine,
-    # most of the noise). With several threads their work is elsewhere: the wall clock.
-    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
 class RuntimeAutoTuner:
-    """Times each candidate implementation once per key and remembers the fastest.
+    """Times each candidate implementation once per key and remembers the fastest, where it
+    beats the default beyond the noise.
 
     ``clock`` replaces the default clocks (thread CPU time or ``time.perf_counter``; CUDA
     events): tests inject a fake clock.
@@ -237,9 +239,10 @@ class RuntimeAutoTuner:
         self.clock, self.enabled, self.cache_dir, self.verify = clock, enabled, cache_dir, verify
         self.budget_s = budget_s
         self.choices: dict[str, str] = {}                 # key -> implementation, this process
-        self.timings: dict[str, dict[str, float]] = {}    # key -> {impl: seconds per call}
+        self.timings: dict[str, dict[str, float]] = {}    # key -> {impl: median seconds per call}
         self.tuning_s = 0.0                               # wall seconds spent timing, all keys
         self._synchronized = 0
+        self._out_of_step = False                         # ranks asked different questions: no more collectives
         self._depth = 0                                   # keys being timed (nested: a path's op)
         self._memo: dict[tuple, str] = {}                 # (op, exact signature) -> choice
         self._fresh: dict[str, str] | None = None         # rank 0: choices made while timing
@@ -248,27 +251,29 @@ class RuntimeAutoTuner:
     # ---- the decision ----
 
     def choose(self, op: str, candidates: Mapping[str, Callable], args: tuple, default: str,
-               untuned: Collection[str] = ()) -> str:
+               untuned: Collection[str] = (), data_dependent: Collection[tuple[int, int]] = ()) -> str:
         """The implementation (a key of candidates) to run op on args. ``untuned`` names
-        candidates that run only when forced, never when timed (they hold too much memory)."""
-        choice = self.cached(op, args)
+        candidates that run only when forced, never when timed (they hold too much memory).
+        ``data_dependent``: (argument index, dim) pairs whose size depends on the data, left
+        out of the key (the candidates must not depend on them either)."""
+        choice = self.cached(op, args, data_dependent)
         if choice is not None:
             return choice
-        choice, final = self._choose(op, candidates, args, default, untuned)
+        choice, final = self._choose(op, candidates, args, default, untuned, data_dependent)
         if final:
-            self.remember(op, args, choice)
+            self.remember(op, args, choice, data_dependent)
         return choice
 
-    def cached(self, op: str, args: tuple) -> str | None:
+    def cached(self, op: str, args: tuple, data_dependent: Collection[tuple[int, int]] = ()) -> str | None:
         """The choice for op on args if this process made it already (no timing, no collective)."""
-        key = _memo_key(op, args)
-        return None if key is None else self._memo.get(key)
+        sig = _signature(args, data_dependent)
+        return None if sig is None else self._memo.get((op, sig))
 
-    def remember(self, op: str, args: tuple, choice: str) -> None:
+    def remember(self, op: str, args: tuple, choice: str, data_dependent: Collection[tuple[int, int]] = ()) -> None:
         """Make ``choice`` the answer for op on args from now on (paths.py: a forced path)."""
-        key = _memo_key(op, args)
-        if key is not None:
-            self._memo[key] = choice
+        sig = _signature(args, data_dependent)
+        if sig is not None:
+            self._memo[op, sig] = choice
 
     def forget(self) -> None:
         """Forget this process's choices (the disk cache stays): the next call of each op decides
@@ -277,7 +282,7 @@ class RuntimeAutoTuner:
         self.choices.clear()
         self._disk = None
 
-    def _choose(self, op, candidates, args, default, untuned) -> tuple[str, bool]:
+    def _choose(self, op, candidates, args, default, untuned, data_dependent) -> tuple[str, bool]:
         """(choice, whether it is final for these inputs: then it is remembered)."""
         if default not in candidates:
             raise ValueError(f"default implementation {default!r} of {op} is not among {sorted(candidates)}")
@@ -290,27 +295,25 @@ class RuntimeAutoTuner:
         device = _device_of(args)
         if not self.is_enabled(device):
             return default, True
-        key = self.key(op, args)
+        key = self.key(op, args, data_dependent)
         tuned = {k: f for k, f in candidates.items() if k not in untuned}
-        if key in self.choices and self.choices[key] in tuned:
-            return self.choices[key], True
-        if torch.compiler.is_compiling() or _capturing(device):
-            return default, False  # never time inside a trace or a graph capture
-        if _multi_rank():
-            if self._fresh is not None:  # rank 0, timing for everyone: decide here, send it along
-                choice = self._fresh[key] = self._decide(key, op, tuned, args, default)
-            elif not self._synchronized:
-                return default, False  # no collective unless every rank is known to be here
+        if key not in self.choices:
+            if torch.compiler.is_compiling() or _capturing(device):
+                return default, False  # never time inside a trace or a graph capture
+            if not _multi_rank():
+                self.choices[key] = self._decide(key, op, tuned, args, default)
+            elif self._fresh is not None:  # rank 0, timing for everyone: decide here, send it along
+                self.choices[key] = self._fresh[key] = self._decide(key, op, tuned, args, default)
+            elif self._synchronized and not self._out_of_step:
+                self.choices[key] = self._decide_on_rank0(key, op, tuned, args, default)
             else:
-                choice = self._decide_on_rank0(key, op, tuned, args, default)
-        else:
-            choice = self._decide(key, op, tuned, args, default)
-        self.choices[key] = choice
-        return choice, True
+                return default, False  # no collective unless every rank is known to be here
+        choice = self.choices[key]
+        return (choice if choice in tuned else default), True  # (rank 0's pick may not run here)
 
     def run(self, op: str, candidates: Mapping[str, Callable], args: tuple, default: str,
-            untuned: Collection[str] = ()):
-        return candidates[self.choose(op, candidates, args, default, untuned)](*args)
+            untuned: Collection[str] = (), data_dependent: Collection[tuple[int, int]] = ()):
+        return candidates[self.choose(op, candidates, args, default, untuned, data_dependent)](*args)
 
     def is_enabled(self, device: torch.device) -> bool:
         env = os.environ.get("TINYMEG_AUTOTUNE")
@@ -320,15 +323,15 @@ class RuntimeAutoTuner:
             return env.strip() == "1"
         return True if self.enabled is None else self.enabled
 
-    def key(self, op: str, args: tuple) -> str:
+    def key(self, op: str, args: tuple, data_dependent: Collection[tuple[int, int]] = ()) -> str:
         device = _device_of(args)
         where = _device_name(device) + (f"x{torch.get_num_threads()}t" if device.type == "cpu" else "")
-        return f"{op}|{where}|" + "|".join(_describe(a) for a in args)
+        return f"{op}|{where}|" + "|".join(_describe(a, _varying(data_dependent, i)) for i, a in enumerate(args))
 
     @contextlib.contextmanager
     def synchronized(self):
         """Declare that every rank runs the same ops in the same order in this block, so misses
-        may be decided on rank 0 and broadcast to all ranks (one collective per new key)."""
+        may be decided on rank 0 and sent to all ranks (one collective per new key)."""
         self._synchronized += 1
         try:
             yield self
@@ -336,25 +339,28 @@ class RuntimeAutoTuner:
             self._synchronized -= 1
 
     def _decide_on_rank0(self, key, op, candidates, args, default) -> str:
-        message = [key, None, {}]
+        """Rank 0's choice for key, on every rank; the default everywhere if the ranks' keys differ."""
+        choice, fresh = None, {}
         if dist.get_rank() == 0:
             self._fresh = {}
             try:
-                message[1] = self._decide(key, op, candidates, args, default)
+                choice = self._decide(key, op, candidates, args, default)
             finally:
-                message[2], self._fresh = self._fresh, None
-        dist.broadcast_object_list(message, src=0)
-        if message[0] != key:
-            raise RuntimeError(
-                f"autotuning is out of step across ranks: rank 0 tuned {message[0]!r} while rank "
-                f"{dist.get_rank()} tuned {key!r}. Only wrap code in tuner.synchronized() where "
-                f"every rank runs the same ops on the same shapes.")
-        if message[1] not in candidates:
-            raise RuntimeError(f"rank 0 chose {op}={message[1]!r}, not available on rank "
-                               f"{dist.get_rank()} (has {sorted(candidates)})")
-        for k, v in message[2].items():  # what rank 0 decided while timing (nested keys)
+                fresh, self._fresh = self._fresh, None
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, (key, choice, fresh))
+        others = [(rank, k) for rank, (k, _, _) in enumerate(messages) if k != messages[0][0]]
+        if others:  # every rank sees this at this same collective, so all stop together
+            self._out_of_step = True
+            if dist.get_rank() == 0:
+                rank, other = others[0]
+                warnings.warn(f"tinymeg autotune: ranks ran different ops inside synchronized() (rank 0 "
+                              f"{messages[0][0]!r}, rank {rank} {other!r}); every rank keeps the defaults of "
+                              f"undecided ops from here on", RuntimeWarning, stacklevel=2)
+            return default
+        for k, v in messages[0][2].items():  # what rank 0 decided while timing (nested keys)
             self.choices.setdefault(k, v)
-        return message[1]
+        return messages[0][1]
 
     def _decide(self, key, op, candidates, args, default) -> str:
         cached = self._load().get(key)
@@ -363,136 +369,69 @@ class RuntimeAutoTuner:
         if len(candidates) == 1:  # nothing to compare: no timing, nothing to remember on disk
             return next(iter(candidates))
         choice = self._tune(key, op, candidates, args, default)
-        self._save(key, choice)
+        if choice is None:  # the timing failed (warned): the default, not written, tried again next run
+            return default
+        self._load()[key] = choice
+        autotune_cache.write(cache_path(self.cache_dir), key, choice)
         if os.environ.get("TINYMEG_AUTOTUNE_VERBOSE", "") == "1":
-            ms = ", ".join(f"{k} {1e3 * t:.3g} ms" for k, t in self.timings[key].items())
+            ms = ", ".join(f"{k} {1e3 * t:.3g} ms" for k, t in self.timings[key].items()) or "not timed"
             print(f"tinymeg autotune: {key} -> {choice} ({ms}); {self.tuning_s:.2f} s of tuning in this "
                   f"process so far", file=sys.stderr, flush=True)
         return choice
 
+    def _load(self) -> dict[str, str]:
+        if self._disk is None:
+            self._disk = autotune_cache.read(cache_path(self.cache_dir))
+        return self._disk
+
     # ---- timing ----
 
-    def _tune(self, key, op, candidates, args, default) -> str:
+    def _tune(self, key, op, candidates, args, default) -> str | None:
+        """The candidate to keep for key (autotune_timing.pick), or None if timing failed."""
         device = _device_of(args)
         started = time.perf_counter()
-        clock = self.clock or _cpu_clock()
+        clock = self.clock or (None if device.type == "cuda" else autotune_timing.cpu_clock())
         self._depth += 1
         try:
             with torch.no_grad():
-                # One call each, the default's first: is it right (against the default's output)?
-                ok, expected = {}, None
-                for name in sorted(candidates, key=lambda k: k != default):
-                    fn = candidates[name]
-                    try:
-                        out = fn(*args)
-                        if name == default:
-                            expected = out if self.verify else None
-                        elif expected is not None and not _close(out, expected):
-                            warnings.warn(f"tinymeg autotune: {op} implementation {name!r} disagrees with "
-                                          f"{default!r} on {key}; leaving it out", RuntimeWarning, stacklevel=2)
-                            continue
-                        ok[name] = fn
-                    except Exception as e:  # noqa: BLE001 - a broken candidate must not break training
-                        warnings.warn(f"tinymeg autotune: {op} implementation {name!r} failed on {key}: "
-                                      f"{type(e).__name__}: {e}; leaving it out", RuntimeWarning, stacklevel=2)
-                times = self._measure(ok, args, device, clock) if len(ok) > 1 else dict.fromkeys(ok, 0.0)
+                ok = self._checked(key, op, candidates, args, default)
+                if len(ok) < 2:
+                    self.timings[key] = {}
+                    return next(iter(ok), default)
+                warmup, rounds = autotune_timing.rounds_in_budget(
+                    ok, args, device, clock or time.perf_counter, self.warmup_iterations,
+                    self.measure_iterations, self.budget_s)
+                samples = autotune_timing.measure(ok, args, device, clock, warmup, rounds)
+        except Exception as e:  # noqa: BLE001 - tuning must never stop a run
+            warnings.warn(f"tinymeg autotune: timing {key} failed ({_first_line(e)}); {op} keeps its "
+                          f"default {default!r} for it", RuntimeWarning, stacklevel=2)
+            return None
         finally:
             self._depth -= 1
             if not self._depth:  # a key timed inside another's timing is counted once
                 self.tuning_s += time.perf_counter() - started
-        self.timings[key] = times
-        return min(times, key=times.get) if times else default
+        self.timings[key] = {k: statistics.median(s) for k, s in samples.items() if s}
+        return autotune_timing.pick(samples, default)
 
-    def _iterations(self, fns: dict[str, Callable], args, device, clock) -> tuple[int, int]:
-        """(warmup, measured) calls per candidate: as configured, or fewer to fit budget_s,
-        from one timed call of each (after the first, which may have tuned nested choices)."""
-        warmup, measure = self.warmup_iterations, self.measure_iterations
-        if self.budget_s is None:
-            return warmup, measure
-        t0 = clock()
-        for fn in fns.values():
-            fn(*args)
-        _synchronize(device)
-        fits = int(self.budget_s / max(clock() - t0, 1e-9))  # rounds of every candidate in the budget
-        measure = max(1, min(measure, fits * 10 // 11))
-        return min(warmup, max(0, fits - measure)), measure
-
-    def _measure(self, fns: dict[str, Callable], args, device, clock) -> dict[str, float]:
-        """Median seconds per call of each fn, calls interleaved."""
-        warmup, n = self._iterations(fns, args, device, clock)
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn(*args)
-        _synchronize(device)
-        samples: dict[str, list] = {name: [] for name in fns}
-        events = device.type == "cuda" and self.clock is None
-        for _ in range(n):
-            for name, fn in fns.items():
-                if events:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn(*args)
-                    end.record()
-                    samples[name].append((start, end))
-                else:
-                    t0 = clock()
-                    fn(*args)
-                    _synchronize(device)
-                    samples[name].append(clock() - t0)
-        if events:
-            torch.cuda.synchronize(device)
-            samples = {k: [s.elapsed_time(e) / 1e3 for s, e in v] for k, v in samples.items()}
-        return {name: statistics.median(s) for name, s in samples.items()}
-
-    # ---- the disk cache ----
-
-    def _load(self) -> dict[str, str]:
-        if self._disk is None:
-            self._disk = self._read()
-        return self._disk
-
-    def _read(self) -> dict[str, str]:
-        path = cache_path(self.cache_dir)
-        try:
-            data = json.loads(path.read_text())
-            if not (isinstance(data, dict) and isinstance(data.get("entries"), dict)):
-                raise ValueError("not a tinymeg autotune cache")
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-            warnings.warn(f"ignoring the corrupt autotune cache {path} ({e}); it will be rewritten",
-                          RuntimeWarning, stacklevel=2)
-            return {}
-        if data.get("version") != CACHE_VERSION:
-            return {}
-        return {k: v for k, v in data["entries"].items() if isinstance(v, str)}
-
-    def _save(self, key: str, choice: str) -> None:
-        """Merge into the file and replace it atomically: a reader never sees half a file,
-        and concurrent writers lose at most each other's newest entries, never the file."""
-        path = cache_path(self.cache_dir)
-        self._load()[key] = choice
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a corrupt file was reported when it was read
-                entries = self._read()
-            entries[key] = choice
-            tmp = path.parent / f".autotune.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-            # os.open applies the umask to 0o666 as open() does (tempfile.mkstemp would make it
-            # 0o600, and os.replace would then hide a shared cache from every other user).
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    def _checked(self, key, op, candidates, args, default) -> dict[str, Callable]:
+        """The candidates that run on args and agree with the default (one call each, the
+        default's first); each one left out is warned about in one line."""
+        ok, expected = {}, None
+        for name in sorted(candidates, key=lambda k: k != default):
             try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
-                with contextlib.suppress(FileNotFoundError):  # keep the mode someone gave the file
-                    os.chmod(tmp, path.stat().st_mode & 0o777)
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-        except OSError as e:  # a read-only home must not stop training
-            warnings.warn(f"could not write the autotune cache {path}: {e}", RuntimeWarning, stacklevel=2)
+                out = candidates[name](*args)
+            except Exception as e:  # noqa: BLE001 - a broken candidate must not break training
+                warnings.warn(f"tinymeg autotune: {op} implementation {name!r} failed on {key} "
+                              f"({_first_line(e)}); leaving it out", RuntimeWarning, stacklevel=4)
+                continue
+            if name == default:
+                expected = out if self.verify else None
+            elif expected is not None and (why := _disagreement(out, expected, _tolerance(args, expected))):
+                warnings.warn(f"tinymeg autotune: {op} implementation {name!r} disagrees with {default!r} "
+                              f"on {key} ({why}); leaving it out", RuntimeWarning, stacklevel=4)
+                continue
+            ok[name] = candidates[name]
+        return ok
 
 
 _default_tuner = RuntimeAutoTuner()
@@ -516,6 +455,6 @@ def synchronized():
 
 
 def dispatch(op: str, candidates: Mapping[str, Callable], args: tuple, default: str,
-             untuned: Collection[str] = ()):
+             untuned: Collection[str] = (), data_dependent: Collection[tuple[int, int]] = ()):
     """Run op on args with the implementation the default tuner picks."""
-    return _default_tuner.run(op, candidates, args, default, untuned)
+    return _default_tuner.run(op, candidates, args, default, untuned, data_dependent)

@@ -56,6 +56,8 @@ def forward_loop(x, w, offs):
 
 
 def forward_grouped(x, w, offs):
+    if not x.shape[0]:  # no rows (no token was routed here): torch's stride check may refuse them
+        return forward_loop(x, w, offs)
     return torch._grouped_mm(x, w, offs=offs)
 
 
@@ -68,6 +70,8 @@ def backward_loop(dy, x, w, offs):
 
 
 def backward_grouped(dy, x, w, offs):
+    if not x.shape[0]:
+        return backward_loop(dy, x, w, offs)
     return torch._grouped_mm(dy, w.transpose(1, 2), offs=offs), torch._grouped_mm(x.T, dy, offs=offs)
 
 
@@ -81,16 +85,21 @@ DEFAULT = "grouped"
 def _grouped_ok(x: Tensor, w: Tensor) -> bool:
     """torch._grouped_mm's constraints: on the CPU float32/bfloat16/float16, on CUDA bfloat16
     (the dtype its kernels are documented for; nothing else was tried on a GPU here), rows of K
-    and N 16-byte aligned, and some rows (its stride check rejects the zero strides an empty
-    gradient may have)."""
+    and N 16-byte aligned. (Its stride check also rejects the zero strides of an x with no rows:
+    the grouped implementations hand those to the loop themselves.)"""
     dtypes = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
-    if x.dtype not in dtypes or x.shape[0] == 0:
-        return False
-    return all(d * x.element_size() % 16 == 0 for d in (w.shape[1], w.shape[2]))
+    return x.dtype in dtypes and all(d * x.element_size() % 16 == 0 for d in (w.shape[1], w.shape[2]))
+
+
+# The rows of x (and of grad_y) are the tokens routed to these experts: their number differs
+# from rank to rank and step to step, so it is not part of the tuner's key (every rank must ask
+# the same question), nor of what decides the candidates.
+DATA_DEPENDENT = {"grouped_mm": ((0, 0),), "grouped_mm_backward": ((0, 0), (1, 0))}
 
 
 def candidates(table: dict, x: Tensor, w: Tensor) -> tuple[dict, str]:
-    """(the implementations that can run on these inputs, the default among them)."""
+    """(the implementations that can run on these inputs, the default among them): the same for
+    any number of rows."""
     if _grouped_ok(x, w):
         return table, DEFAULT
     return {"loop": table["loop"]}, "loop"
@@ -102,7 +111,8 @@ def candidates(table: dict, x: Tensor, w: Tensor) -> tuple[dict, str]:
 def grouped_mm_op(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     _check(x, w, offs)
     cands, default = candidates(FORWARD, x, w)
-    return dispatch("grouped_mm", cands, (x.contiguous(), w.contiguous(), offs.contiguous()), default)
+    return dispatch("grouped_mm", cands, (x.contiguous(), w.contiguous(), offs.contiguous()), default,
+                    data_dependent=DATA_DEPENDENT["grouped_mm"])
 
 
 @grouped_mm_op.register_fake
@@ -116,7 +126,7 @@ def grouped_mm_backward_op(grad_y: Tensor, x: Tensor, w: Tensor, offs: Tensor) -
     _check(x, w, offs)
     cands, default = candidates(BACKWARD, x, w)
     args = (grad_y.contiguous(), x.contiguous(), w.contiguous(), offs.contiguous())
-    return dispatch("grouped_mm_backward", cands, args, default)
+    return dispatch("grouped_mm_backward", cands, args, default, data_dependent=DATA_DEPENDENT["grouped_mm_backward"])
 
 
 @grouped_mm_backward_op.register_fake

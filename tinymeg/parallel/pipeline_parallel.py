@@ -20,7 +20,9 @@ The schedules are torch.distributed.pipelining's (``ScheduleGPipe``, ``Schedule1
 ``ScheduleInterleaved1F1B`` driving ``PipelineStage``s). Tried on gloo/CPU with tinymeg's TP
 (activations between stages are plain local tensors, sequence-sharded under SP), DP and
 torch.compile per stage, they give the unsharded losses, gradients and parameters (tested), so
-no schedule is written here. What is ours: the split, the loss (each microbatch's mean loss, its
+no schedule is written here. What is ours: the split, the loss (each microbatch's share of the
+token mean of the micro-batch, or of the step's batch inside ``tinymeg.parallel.token_mean``:
+``token_share``, so that ignored targets count right however they fall between microbatches; its
 gradient scaled by 1/(microbatches x grad_accum) on the way back, so accumulating over
 ``train_step`` calls is exact), one gradient reduction per optimizer step after the pipeline
 flushes (DP all-reduce, then the tied sum), and the forward-only path (eval, sampling), a plain
@@ -41,7 +43,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from ..context import ParallelContext
-from ..models.gpt2 import GPT2Model, lm_head_loss, sample_token
+from ..models.gpt2 import GPT2Model, check_sampling, lm_head_loss, sample_token, token_share
 from ..nn.layers import local
 from .zero import optimizer_param
 
@@ -160,6 +162,7 @@ class PipelineState:
     whole_num_params: int = 0                 # the unsplit model's GPT2Model.num_params()
     sync: bool = True                         # False inside no_sync() when DP is not applied
     grad_scale: float = 1.0
+    loss_tokens: torch.Tensor | None = None   # token_share's (total, forwards) for this train_step's microbatches
     schedule: object = None                   # built at the first train_step (after TP, DP)
     schedule_shape: tuple = ()
     # Measurements of the last train_step, for tests and recipes/bench.py pp:
@@ -182,8 +185,9 @@ class PipelineParallelMixin:
     its type, its parameter names and its state_dict keys, and gains the pipeline's entry points.
 
     - ``train_step(x, y, grad_scale=1.0)``: forward and backward of the micro-batch (x, y), cut into
-      microbatches and run by the schedule; returns the mean loss on every rank. Gradients are
-      reduced (dp, tied embedding) unless inside ``no_sync()``.
+      microbatches and run by the schedule; returns the mean loss over its counted targets (inside
+      ``token_mean``: its share of the step's), in float32, on every rank. Gradients are reduced
+      (dp, tied embedding) unless inside ``no_sync()``.
     - ``model(idx, targets, return_logits)``: GPT2Model's forward, computed by every stage in turn;
       every rank gets what GPT2Model.forward returns (eval uses this unchanged), without gradients.
     - ``generate(...)``: GPT2Model.generate, every stage taking part; every rank gets the text.
@@ -217,8 +221,15 @@ class PipelineParallelMixin:
         if x.size(0) % st.microbatches:
             raise ValueError(f"{st.microbatches} pipeline microbatches do not divide the micro-batch of "
                              f"{x.size(0)} sequences: choose --pp-microbatches dividing --micro-batch")
+        if x.size(1) > self.config.block_size:
+            raise ValueError(f"sequence length {x.size(1)} exceeds block_size {self.config.block_size}")
         schedule = self._schedule_for(tuple(x.shape))
         st.grad_scale = grad_scale / st.microbatches
+        # Each microbatch's loss is its share of the token mean: of the step's batch inside token_mean
+        # (loss_tokens set), else of (x, y); either way split into `microbatches` more forwards.
+        own = torch.stack([(y != -1).sum(), torch.ones((), dtype=torch.long, device=y.device)])
+        tokens = torch.where(self.loss_tokens[1] > 0, self.loss_tokens, own.to(self.loss_tokens.device))
+        st.loss_tokens = tokens * tokens.new_tensor([1, st.microbatches])
         st.peak_in_flight = st._in_flight = 0
         st.compute_s = 0.0
         losses: list[torch.Tensor] = []
@@ -227,8 +238,8 @@ class PipelineParallelMixin:
             schedule.step(x, target=y, losses=losses, return_outputs=False)
         if sync:
             self.reduce_gradients()
-        loss = torch.stack([l.detach() for l in losses]).mean() if st.last else torch.zeros((), device=x.device)
-        return self._from_last_stage(loss)
+        loss = torch.stack([l.detach().float() for l in losses]).mean() if st.last else None
+        return self._from_last_stage(loss, (), torch.float32)
 
     def reduce_gradients(self) -> None:
         """After the last microbatch of an optimizer step: gradients averaged over dp x cp
@@ -239,7 +250,7 @@ class PipelineParallelMixin:
         if sync is not None:
             sync.reduce_accumulated()
         tied = self.pipeline.tied_group
-        if tied is not None:
+        if tied is not None and self.transformer.wte.weight.requires_grad:  # frozen: no gradient, no update
             held = optimizer_param(self.transformer.wte.weight)  # the parameter, or its ZeRO shard
             if held.grad is None:
                 held.grad = torch.zeros_like(held)
@@ -288,6 +299,7 @@ class PipelineParallelMixin:
     def _microbatch_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with _timed(self.pipeline):
             loss = lm_head_loss(self.lm_head, hidden, targets, self.config.vocab_size)
+            loss = token_share(loss, (targets != -1).sum(), self.pipeline.loss_tokens)
         return _ScaleGrad.apply(loss, self.pipeline.grad_scale)
 
     # ---- forward only: eval and sampling
@@ -306,17 +318,14 @@ class PipelineParallelMixin:
         st, B, T = self.pipeline, *idx.shape
         logits = loss = None
         if return_logits:
-            logits = torch.empty(B, T, self.config.vocab_size, device=idx.device, dtype=self._act_dtype())
             if st.last:
-                logits = self.lm_head(hidden)[..., : self.config.vocab_size].contiguous()
-            logits = self._from_last_stage(logits)
+                logits = self.lm_head(hidden)[..., : self.config.vocab_size]
+            logits = self._from_last_stage(logits, (B, T, self.config.vocab_size), self._act_dtype())
         if targets is not None:
             if st.last:
                 loss = (lm_head_loss(self.lm_head, hidden, targets, self.config.vocab_size) if not return_logits
                         else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
-            else:
-                loss = torch.zeros((), device=idx.device, dtype=self._act_dtype())
-            loss = self._from_last_stage(loss)
+            loss = self._from_last_stage(loss, (), torch.float32)
         return logits, loss
 
     @torch.no_grad()
@@ -331,16 +340,17 @@ class PipelineParallelMixin:
         right-padded to ``context_multiple`` as there (never cropped: that drops a token)."""
         if idx.size(1) < 1:
             raise ValueError("generate needs a prompt of at least one token")
+        check_sampling(max_new_tokens, temperature, top_k)  # on every stage, before any of them waits
         st = self.pipeline
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]
             n = context.size(1)
             hidden = self._forward_stages(F.pad(context, (0, -n % context_multiple)))
-            token = torch.empty(idx.size(0), 1, dtype=idx.dtype, device=idx.device)
+            token = None
             if st.last:  # GPT2Model.generate's sampling step, at the last real token
                 logits = self.lm_head(hidden)[:, n - 1, : self.config.vocab_size]
                 token = sample_token(logits, temperature, top_k, generator)
-            idx = torch.cat([idx, self._from_last_stage(token)], dim=1)
+            idx = torch.cat([idx, self._from_last_stage(token, (idx.size(0), 1), idx.dtype)], dim=1)
         return idx
 
     def _forward_stages(self, idx: torch.Tensor) -> torch.Tensor | None:
@@ -372,10 +382,13 @@ class PipelineParallelMixin:
         dist.recv(x, group=group, group_src=group_src)
         return x
 
-    def _from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
-        """t as the last stage's ranks hold it, on every rank of the pipeline."""
-        t = t.contiguous()
-        dist.broadcast(t, group=self.pipeline.group, group_src=self.pipeline.ctx.pp_size - 1)
+    def _from_last_stage(self, t: torch.Tensor | None, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """t, which the last stage's ranks hold (None elsewhere), on every rank of the pipeline, as a
+        tensor of this shape and dtype: every rank's buffer agrees, whatever dtype the last stage's
+        ops gave t (a loss is float32 from one op and bf16 from another)."""
+        st = self.pipeline
+        t = t.to(dtype).contiguous() if st.last else torch.empty(shape, dtype=dtype, device=st.ctx.device)
+        dist.broadcast(t, group=st.group, group_src=st.ctx.pp_size - 1)
         return t
 
     def _act_dtype(self) -> torch.dtype:

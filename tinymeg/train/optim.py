@@ -99,14 +99,16 @@ def clip_grad_norm_(params, max_norm: float, group: dist.ProcessGroup | None = N
     embedding's second copy): clipped, but counted there only (``model.grad_norm_args()``).
     """
     counted_elsewhere = {id(p) for p in shared}
+    params = list(dict.fromkeys(params))
     grads, counted = [], []
-    for p in dict.fromkeys(params):
+    for p in params:
         if (g := optimizer_param(p).grad) is not None:
             grads.append(g)
             counted.append(id(p) not in counted_elsewhere)
-    if not grads:
+    if not grads and group is None:
         return torch.zeros(())
-    device = _local(grads[0]).device
+    # (a pipeline stage without gradients, all its parameters frozen, still joins the pp all-reduce)
+    device = _local(grads[0] if grads else params[0]).device
     sums: dict[tuple, torch.Tensor] = {}  # the groups that shard a gradient -> sum of its squares
     for g, count in zip(grads, counted):
         if not count:
@@ -124,5 +126,6 @@ def clip_grad_norm_(params, max_norm: float, group: dist.ProcessGroup | None = N
         dist.all_reduce(total, group=group)
     norm = total.sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_([_local(g) for g in grads], scale.to(_local(grads[0]).dtype))
+    if grads:
+        torch._foreach_mul_([_local(g) for g in grads], scale.to(_local(grads[0]).dtype))
     return norm

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..context import ParallelContext, resolve_sizes
-from ..data import eval_batch, get_batch, load_corpus
+from ..data import TokenizerUnavailable, eval_batch, get_batch, load_corpus
 from ..models import GPT2Model, GPTConfig
 from ..models.hf_gpt2 import init_from_pretrained
 from ..ops import synchronized
@@ -33,7 +33,8 @@ from ..parallel import compile_model, gpt2_tp_config, parallelize
 from ..parallel.zero import memory_mb
 from . import report
 from .checkpoint import Checkpointer, maybe_inject_fault
-from .checks import ConfigError, check_config, pipeline_args, rank_from_env, run_checked, world_size_from_env
+from .checks import (ConfigError, PeerError, check_config, pipeline_args, rank_from_env, run_checked,
+                     world_size_from_env)
 from .optim import build_optimizer, clip_grad_norm_, compile_step, lr_at
 from .routing import RoutingLog
 
@@ -305,10 +306,20 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
 def generate_sample(model, tokenizer, cfg: TrainConfig, ctx: ParallelContext) -> str | None:
     """Sample cfg.sample_tokens after a newline, with the KV cache. Every rank runs the model
     (TP needs them all) with the same generator: the text is the same everywhere. Under
-    sequence parallelism the model's inputs are right-padded to a multiple of tp (exact)."""
+    sequence parallelism the model's inputs are right-padded to a multiple of tp (exact).
+    Without the tokenizer's files (GPT-2 BPE on a machine without network) it says so in one
+    line and returns None: the run has trained; only its sample is skipped."""
     if tokenizer is None:
         return None
-    prompt = torch.tensor([tokenizer.encode("\n")], device=ctx.device)
+    try:  # every rank agrees, so that none starts generating alone
+        newline = run_checked(ctx, lambda: tokenizer.encode("\n"))
+    except TokenizerUnavailable as e:
+        _say(ctx, f"no sample: {e}")
+        return None
+    except PeerError as e:  # this rank has the files, another has not
+        _say(ctx, f"no sample: another rank could not load the tokenizer ({e})")
+        return None
+    prompt = torch.tensor([newline], device=ctx.device)
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
     was_training = model.training
     model.eval()

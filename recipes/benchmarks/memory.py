@@ -1,0 +1,98 @@
+"""memory: what each rank holds at ZeRO 0-3 (launches torchrun itself, once per dp size)."""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import torch
+
+import tinymeg as tm
+
+from benchmarks.common import BENCH, format_table, peak_memory
+
+HELP = "ZeRO 0-3: parameter, gradient, optimizer and peak memory per rank"
+
+
+def _memory_worker(args) -> None:
+    """Under torchrun: for each stage, a few training steps of the same model; rank 0 writes
+    each stage's param/grad/optim MiB after the last step and its peak during that step."""
+    import json
+    from tinymeg.parallel.zero import memory_mb
+    from tinymeg.train.optim import build_optimizer, clip_grad_norm_
+    ctx = tm.ParallelContext(dp=-1)
+    cfg = tm.models.GPTConfig(block_size=args.seq, vocab_size=65, n_layer=args.n_layer, n_head=4,
+                              n_embd=args.n_embd)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 65, (args.micro_batch, args.seq), generator=g)
+    rows = []
+    for zero in (0, 1, 2, 3):
+        torch.manual_seed(0)
+        model = tm.apply_data_parallel(tm.models.GPT2Model(cfg).to(ctx.device), ctx, args.bucket_mb,
+                                       zero=zero, param_dtype=args.dtype)
+        optimizer = build_optimizer(model, 1e-4, 0.1)
+        held = {}
+
+        def step():
+            model(idx, idx, return_logits=False)[1].backward()
+            clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            held.update(memory_mb(model, optimizer))   # after the step, before zero_grad
+            optimizer.zero_grad(set_to_none=True)
+        for _ in range(args.steps - 1):
+            step()
+        before = sum(memory_mb(model, optimizer).values()) * 2**20
+        peak = (before + peak_memory(step, ctx.device)) / 2**20
+        rows.append({"dp": ctx.dp_size, "zero": zero, **held, "peak_mb": peak})
+        del model, optimizer
+    if ctx.is_main:
+        with open(args.out, "w") as f:
+            json.dump(rows, f)
+
+
+def run(args) -> None:
+    import json
+    import subprocess
+    import sys
+    if "RANK" in os.environ:
+        return _memory_worker(args)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dp in args.dp:
+            out = os.path.join(tmp, f"dp{dp}.json")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={dp}",
+                   BENCH, "memory", "--out", out, "--n-layer", str(args.n_layer),
+                   "--n-embd", str(args.n_embd), "--seq", str(args.seq), "--micro-batch",
+                   str(args.micro_batch), "--steps", str(args.steps), "--dtype", args.dtype,
+                   "--bucket-mb", str(args.bucket_mb)]
+            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            with open(out) as f:
+                rows += json.load(f)
+    table = []
+    for r in rows:
+        base = next(b for b in rows if b["dp"] == r["dp"] and b["zero"] == 0)
+        table.append([r["dp"], r["zero"], r["param_mb"], r["grad_mb"], r["optim_mb"], r["peak_mb"],
+                      *(f"{r[k] / base[k]:.2f}" if base[k] else "-" for k in ("param_mb", "grad_mb", "optim_mb", "peak_mb"))])
+    n_params = tm.models.GPT2Model(tm.models.GPTConfig(block_size=args.seq, vocab_size=65, n_layer=args.n_layer,
+                                                       n_head=4, n_embd=args.n_embd)).num_params()
+    print(f"# MiB per rank after a step (rank 0), GPT-2 {args.n_layer} layers, width {args.n_embd} "
+          f"({n_params / 1e6:.1f}M parameters), AdamW, {args.dtype}, batch {args.micro_batch} x {args.seq} per rank, "
+          f"{args.bucket_mb:g} MB buckets\n")
+    print(format_table(["dp", "zero", "param MiB", "grad MiB", "optim MiB", "peak MiB",
+                        "param/z0", "grad/z0", "optim/z0", "peak/z0"], table))
+    print("\n(optim: AdamW's two moments, and the fp32 master weights under bf16; grad: the gradients "
+          "and the data-parallel buckets that hold them; peak: what is live at the top of a training "
+          "step, activations included)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dp", type=int, nargs="+", default=[2, 4], help="data-parallel sizes (one torchrun each)")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2, help="training steps per stage; the last is measured")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--bucket-mb", type=float, default=2.0,
+                   help="DP buckets (stages 0-2); small for this small model, as 25 MB is for GPT-2 small")
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
