@@ -225,3 +225,23 @@ def test_ac_flag(monkeypatch, capsys):
     assert e.value.code == 2 and "argument --ac: invalid choice: 'some'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"--ac: activation checkpointing mode 'some' is not one of"):
         check_config(TrainConfig(ac="some"), 1)
+
+
+def test_a_transformers_model_is_checkpointed_without_knowing_its_class():
+    """A Hugging Face Llama (hidden_states and keyword arguments into each decoder layer, GQA,
+    rotary positions, dropout on attention): its layers are found, and its loss and gradients
+    are those without AC."""
+    pytest.importorskip("transformers", reason="transformers is in the [test] extra: pip install -e '.[test]'")
+    from test_hf_models import hf_model
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for mode in ("none", *MODES):
+        torch.manual_seed(0)
+        model = tm.apply_activation_checkpointing(hf_model("llama", 2, attention_dropout=0.1), mode)
+        assert len(transformer_blocks(model)) == 2
+        torch.manual_seed(1)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[mode] = ([loss.detach()], {n: p.grad for n, p in model.named_parameters()}, {})
+    for mode in MODES:
+        _compare(results[mode], results["none"], f"transformers Llama, ac={mode}")

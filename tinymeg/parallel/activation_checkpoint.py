@@ -15,7 +15,9 @@ transformer block of a model in place; ``mode`` is one of:
 stage's digit-keyed ModuleDict counts as one), outermost only: nothing about the model's class
 is assumed, so GPT-2, a Hugging Face model or a pipeline stage's part are found alike. A block
 keeps its name, class (a subclass of it) and state_dict keys: checkpoints, TP plans and FSDP2 see
-the same model.
+the same model. (A transformers model's ``config.use_cache`` is turned off, as transformers' own
+gradient checkpointing does in training: a KV cache filled by the forward would change what the
+recomputation attends to.)
 
 **Replayed exactly.** The recomputation must give the values the forward gave:
 - random numbers (dropout, tinymeg's per-TP-rank ParallelDropout) come from the RNG state each
@@ -167,6 +169,12 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
                          f"the elements of the model's ModuleList of transformer blocks, and there is none")
     if any(isinstance(b, CheckpointedBlock) for b in blocks):
         raise ValueError("activation checkpointing was already applied to this model; apply it once")
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False):
+        # A transformers model would append each forward's keys and values to a KV cache, so the
+        # recomputation would attend over the forward's too: off, as transformers' own gradient
+        # checkpointing turns it off in training.
+        config.use_cache = False
     region = getattr(model, "tp_region", None)
     for block in blocks:
         block.__class__ = _checkpointed_class(type(block))
