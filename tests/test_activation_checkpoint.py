@@ -124,8 +124,11 @@ class _ForwardOpsInBackward(TorchDispatchMode):
     # that ln_2 normalizes; the MLP's is never needed); attention's output is kept
     ("selective", {"layer_norm": 4, "addmm": 2, "attention": 0}),
 ])
-def test_the_forward_is_recomputed_in_backward(mode, recomputed):
-    """A no-op checkpoint would recompute nothing: this counts what backward runs again."""
+def test_the_forward_is_recomputed_in_backward(mode, recomputed, fresh_tuner, monkeypatch):
+    """A no-op checkpoint would recompute nothing: this counts what backward runs again. (The
+    counts name aten ops, so every tinymeg op takes its plain path here: the tuner's pick must not
+    change which ops run.)"""
+    monkeypatch.setenv("TINYMEG_OP_IMPL", ",".join(f"{op}=plain" for op in tm.ops.OPS))
     torch.manual_seed(0)
     model = tm.apply_activation_checkpointing(tm.models.GPT2Model(tm.models.GPTConfig.tiny()), mode)
     x, y = _batches(model.config, 2, 16, 1)[0]

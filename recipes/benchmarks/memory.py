@@ -11,7 +11,7 @@ import torch
 
 import tinymeg as tm
 
-from benchmarks.common import BENCH, format_table, peak_memory, time_side_by_side
+from benchmarks.common import BENCH, activation_memory, format_table, peak_memory, time_side_by_side
 
 HELP = "ZeRO 0-3: parameter, gradient, optimizer and peak memory per rank; activation checkpointing modes"
 
@@ -96,9 +96,8 @@ def _zero_table(args) -> None:
 
 def _ac_table(args) -> None:
     """Each activation checkpointing mode on the same GPT-2 and batch, one process: the activation
-    memory of a training step (its peak above the parameters, gradients and AdamW states, which
-    are allocated before it: the gradients are zeroed in place, not freed) and the step time, both
-    as ratios to ac="none". Steps timed side by side, interleaved."""
+    memory of a training step (common.activation_memory) and the step time, both as ratios to
+    ac="none". Steps timed side by side, interleaved."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = tm.models.GPTConfig(block_size=args.ac_seq, vocab_size=65, n_layer=args.ac_n_layer,
                               n_head=args.ac_n_embd // 64, n_embd=args.ac_n_embd)
@@ -115,10 +114,8 @@ def _ac_table(args) -> None:
         def step(forward_backward=forward_backward, optimizer=optimizer):
             forward_backward()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=False)   # gradients stay allocated: part of what is held
-        step()  # the gradients and AdamW's states exist from here on (and the tuner has decided)
-        activation_mb[mode] = peak_memory(forward_backward, device) / 2**20
-        optimizer.zero_grad(set_to_none=False)
+            optimizer.zero_grad(set_to_none=False)
+        activation_mb[mode] = activation_memory(forward_backward, optimizer, device) / 2**20
         steps[mode] = step
     # CPU: the process's CPU time (all its threads), which other processes' load barely moves
     clock = time.perf_counter if device.type == "cuda" else time.process_time
