@@ -1,17 +1,19 @@
 """Export a checkpoint to one file: `python recipes/export.py ck/ -o model.pt` (no torchrun).
 
 Reads a distributed checkpoint saved under any mesh (a step directory, or a --ckpt-dir for its
-latest), puts it into an unsharded GPT2Model and writes ``model.state_dict()`` with
-``torch.save``, plus ``model.json`` (model config, tokenizer, step, training config) next to it:
+latest), puts it into an unsharded model (GPT2Model or Llama) and writes ``model.state_dict()``
+with ``torch.save``, plus ``model.json`` (model kind and config, tokenizer, step, training
+config) next to it:
 
-    model = GPT2Model(GPTConfig(**json.load(open("model.json"))["model_config"]))
+    model = tinymeg.train.checkpoint.build_model(json.load(open("model.json")))
     model.load_state_dict(torch.load("model.pt"), strict=True)
 
 `python recipes/sample.py model.pt` generates text from it.
 
 ``--format hf -o DIR`` writes a Hugging Face directory instead (config.json + model.safetensors)
-that ``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` loads, and that
-``GPT2Model.from_pretrained(DIR)`` and ``recipes/train.py --init-from DIR`` read back.
+that ``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` (a Llama: ``LlamaForCausalLM``) loads,
+and that ``GPT2Model.from_pretrained(DIR)`` (``Llama.from_pretrained``) and ``recipes/train.py
+--init-from DIR`` read back.
 """
 import argparse
 import json
@@ -32,18 +34,18 @@ def main(argv=None) -> str:
     p.add_argument("-o", "--out", default=None, help="output state dict (default: model.pt); the config "
                    "goes next to it with a .json suffix. With --format hf: a directory (default: model_hf)")
     p.add_argument("--format", choices=["torch", "hf"], default="torch",
-                   help="torch: a torch.save state dict (default); hf: a Hugging Face GPT-2 directory")
+                   help="torch: a torch.save state dict (default); hf: a Hugging Face directory (GPT-2 or Llama)")
     args = p.parse_args(argv)
     args.out = args.out or ("model_hf" if args.format == "hf" else "model.pt")
 
     model, meta = load_model(args.checkpoint)
     if args.format == "hf":
         model.save_pretrained(args.out)
-        print(f"exported step {meta['step']} ({model.num_params():,} parameters) as a Hugging Face GPT-2 "
-              f"to {args.out}/")
+        print(f"exported step {meta['step']} ({model.num_params():,} parameters) as a Hugging Face "
+              f"{type(model).__name__} to {args.out}/")
         return args.out
     torch.save(model.state_dict(), args.out)
-    info = {k: meta.get(k) for k in ("step", "model_config", "tokenizer", "train_config")}
+    info = {k: meta.get(k) for k in ("step", "model", "model_config", "tokenizer", "train_config")}
     with open(config_path(args.out), "w") as f:
         json.dump(info, f, indent=1)
     n = model.num_params()

@@ -13,8 +13,7 @@ import sys
 
 import torch
 
-from tinymeg.models import GPT2Model, GPTConfig
-from tinymeg.train.checkpoint import load_model, tokenizer_from_meta
+from tinymeg.train.checkpoint import build_model, load_model, tokenizer_from_meta
 
 
 def load(path: str, device: str):
@@ -29,7 +28,7 @@ def load(path: str, device: str):
                          f"export again, or sample from the checkpoint directory instead")
     with open(config) as f:
         meta = json.load(f)
-    model = GPT2Model(GPTConfig(**meta["model_config"]))
+    model = build_model(meta)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return model.to(device), meta
 

@@ -1,7 +1,7 @@
 """Activation checkpointing: the same losses, gradients and AdamW steps as without it, on every mesh.
 
 ``ac="full"`` and ``ac="selective"`` against ``ac="none"`` on the same mesh and the same batches:
-GPT-2 unsharded, (tp2 + SP + LP), (cp2, tp2), (dp2, ZeRO-3), (dp2 = ep2, MoE), (pp2), and
+GPT-2 and Llama unsharded, (tp2 + SP + LP), (cp2, tp2), (dp2, ZeRO-3), (dp2 = ep2, MoE), (pp2), and
 compiled; with dropout wherever the mesh allows it (CP refuses attention dropout). A recomputation
 runs the very ops of the forward on the same inputs with the RNG state replayed, so the results
 are bit-identical (asserted to 1e-6, the issue's bound). Also: the recomputation happens (the
@@ -20,7 +20,17 @@ from tinymeg.nn.layers import local
 from tinymeg.parallel.activation_checkpoint import CheckpointedBlock, transformer_blocks
 
 MODES = ("full", "selective")
+MODELS = ("gpt2", "llama")
 TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def _config(kind, **kw):
+    """The tiny config of tinymeg's model ``kind`` (tm.models.MODELS)."""
+    return tm.models.MODELS[kind][1].tiny(**kw)
+
+
+def _model(cfg):
+    return next(cls for cls, config_cls in tm.models.MODELS.values() if type(cfg) is config_cls)(cfg)
 
 
 def _batches(cfg, n_seq, seq, steps, seed=0):
@@ -34,11 +44,11 @@ def _train(cfg, ctx, ac, batches, parallel_kw=None):
     ctx None: one process, no mesh (parallel_kw: compile=True or not)."""
     torch.manual_seed(0)
     if ctx is None:
-        model = tm.apply_activation_checkpointing(tm.models.GPT2Model(cfg), ac)
+        model = tm.apply_activation_checkpointing(_model(cfg), ac)
         if (parallel_kw or {}).get("compile"):
             model.compile(fullgraph=True)
     else:
-        model = tm.parallelize(tm.models.GPT2Model(cfg), ctx, ac=ac, **(parallel_kw or {}))
+        model = tm.parallelize(_model(cfg), ctx, ac=ac, **(parallel_kw or {}))
     blocks = transformer_blocks(model)
     assert blocks and all(isinstance(b, CheckpointedBlock) == (ac != "none") for b in blocks)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
@@ -67,35 +77,35 @@ def _compare(got, want, what):
         torch.testing.assert_close(params[name], want[2][name], **TOL, msg=lambda m: f"{what} {name}: {m}")
 
 
-def _modes_body(dims, cfg_kw, parallel_kw, n_seq, seq, steps=2):
+def _modes_body(kind, dims, cfg_kw, parallel_kw, n_seq, seq, steps=2):
     ctx = get_ctx(**dims)
-    cfg = tm.models.GPTConfig.tiny(**{"block_size": seq, **cfg_kw})
+    cfg = _config(kind, **{"block_size": seq, **cfg_kw})
     batches = _batches(cfg, n_seq, seq, steps, seed=ctx.dp_rank)  # each dp rank its own sequences
     want = _train(cfg, ctx, "none", batches, parallel_kw)
     for mode in MODES:
-        _compare(_train(cfg, ctx, mode, batches, parallel_kw), want, f"ac={mode} on {dims}")
+        _compare(_train(cfg, ctx, mode, batches, parallel_kw), want, f"{kind}, ac={mode} on {dims}")
 
 
 # ---- one process
 
-@given(mode=st.sampled_from(MODES), dropout=st.sampled_from([0.0, 0.1]), n_layer=st.integers(1, 2),
-       seq=st.integers(1, 12), seed=st.integers(0, 2**16))
-def test_ac_equals_no_ac_unsharded(mode, dropout, n_layer, seq, seed):
-    cfg = tm.models.GPTConfig.tiny(dropout=dropout, n_layer=n_layer, block_size=12)
+@given(kind=st.sampled_from(MODELS), mode=st.sampled_from(MODES), dropout=st.sampled_from([0.0, 0.1]),
+       n_layer=st.integers(1, 2), seq=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_ac_equals_no_ac_unsharded(kind, mode, dropout, n_layer, seq, seed):
+    cfg = _config(kind, dropout=dropout, n_layer=n_layer, block_size=12)
     batches = _batches(cfg, 2, seq, 2, seed)
-    _compare(_train(cfg, None, mode, batches), _train(cfg, None, "none", batches), f"ac={mode}")
+    _compare(_train(cfg, None, mode, batches), _train(cfg, None, "none", batches), f"{kind}, ac={mode}")
 
 
-def test_ac_with_the_autotuner_deciding_inside_the_checkpoint(fresh_tuner, monkeypatch):
+@pytest.mark.parametrize("kind", MODELS)
+def test_ac_with_the_autotuner_deciding_inside_the_checkpoint(kind, fresh_tuner):
     """The tuner's first calls time their candidates (forward and backward) inside a block's
     checkpointed forward; the recomputation looks the choices up. Neither may see the other."""
-    monkeypatch.setenv("TINYMEG_AUTOTUNE", "1")
-    cfg = tm.models.GPTConfig.tiny(dropout=0.1)
+    cfg = _config(kind, dropout=0.1)
     batches = _batches(cfg, 2, 16, 1)
     for mode in MODES:
         tm.ops.get_default_tuner().forget()  # every op decides again, inside this mode's checkpoint
         got = _train(cfg, None, mode, batches)
-        _compare(got, _train(cfg, None, "none", batches), f"ac={mode}, tuner deciding")
+        _compare(got, _train(cfg, None, "none", batches), f"{kind}, ac={mode}, tuner deciding")
 
 
 class _ForwardOpsInBackward(TorchDispatchMode):
@@ -138,12 +148,14 @@ def test_the_forward_is_recomputed_in_backward(mode, recomputed, fresh_tuner, mo
     assert counter.counts == recomputed
 
 
-def test_blocks_are_found_and_keep_their_names():
-    model = tm.models.GPT2Model(tm.models.GPTConfig.tiny(n_layer=3))
-    keys = list(model.state_dict())
+@pytest.mark.parametrize("kind", MODELS)
+def test_blocks_are_found_and_keep_their_names(kind):
+    model = _model(_config(kind, n_layer=3))
+    keys, blocks = list(model.state_dict()), list(model.get_submodule(model.BLOCKS))
+    classes = [type(b) for b in blocks]
     tm.apply_activation_checkpointing(model, "selective")
-    assert transformer_blocks(model) == list(model.transformer.h)
-    assert all(isinstance(b, CheckpointedBlock) and isinstance(b, tm.models.gpt2.Block) for b in model.transformer.h)
+    assert transformer_blocks(model) == blocks
+    assert all(isinstance(b, CheckpointedBlock) and isinstance(b, c) for b, c in zip(blocks, classes))
     assert list(model.state_dict()) == keys
     with torch.no_grad():  # eval/generation: no checkpoint, the block's own forward
         model.generate(torch.zeros(1, 1, dtype=torch.long), 2)
@@ -162,14 +174,15 @@ def test_bad_uses_are_clear_errors():
         tm.apply_activation_checkpointing(torch.nn.Linear(2, 2), "full")
 
 
-def test_compiled_ac_equals_compiled_without():
+@pytest.mark.parametrize("kind", MODELS)
+def test_compiled_ac_equals_compiled_without(kind):
     """fullgraph compile traces the checkpoints (the partitioner then decides what to recompute,
     keeping what the policy must save, and never redraws dropout): as compiled without AC."""
-    cfg = tm.models.GPTConfig.tiny(dropout=0.1, n_layer=1, block_size=16)
+    cfg = _config(kind, dropout=0.1, n_layer=1, block_size=16)
     batches = _batches(cfg, 2, 16, 2)
     want = _train(cfg, None, "none", batches, dict(compile=True))
     for mode in MODES:
-        _compare(_train(cfg, None, mode, batches, dict(compile=True)), want, f"compiled ac={mode}")
+        _compare(_train(cfg, None, mode, batches, dict(compile=True)), want, f"compiled {kind}, ac={mode}")
 
 
 # ---- every mesh the issue names: AC against no AC on the same ranks
@@ -183,9 +196,10 @@ MESHES = [
 ]
 
 
+@pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("world_size, dims, cfg_kw, parallel_kw, n_seq, seq", MESHES)
-def test_ac_equals_no_ac_on_every_mesh(world_size, dims, cfg_kw, parallel_kw, n_seq, seq):
-    world(world_size).run(_modes_body, dims, cfg_kw, parallel_kw, n_seq, seq)
+def test_ac_equals_no_ac_on_every_mesh(kind, world_size, dims, cfg_kw, parallel_kw, n_seq, seq):
+    world(world_size).run(_modes_body, kind, dims, cfg_kw, parallel_kw, n_seq, seq)
 
 
 # ---- the trainer and the command line

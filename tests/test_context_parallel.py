@@ -235,6 +235,17 @@ def _raises(fn, exc, pattern):
         fn()
 
 
+class _NoPositions(torch.nn.Module):
+    """Attention CP can reach, but a forward that cannot be told the tokens' positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.core_attention = tm.models.CausalAttention()
+
+    def forward(self, idx, targets=None):
+        return self.core_attention(idx, idx, idx)
+
+
 def _errors_body():
     from test_foreign_model import LlamaForCausalLM
     ctx = get_ctx(cp=2)
@@ -252,8 +263,10 @@ def _errors_body():
             r"Sequential has no tinymeg.models.CausalAttention module")
     _raises(lambda: tm.apply_context_parallel(tm.models.GPT2Model(tm.models.GPTConfig.tiny(dropout=0.1)), ctx),
             ValueError, r"'transformer.h.0.attn.core_attention' has attention dropout 0.1.*GPTConfig\(dropout=0.0\)")
-    _raises(lambda: tm.apply_context_parallel(tm.models.GPT2Model(cfg), ctx, position_embedding="pos_emb"),
-            ValueError, r"position_embedding='pos_emb' matches no nn.Embedding of GPT2Model")
+    _raises(lambda: tm.apply_context_parallel(_NoPositions(), ctx), TypeError,
+            r"_NoPositions.forward takes no pos: context parallelism gives each rank its tokens and their "
+            r"positions in the whole sequence")
+    _raises(lambda: model(x[:, :4], pos=torch.arange(4)), ValueError, r"places its tokens itself")
     _raises(lambda: tm.apply_context_parallel(tm.models.GPT2Model(cfg), ctx, block="triton"),
             ValueError, r"'auto', 'math' or 'flash', got 'triton'")
     q = torch.zeros(1, 4, 4, 8)

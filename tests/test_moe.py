@@ -26,7 +26,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 def _layer(E, k, C=16, hidden=32, bias=True, seed=0, **kw):
     torch.manual_seed(seed)
     cfg = tm.models.GPTConfig.tiny(n_embd=C, n_experts=E, top_k=k, expert_hidden=hidden, bias=bias, **kw)
-    layer = MoE(cfg)
+    layer = MoE(cfg, hidden, "gelu", bias)
     with torch.no_grad():  # non-zero biases and a router that is not near-uniform
         for p in layer.parameters():
             p.normal_(0, 0.5)

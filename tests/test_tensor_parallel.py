@@ -120,7 +120,7 @@ def _largest_loss_tensor(model, idx):
             return out
     x = torch.randn(idx.shape[0], idx.shape[1], model.config.n_embd, requires_grad=True)
     with Largest():
-        from tinymeg.models.gpt2 import lm_head_loss
+        from tinymeg.models.base import lm_head_loss
         lm_head_loss(model.lm_head, x, idx, model.config.vocab_size).backward()
     return Largest.nbytes
 

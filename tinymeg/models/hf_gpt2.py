@@ -17,16 +17,11 @@ read too. Any other missing, extra or wrong-shaped tensor is an error that names
 """
 from __future__ import annotations
 
-import json
-import os
-
 import torch
-import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from .gpt2 import GPT2Model, GPTConfig
+from .hf_io import check_shapes, padded_rows, read_config, read_tensors, whole_state_dict, write_pretrained
 
-CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")   # old checkpoints' causal masks: not parameters
 GPT2_GELU = ("gelu_new", "gelu_pytorch_tanh")        # the tanh approximation, as tinymeg's bias_gelu
@@ -40,7 +35,8 @@ def config_from_hf(hf: dict, *, dropout: float | None = None, vocab_multiple: in
     the config's (its three dropout rates must then agree)."""
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{where} is a {hf.get('model_type')!r} config, not GPT-2's (model_type 'gpt2'): "
-                         f"GPT2Model.from_pretrained reads GPT-2 checkpoints only. Load other transformers "
+                         f"GPT2Model.from_pretrained reads GPT-2 checkpoints only (a Llama: tm.models.Llama."
+                         f"from_pretrained). Load other transformers "
                          f"models with transformers and shard them with tm.plans (README: Bring your own model)")
     n_embd = hf.get("n_embd", 768)
     unsupported = {
@@ -99,19 +95,6 @@ def hf_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 # ---------------------------------------------------------------- in
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    single, index = os.path.join(path, WEIGHTS), os.path.join(path, INDEX)
-    if os.path.isfile(single):
-        return load_file(single)
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return {k: v for name in files for k, v in load_file(os.path.join(path, name)).items()}
-    raise FileNotFoundError(f"{path} has no {WEIGHTS} (nor {INDEX}): from_pretrained reads safetensors "
-                            f"files, as transformers' save_pretrained writes them by default")
-
-
 def _to_hf_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The Hub's original checkpoints name tensors without "transformer." and keep mask buffers."""
     out = {}
@@ -126,47 +109,23 @@ def _to_hf_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: str, cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """The directory's tensors as GPT2Model(cfg)'s state_dict (transposed, padded, tied)."""
-    tensors = _to_hf_names(_read_tensors(path))
+    tensors = _to_hf_names(read_tensors(path))
     head = tensors.pop("lm_head.weight", None)
-    want = hf_shapes(cfg)
-    problems = [f"{k} is missing" for k in want if k not in tensors]
-    problems += [f"{k} is not a GPT-2 tensor" for k in tensors if k not in want]
-    problems += [f"{k} has shape {tuple(t.shape)}, config.json says {want[k]}"
-                 for k, t in tensors.items() if k in want and tuple(t.shape) != want[k]]
-    if head is not None and not torch.equal(head, tensors.get("transformer.wte.weight", head)):
-        problems.append("lm_head.weight differs from transformer.wte.weight (GPT-2 ties them)")
-    if problems:
-        raise ValueError(f"{path} is not a GPT-2 checkpoint of its config.json's shape: " + "; ".join(problems))
+    if head is not None and "transformer.wte.weight" in tensors and not torch.equal(head, tensors["transformer.wte.weight"]):
+        raise ValueError(f"{path}: lm_head.weight differs from transformer.wte.weight (GPT-2 ties them)")
+    check_shapes(path, tensors, hf_shapes(cfg), "GPT-2")
     sd = {k: (t.t() if k.endswith(CONV1D) else t).float().contiguous() for k, t in tensors.items()}
-    wte = torch.zeros(cfg.padded_vocab_size, cfg.n_embd)
-    wte[:cfg.vocab_size] = sd["transformer.wte.weight"]
-    sd["transformer.wte.weight"] = sd["lm_head.weight"] = wte
+    sd["transformer.wte.weight"] = sd["lm_head.weight"] = padded_rows(sd["transformer.wte.weight"],
+                                                                      cfg.padded_vocab_size)
     return sd
 
 
 def from_pretrained(path: str, *, dropout: float | None = None, vocab_multiple: int = 64) -> GPT2Model:
-    config_path = os.path.join(path, CONFIG)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{path} has no {CONFIG}: give the directory transformers' save_pretrained "
-                                f"(or GPT2Model.save_pretrained) wrote")
-    with open(config_path) as f:
-        cfg = config_from_hf(json.load(f), dropout=dropout, vocab_multiple=vocab_multiple, where=config_path)
+    hf, config_path = read_config(path)
+    cfg = config_from_hf(hf, dropout=dropout, vocab_multiple=vocab_multiple, where=config_path)
     sd = read_state_dict(path, cfg)
     model = GPT2Model(cfg)
     model.load_state_dict(sd, strict=True)
-    return model
-
-
-def init_from_pretrained(path: str, vocab_size: int, seq_len: int, dropout: float) -> GPT2Model:
-    """The trainer's --init-from: the directory's GPT-2, checked against the data it will see."""
-    model = from_pretrained(path, dropout=dropout)
-    if model.config.vocab_size != vocab_size:
-        raise ValueError(f"--init-from {path}: the model has a vocabulary of {model.config.vocab_size} tokens, "
-                         f"the data's tokenizer {vocab_size}. Use the tokenizer it was trained with "
-                         f"(--tokenizer gpt2 for OpenAI's GPT-2, the same corpus for a char-level model)")
-    if seq_len > model.config.block_size:
-        raise ValueError(f"--init-from {path}: --seq-len {seq_len} is longer than the model's "
-                         f"{model.config.block_size} positions (n_positions): use --seq-len <= {model.config.block_size}")
     return model
 
 
@@ -175,30 +134,18 @@ def init_from_pretrained(path: str, vocab_size: int, seq_len: int, dropout: floa
 def hf_state_dict(model: GPT2Model) -> dict[str, torch.Tensor]:
     """The model's parameters in Hugging Face's layout, whole on every rank. Sharded (DTensor)
     parameters are gathered over their mesh: a collective, so every rank must call this."""
-    cfg, out = model.config, {}
-    for key, t in model.state_dict().items():
+    out = {}
+    for key, t in whole_state_dict(model).items():
         if key == "lm_head.weight":
             continue                                 # tied to transformer.wte.weight
-        t = t.full_tensor() if isinstance(t, DTensor) else t
-        t = t.detach().float().cpu()
         if key == "transformer.wte.weight":
-            t = t[:cfg.vocab_size]                   # padded rows are not tokens
+            t = t[:model.config.vocab_size]          # padded rows are not tokens
         out[key] = (t.t() if key.endswith(CONV1D) else t).contiguous()
     return out
 
 
-def save_pretrained(model: GPT2Model, path: str) -> None:
-    """Write ``path/config.json`` and ``path/model.safetensors`` for transformers'
+def save_pretrained(model: GPT2Model, path: str, max_shard_mb: float | None = None) -> None:
+    """Write ``path/config.json`` and the weights (hf_io.write_pretrained) for transformers'
     GPT2LMHeadModel.from_pretrained. Under torch.distributed every rank calls it (sharded
     parameters are gathered) and global rank 0 writes; it returns when the files exist."""
-    from safetensors.torch import save_file
-    config = config_to_hf(model.config)
-    tensors = hf_state_dict(model)
-    distributed = dist.is_available() and dist.is_initialized()
-    if not distributed or dist.get_rank() == 0:
-        os.makedirs(path, exist_ok=True)
-        save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
-        with open(os.path.join(path, CONFIG), "w") as f:
-            json.dump(config, f, indent=2)
-    if distributed:
-        dist.barrier()
+    write_pretrained(path, config_to_hf(model.config), hf_state_dict(model), max_shard_mb)

@@ -1,10 +1,11 @@
-"""Mixture of experts for GPT-2, written as plain single-device code.
+"""Mixture of experts for tinymeg's models (GPT-2, Llama), written as plain single-device code.
 
 A MoE layer replaces a block's MLP. A router (a Linear to E logits, softmax in float32) picks
 each token's top-k experts and weights them by their probabilities renormalised over the k
 chosen; every token reaches all k of its experts (dropless: no capacity, nothing dropped). The
-E expert MLPs are GPT-2's (``gelu_tanh(x W_fc + b_fc) W_proj + b_proj``), their weights stacked on
-a leading expert dim, and computed at once on the tokens sorted by expert
+E expert MLPs are the model's own MLP: GPT-2's (``gelu_tanh(x W_fc + b_fc) W_proj + b_proj``) or
+Llama's SwiGLU (``(silu(x W_gate) * x W_up) W_down``, gate|up stacked in one ``W_fc``), their
+weights stacked on a leading expert dim, and computed at once on the tokens sorted by expert
 (``tinymeg::grouped_mm``: one matmul per expert, whatever number of tokens each got).
 
 Two auxiliary losses keep the router healthy; in training they are added to the model's loss:
@@ -12,9 +13,9 @@ Two auxiliary losses keep the router healthy; in training they are added to the 
 - load balancing (Switch Transformer / GShard): ``E * sum_e f_e * P_e``, with ``f_e`` the
   fraction of the k*n routed token slots that went to expert e and ``P_e`` the mean router
   probability of expert e over the n tokens. 1 when perfectly balanced; weight
-  ``GPTConfig.aux_loss_weight``.
+  ``config.aux_loss_weight``.
 - router z-loss (ST-MoE): the mean over tokens of ``logsumexp(router logits)^2``, which keeps
-  the logits small; weight ``GPTConfig.z_loss_weight``.
+  the logits small; weight ``config.z_loss_weight``.
 
 Both are statistics of a batch, so they depend on which tokens the batch holds. They are defined
 on the *global* batch of one forward (every data-parallel rank's tokens of one micro-step), so
@@ -39,16 +40,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import grouped_mm
+from ..ops import grouped_mm, swiglu
+
+# The expert MLP's activation, on the first matmul's output h: GPT-2's GELU (tanh), or Llama's
+# SwiGLU on h = gate | up (each half of h's width).
+ACTIVATIONS = {"gelu": lambda h: F.gelu(h, approximate="tanh"),
+               "swiglu": lambda h: swiglu(*h.chunk(2, dim=-1))}
 
 
 def expert_mlp(x: torch.Tensor, counts: torch.Tensor, fc_weight: torch.Tensor,
                fc_bias: torch.Tensor | None, proj_weight: torch.Tensor,
-               proj_bias: torch.Tensor | None) -> torch.Tensor:
-    """GPT-2's MLP of expert e on the rows of x that belong to it, for every e at once.
+               proj_bias: torch.Tensor | None, activation: str = "gelu") -> torch.Tensor:
+    """The MLP of expert e on the rows of x that belong to it, for every e at once.
 
     x (M, C): rows sorted by expert; counts (G,): rows per expert (summing to M); weights
-    stacked by expert: fc_weight (G, C, H), fc_bias (G, H), proj_weight (G, H, C), proj_bias (G, C)."""
+    stacked by expert: fc_weight (G, C, H) (SwiGLU: (G, C, 2H), gate | up), fc_bias (G, H),
+    proj_weight (G, H, C), proj_bias (G, C); ``activation`` one of ACTIVATIONS."""
     offs = counts.cumsum(0).to(torch.int32)
     h = grouped_mm(x, fc_weight, offs)
     if fc_bias is not None or proj_bias is not None:
@@ -57,48 +64,56 @@ def expert_mlp(x: torch.Tensor, counts: torch.Tensor, fc_weight: torch.Tensor,
                                     right=True)
     if fc_bias is not None:
         h = h + fc_bias[expert]
-    y = grouped_mm(F.gelu(h, approximate="tanh"), proj_weight, offs)
+    y = grouped_mm(ACTIVATIONS[activation](h), proj_weight, offs)
     return y if proj_bias is None else y + proj_bias[expert]
 
 
 class GroupedExperts(nn.Module):
-    """E expert MLPs with stacked weights: fc_weight (E, C, H), fc_bias (E, H), proj_weight
-    (E, H, C), proj_bias (E, C) (named ``*_bias`` so that the optimizer does not decay them).
+    """E expert MLPs with stacked weights: fc_weight (E, C, H) (SwiGLU: (E, C, 2H)), fc_bias
+    (E, H), proj_weight (E, H, C), proj_bias (E, C) (named ``*_bias`` so that the optimizer does
+    not decay them).
 
     ``forward(x, counts)``: x (M, C) rows sorted by expert, counts (E,) rows per expert -> (M, C).
     Expert parallelism replaces this forward by one that sends the rows to the ranks holding
     their experts (tinymeg.parallel.expert_parallel); the weights and their names stay."""
 
-    def __init__(self, n_experts: int, n_embd: int, hidden: int, bias: bool, proj_std: float):
+    def __init__(self, n_experts: int, n_embd: int, hidden: int, bias: bool, proj_std: float,
+                 activation: str = "gelu"):
         super().__init__()
-        self.n_experts = n_experts
-        self.fc_weight = nn.Parameter(torch.empty(n_experts, n_embd, hidden))
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"expert activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.n_experts, self.activation = n_experts, activation
+        fc_width = 2 * hidden if activation == "swiglu" else hidden
+        self.fc_weight = nn.Parameter(torch.empty(n_experts, n_embd, fc_width))
         self.proj_weight = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
-        self.fc_bias = nn.Parameter(torch.zeros(n_experts, hidden)) if bias else None
+        self.fc_bias = nn.Parameter(torch.zeros(n_experts, fc_width)) if bias else None
         self.proj_bias = nn.Parameter(torch.zeros(n_experts, n_embd)) if bias else None
-        # GPT-2's init: like c_fc and c_proj (the residual projection scaled by depth)
+        # GPT-2's init (tinymeg's Llama's too): like c_fc and c_proj (the residual projection scaled by depth)
         nn.init.normal_(self.fc_weight, mean=0.0, std=0.02)
         nn.init.normal_(self.proj_weight, mean=0.0, std=proj_std)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return expert_mlp(x, counts, self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)
+        return expert_mlp(x, counts, self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias,
+                          self.activation)
 
     def extra_repr(self) -> str:
-        E, C, H = self.fc_weight.shape
-        return f"experts={E}, n_embd={C}, hidden={H}, bias={self.fc_bias is not None}"
+        E, H, C = self.proj_weight.shape
+        return f"experts={E}, n_embd={C}, hidden={H}, bias={self.fc_bias is not None}, {self.activation}"
 
 
 class MoE(nn.Module):
-    """A mixture-of-experts MLP: router, top-k of E experts, dropless, with balancing losses."""
+    """A mixture-of-experts MLP: router, top-k of E experts, dropless, with balancing losses.
+    ``config``: the model's (LMConfig: n_embd, n_layer, dropout, the MoE fields); ``hidden``,
+    ``activation`` and ``bias``: the expert MLP's (the model's dense MLP's)."""
 
-    def __init__(self, config):
+    def __init__(self, config, hidden: int, activation: str = "gelu", bias: bool = True):
         super().__init__()
         C, E = config.n_embd, config.n_experts
         self.n_experts, self.top_k = E, config.top_k
         self.aux_loss_weight, self.z_loss_weight = config.aux_loss_weight, config.z_loss_weight
         self.router = nn.Linear(C, E, bias=False)
-        self.experts = GroupedExperts(E, C, config.expert_hidden or 4 * C, config.bias,
-                                      proj_std=0.02 / math.sqrt(2 * config.n_layer))
+        self.experts = GroupedExperts(E, C, hidden, bias, proj_std=0.02 / math.sqrt(2 * config.n_layer),
+                                      activation=activation)
         self.dropout = nn.Dropout(config.dropout)
         # Sums the balancing statistics over every rank that holds other tokens of the batch
         # (set by tinymeg.parallel.expert_parallel; None: this process sees the whole batch).

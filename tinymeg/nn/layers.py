@@ -23,7 +23,8 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ..ops import LayerNorm as FusedLayerNorm
-from ..ops import layer_norm
+from ..ops import RMSNorm as FusedRMSNorm
+from ..ops import layer_norm, rms_norm
 from .checks import check_index
 from .functional import copy_to_tp, gather_from_tp, reduce_from_tp
 from .loss_parallel import vocab_parallel_cross_entropy
@@ -280,9 +281,15 @@ class LayerNorm(FusedLayerNorm):
         return layer_norm(x, weight, bias, self.eps)
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(FusedRMSNorm):
+    """Replicated twin of nn.RMSNorm and of tinymeg.ops.RMSNorm: the fused op on local copies."""
+
     def forward(self, x):
-        return F.rms_norm(x, self.normalized_shape, replicated(self, self.weight), self.eps)
+        weight = replicated(self, self.weight)
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps  # nn.RMSNorm's default
+        if len(self.normalized_shape) != 1:
+            return F.rms_norm(x, self.normalized_shape, weight, eps)
+        return rms_norm(x, weight, eps)
 
 
 class ReplicatedEmbedding(nn.Embedding):
@@ -300,7 +307,7 @@ class ReplicatedLinear(nn.Linear):
 
 
 # Twins for the hot module classes: their own forward on local copies, no per-call overhead.
-REPLICATED_TYPES = {nn.LayerNorm: LayerNorm, FusedLayerNorm: LayerNorm, nn.RMSNorm: RMSNorm,
+REPLICATED_TYPES = {nn.LayerNorm: LayerNorm, FusedLayerNorm: LayerNorm, nn.RMSNorm: RMSNorm, FusedRMSNorm: RMSNorm,
                     nn.Embedding: ReplicatedEmbedding, nn.Linear: ReplicatedLinear}
 
 

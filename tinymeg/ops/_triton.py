@@ -228,3 +228,106 @@ if AVAILABLE:
         if not compute_grad:
             return loss, hidden.new_empty(0), weight.new_empty(0)
         return loss, grad_hidden, grad_weight.to(weight.dtype)
+
+    # ---- rms_norm ----
+
+    @triton.jit
+    def _rms_fwd_kernel(X, W, Y, Rstd, n_cols, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        y = x * rstd
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Rstd + row, rstd)
+
+    @triton.jit
+    def _rms_bwd_kernel(DY, X, W, Rstd, DX, DWp, n_rows, n_cols, rows_per_program,
+                        HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+        # As _ln_bwd_kernel: a run of rows per program, its partial grad_weight written once.
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        if HAS_W:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            w = tl.where(mask, 1.0, 0.0)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, rows_per_program):
+            row = pid * rows_per_program + i
+            if row < n_rows:
+                offs = row.to(tl.int64) * n_cols + cols
+                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(Rstd + row)
+                xhat = x * rstd
+                g = dy * w
+                dot = tl.sum(g * xhat, axis=0) / n_cols
+                tl.store(DX + offs, ((g - xhat * dot) * rstd).to(DX.dtype.element_ty), mask=mask)
+                dw += dy * xhat
+        tl.store(DWp + pid * n_cols + cols, dw, mask=mask)
+
+    def rms_norm_forward(x, weight, eps):
+        C = x.shape[-1]
+        x2 = x.view(-1, C)
+        M = x2.shape[0]
+        y = torch.empty_like(x2)
+        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        if M:
+            block, warps = _row_block(C)
+            _rms_fwd_kernel[(M,)](x2, x2 if weight is None else weight, y, rstd, C, eps,
+                                  HAS_W=weight is not None, BLOCK=block, num_warps=warps)
+        return y.view(x.shape), rstd.view(x.shape[:-1])
+
+    def rms_norm_backward(dy, x, weight, rstd):
+        C = x.shape[-1]
+        x2 = x.view(-1, C)
+        M = x2.shape[0]
+        dx = torch.empty_like(x2)
+        block, warps = _row_block(C)
+        programs = max(1, min(M, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count))
+        rows_per_program = triton.cdiv(M, programs) if M else 0
+        dw_partial = torch.zeros((programs, C), dtype=torch.float32, device=x.device)
+        if M:
+            _rms_bwd_kernel[(programs,)](dy.view(-1, C), x2, x2 if weight is None else weight, rstd, dx,
+                                         dw_partial, M, C, rows_per_program, HAS_W=weight is not None,
+                                         BLOCK=block, num_warps=warps)
+        return dx.view(x.shape), dw_partial.sum(0).to(x.dtype if weight is None else weight.dtype)
+
+    # ---- swiglu ----
+
+    @triton.jit
+    def _swiglu_fwd_kernel(G, U, Y, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + offs, (g * tl.sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        tl.store(DG + offs, (dy * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
+        tl.store(DU + offs, (dy * g * s).to(DU.dtype.element_ty), mask=mask)
+
+    def swiglu_forward(gate, up):
+        y = torch.empty_like(gate)
+        n = gate.numel()
+        if n:
+            _swiglu_fwd_kernel[(triton.cdiv(n, _EW_BLOCK),)](gate, up, y, n, BLOCK=_EW_BLOCK)
+        return y
+
+    def swiglu_backward(dy, gate, up):
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        if n:
+            _swiglu_bwd_kernel[(triton.cdiv(n, _EW_BLOCK),)](dy, gate, up, dg, du, n, BLOCK=_EW_BLOCK)
+        return dg, du

@@ -11,9 +11,10 @@ transformer block of a model in place; ``mode`` is one of:
   API, as torchtitan's per-op SAC) keeps the outputs that are dear to recompute and recomputes the
   cheap ones: see ``SAVED_OPS`` and ``policy``.
 
-**Which modules are blocks.** The elements of the model's ModuleLists of blocks (a pipeline
-stage's digit-keyed ModuleDict counts as one), outermost only: nothing about the model's class
-is assumed, so GPT-2, a Hugging Face model or a pipeline stage's part are found alike. A block
+**Which modules are blocks.** Those a tinymeg model names (``BLOCKS``, its protocol: GPT-2's
+and Llama's, whole or a pipeline stage's part); in any other model the elements of its outermost
+ModuleLists of modules with parameters (a transformers model's decoder layers): nothing about the
+class is assumed. A block
 keeps its name, class (a subclass of it) and state_dict keys: checkpoints, TP plans and FSDP2 see
 the same model. (A transformers model's ``config.use_cache`` is turned off, as transformers' own
 gradient checkpointing does in training: a KV cache filled by the forward would change what the
@@ -47,6 +48,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from ..ops import grouped_mm  # noqa: F401 - registers tinymeg::grouped_mm, named in SAVED_OPS
 from .context_parallel import ring_attention_op  # noqa: F401 - registers tinymeg::ring_attention
+from .tensor_parallel import holds_blocks
 
 AC_MODES = ("none", "full", "selective")
 
@@ -124,20 +126,24 @@ def _stream_width(args: tuple, kwargs: dict) -> int:
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks of a model: the elements of each outermost ModuleList (or digit-keyed
-    ModuleDict: a pipeline stage's blocks) that holds modules with parameters."""
-    blocks, inside = [], set()
+    """The blocks of a model: those its ``BLOCKS`` names (tinymeg's models say where their blocks
+    are: tinymeg.models.base), else the elements of each outermost ModuleList (or digit-keyed
+    ModuleDict: a pipeline stage's blocks) of modules with parameters (any other model)."""
+    if getattr(model, "BLOCKS", None) is not None:
+        return list(_members(model.get_submodule(model.BLOCKS)))
+    blocks, inside = [], []
     for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in inside):
+        if any(name.startswith(prefix) for prefix in inside) or not holds_blocks(module):
             continue
-        if isinstance(module, nn.ModuleList) or (isinstance(module, nn.ModuleDict) and len(module) > 0
-                                                 and all(k.isdigit() for k in module.keys())):
-            members = [m for m in (module.values() if isinstance(module, nn.ModuleDict) else module)
-                       if any(True for _ in m.parameters())]
-            if members:
-                blocks.extend(members)
-                inside.add(name + ".")
+        members = [m for m in _members(module) if any(True for _ in m.parameters())]
+        if members:
+            blocks.extend(members)
+            inside.append(name + ".")
     return blocks
+
+
+def _members(holder: nn.Module):
+    return holder.values() if isinstance(holder, nn.ModuleDict) else holder
 
 
 def check_ac_mode(mode) -> None:

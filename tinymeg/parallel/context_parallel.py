@@ -35,11 +35,13 @@ CP loss by cp for the same reason). Logits, when asked for, are all-gathered bac
 sequence order, with the same rule in backward.
 
 **What it needs from a model.** Attention's token-mixing step must be a
-``tinymeg.models.CausalAttention`` module (GPT-2's ``attn.core_attention``): it is swapped for
-``RingAttention``. Positions must come from a position-embedding module (GPT-2's ``wpe``; a
-hook maps the local positions 0..T/cp-1 to the layout's). A rotary model would instead need its
-rotary angles computed from the layout's positions (Hugging Face models take ``position_ids``).
-Attention dropout is refused (the ring would need each block's dropout mask again in backward).
+``tinymeg.models.CausalAttention`` module (GPT-2's ``attn.core_attention``, Llama's
+``self_attn.core_attention``): it is swapped for ``RingAttention``. The model's forward must
+take the tokens' positions (``pos``, tinymeg.models.base's protocol): each rank passes its
+layout's, so learned position embeddings (GPT-2) and rotary angles (Llama) alike are those of
+the tokens' places in the whole sequence. Grouped key/value heads must be repeated to the query
+heads before the core (Llama's attention does). Attention dropout is refused (the ring would
+need each block's dropout mask again in backward).
 
 **Generation** runs without CP (``model.generate`` turns it off): every cp rank holds the whole
 model, so it samples alone, with plain attention on the whole context.
@@ -47,6 +49,7 @@ model, so it samples alone, with plain attention on the whole context.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -58,9 +61,8 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..context import ParallelContext
-from ..models.gpt2 import CausalAttention
+from ..models.base import CausalAttention
 from ..nn.functional import all_gather, all_reduce
-from .plan import matches
 from .tensor_parallel import sequence_parallel_size
 
 # ---- the layout ----
@@ -386,9 +388,13 @@ class ContextParallelMixin:
         if block_size is not None and seq_len > block_size:
             raise ValueError(f"sequence length {seq_len} exceeds block_size {block_size}")
         check_seq_len(seq_len, state.size, state.tp_seq)
+        if kwargs.get("pos") is not None:
+            raise ValueError("a context-parallel model places its tokens itself (the layout's positions): "
+                             "call it without pos, on whole sequences")
         index = state.index(seq_len, idx.device)
         local_targets = None if targets is None else targets.index_select(1, index)
-        logits, loss = super().forward(idx.index_select(1, index), local_targets, *args, **kwargs)
+        logits, loss = super().forward(idx.index_select(1, index), local_targets, *args,
+                                       **{**kwargs, "pos": index})
         if loss is not None:
             loss = _MeanOverCP.apply(loss, (local_targets != -1).sum(), state.mesh)
         if logits is not None:
@@ -410,15 +416,14 @@ class ContextParallelMixin:
             return super().generate(*args, **kwargs)
 
 
-def apply_context_parallel(model: nn.Module, ctx: ParallelContext, position_embedding: str | None = "wpe",
-                           block: str = "auto") -> nn.Module:
+def apply_context_parallel(model: nn.Module, ctx: ParallelContext, block: str = "auto") -> nn.Module:
     """Split every sequence over ``ctx.mesh["cp"]`` and run attention as a ring, in place.
 
-    Every ``CausalAttention`` becomes a ``RingAttention``; the position-embedding module that
-    ``position_embedding`` names (a pattern, as in TP plans; None for a model without one) gets
-    the layout's positions; the model's class gains ContextParallelMixin. Apply it after TP and
-    before DP, which averages gradients over dp x cp (``tm.parallelize`` does the ordering).
-    ``block``: "auto", "flash" (aten's fused CPU kernel) or "math" for each block of the ring.
+    Every ``CausalAttention`` becomes a ``RingAttention``; the model's forward gets each rank's
+    tokens and their positions in the whole sequence (``pos=``: the layout's); the model's class
+    gains ContextParallelMixin. Apply it after TP and before DP, which averages gradients over
+    dp x cp (``tm.parallelize`` does the ordering). ``block``: "auto", "flash" (aten's fused CPU
+    kernel) or "math" for each block of the ring.
     """
     if isinstance(model, ContextParallelMixin):
         raise ValueError("context parallelism was already applied to this model; apply it once")
@@ -426,6 +431,10 @@ def apply_context_parallel(model: nn.Module, ctx: ParallelContext, position_embe
     state = ContextParallelState(ctx.mesh["cp"])
     cores = [name for name, m in model.named_modules() if isinstance(m, CausalAttention)]
     _check_attention(model, cores)
+    if "pos" not in inspect.signature(model.forward).parameters:
+        raise TypeError(f"{type(model).__name__}.forward takes no pos: context parallelism gives each rank "
+                        f"its tokens and their positions in the whole sequence as forward(idx, targets, "
+                        f"pos=...), as tinymeg's GPT2Model and Llama take them (tinymeg.models.base)")
     for name in cores:
         core = model.get_submodule(name)
         if core.dropout.p > 0:
@@ -434,29 +443,10 @@ def apply_context_parallel(model: nn.Module, ctx: ParallelContext, position_embe
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, RingAttention(state, block))
 
-    if position_embedding is not None:
-        hits = [m for n, m in model.named_modules() if isinstance(m, nn.Embedding) and matches(position_embedding, n)]
-        if not hits:
-            raise ValueError(
-                f"position_embedding={position_embedding!r} matches no nn.Embedding of {type(model).__name__}: "
-                f"context parallelism must give each token its position in the whole sequence. Name the "
-                f"module that embeds positions, or pass position_embedding=None if the model has none")
-        for emb in hits:
-            emb.register_forward_pre_hook(_layout_positions_hook(state))
-
     state.tp_seq = sequence_parallel_size(model)
     model.context_parallel = state
     model.__class__ = type(f"ContextParallel{type(model).__name__}", (ContextParallelMixin, type(model)), {})
     return model
-
-
-def _layout_positions_hook(state: ContextParallelState):
-    def hook(module, args):
-        if not state.enabled:
-            return None
-        positions = args[0]  # the model's arange over its T/cp local tokens
-        return (state.index(positions.numel() * state.size, positions.device)[positions], *args[1:])
-    return hook
 
 
 def _check_attention(model: nn.Module, cores: list[str]) -> None:
@@ -470,7 +460,7 @@ def _check_attention(model: nn.Module, cores: list[str]) -> None:
                 f"parallelism cannot split over the sequence. It needs the token-mixing step as a "
                 f"submodule: call a tinymeg.models.CausalAttention on (B, heads, T, head_dim) q, k, v "
                 f"(as GPT-2's attn.core_attention does), with positions (or rotary angles) taken from "
-                f"the positions the model is given")
+                f"the positions the model is given (forward's pos)")
     if not cores:
         raise TypeError(f"{type(model).__name__} has no tinymeg.models.CausalAttention module for "
                         f"context parallelism to replace with ring attention")

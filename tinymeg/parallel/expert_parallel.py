@@ -117,8 +117,9 @@ class ExpertParallelExperts(GroupedExperts):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         weights = [_local(self, p) for p in (self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)]
         if self.ep_mesh.size() == 1:
-            return expert_mlp(x, counts, *weights)
-        return all_to_all_experts(x, counts, self.ep_mesh, lambda rows, n: expert_mlp(rows, n, *weights))
+            return expert_mlp(x, counts, *weights, self.activation)
+        return all_to_all_experts(x, counts, self.ep_mesh,
+                                  lambda rows, n: expert_mlp(rows, n, *weights, self.activation))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", ep={self.ep_mesh.size()}"

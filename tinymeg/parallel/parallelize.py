@@ -34,22 +34,23 @@ from .data_parallel import DEFAULT_BUCKET_MB, apply_data_parallel, compile_model
 from ..models.moe import moe_layers
 from .expert_parallel import apply_expert_parallel, unprepared_moe_layers
 from .pipeline_parallel import apply_pipeline_parallel
-from .plan import gpt2_tp_config
+from .plans import for_model
 from .tensor_parallel import apply_tensor_parallel
 
 
 def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None, *,
                 sequence_parallel: bool = False, loss_parallel: bool = False,
                 bucket_mb: float = DEFAULT_BUCKET_MB, zero: int = 0, param_dtype=None, compile: bool = False,
-                cp_position_embedding: str | None = "wpe", cp_block: str = "auto",
+                cp_block: str = "auto",
                 pipeline: dict | None = None, ac: str = "none") -> nn.Module:
     """Apply every dim of ``ctx`` that is on to ``model`` (in place) and return it.
 
     ``plan``: the tensor-parallel plan (either form of ``apply_tensor_parallel``; default
-    GPT-2's); ``sequence_parallel`` / ``loss_parallel`` switch those on in it (both need tp > 1
+    the shipped plan for the model, ``tm.plans.for_model``: tinymeg's GPT-2 and Llama,
+    transformers' Llama, Qwen2, Mistral, GPT-2); ``sequence_parallel`` / ``loss_parallel`` switch those on in it (both need tp > 1
     and are ignored at tp = 1, where there is nothing to shard). ``bucket_mb``, ``zero``,
     ``param_dtype``: see ``apply_data_parallel``. ``compile``: ``torch.compile(fullgraph=True)`` the model's forward in place.
-    ``cp_position_embedding``, ``cp_block``: see ``apply_context_parallel``. ``pipeline``: the
+    ``cp_block``: see ``apply_context_parallel``. ``pipeline``: the
     keyword arguments of ``apply_pipeline_parallel`` (schedule, microbatches, stages_per_rank,
     split_points, uneven) when pp > 1; train a pipelined model with ``model.train_step``.
     ``ac``: activation checkpointing, "none", "full" or "selective" (see ``apply_activation_checkpointing``).
@@ -68,19 +69,19 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
                          f"ParallelContext with pp > 1, or leave pipeline out")
     # 2. Tensor parallelism (+ sequence parallel, loss parallel).
     if ctx.tp_size > 1:  # at tp=1 plain tensors are cheaper than 1-rank DTensors
-        tp_config = dict(gpt2_tp_config(getattr(model, "config", None)) if plan is None else plan)
+        tp_config = dict(for_model(model) if plan is None else plan)
         tp_config["sequence_parallel"] = sequence_parallel or tp_config.get("sequence_parallel", False)
         tp_config["loss_parallel"] = loss_parallel or tp_config.get("loss_parallel", False)
         model = apply_tensor_parallel(model, ctx, tp_config)
     # 3. Context parallelism.
     if ctx.cp_size > 1:
-        model = apply_context_parallel(model, ctx, cp_position_embedding, cp_block)
+        model = apply_context_parallel(model, ctx, cp_block)
     # 4. Expert parallelism (and, on any mesh, the MoE layers' global balancing statistics).
     if unprepared_moe_layers(model):
         model = apply_expert_parallel(model, ctx)
     elif ctx.ep_size > 1 and not moe_layers(model):
         raise ValueError(f"ep={ctx.ep_size} shards experts, but {type(model).__name__} has no MoE layers: "
-                         f"build it with experts (GPTConfig(n_experts=E)) or leave ep out")
+                         f"build it with experts (n_experts=E in its config) or leave ep out")
     # 5. Activation checkpointing, block by block.
     model = apply_activation_checkpointing(model, ac)
     # 6. Compile, in place: the module keeps its identity, class and state_dict keys.

@@ -1,18 +1,21 @@
 """Pipeline parallelism over the mesh's ``pp`` dim: a model split by its blocks into stages.
 
 ``apply_pipeline_parallel(model, ctx, schedule="1f1b", microbatches=4)`` keeps, on each pp rank,
-only the parts of a GPT2Model its stages run, in place: the blocks of its stages, plus the
-embeddings on the first stage and ``ln_f`` and the LM head on the last. Every parameter keeps
-its original name (the blocks live in a ModuleDict keyed by their index: ``transformer.h.5``
-stays ``transformer.h.5``), so the state dict of each rank is a slice of the unsharded one and a
-checkpoint saved with pp=2 loads with pp=1 or pp=4. TP, compile and DP then apply to each rank's
+only the parts of a model its stages run, in place: the blocks of its stages, plus the
+embeddings on the first stage and the final norm and the LM head on the last. It knows no model
+class: it splits any ``tinymeg.models.CausalLM`` (GPT-2, Llama) by the parts the model names
+(``EMBEDDINGS``, ``BLOCKS``, ``NORM``, ``HEAD``) and runs them by its ``embed`` and
+``block_args`` (tinymeg/models/base.py); every other module (Llama's rotary frequencies) stays
+on every stage. Every parameter keeps its original name (the blocks live in a ModuleDict keyed
+by their index: ``transformer.h.5`` stays ``transformer.h.5``), so the state dict of each rank
+is a slice of the unsharded one and a checkpoint saved with pp=2 loads with pp=1 or pp=4. TP, compile and DP then apply to each rank's
 part as to any model: ``apply_tensor_parallel`` and ``apply_data_parallel`` after this call.
 
 With ``stages_per_rank=V`` (interleaved 1F1B) the model is cut into ``pp * V`` stages, stage s
 on pp rank ``s % pp`` (Megatron's and torch's looped placement), so a rank holds V chunks.
 
-GPT-2 ties ``wte`` and ``lm_head``: one parameter used on the first stage and on the last. As in
-Megatron, both stages hold a copy (made equal at the split), and the two copies' gradients are
+GPT-2 ties ``wte`` and ``lm_head`` (a Llama may): one parameter used on the first stage and on the
+last. As in Megatron, both stages hold a copy (made equal at the split), and the two copies' gradients are
 summed before every optimizer step, so they get the same update and stay equal: one logical
 parameter. Only the first stage's copy counts in the global gradient norm.
 
@@ -43,8 +46,9 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from ..context import ParallelContext
-from ..models.gpt2 import GPT2Model, check_sampling, lm_head_loss, sample_token, token_share
+from ..models.base import CausalLM, check_sampling, lm_head_loss, sample_token, token_share
 from ..nn.layers import local
+from .tensor_parallel import sequence_parallel_size
 from .zero import optimizer_param
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
@@ -107,30 +111,37 @@ def check_pipeline(n_layer: int, pp: int, schedule: str, microbatches: int, stag
 
 
 class _Stage(nn.Module):
-    """One pipeline stage as torch's PipelineStage runs it: (embeddings,) some blocks (, ln_f).
-    Its modules are the rank's model's own (not copies), taken when it is built: after TP, which
-    replaces some of them (PipelineParallelMixin._stages builds it when it is needed). It is not a
-    child of that model, so the model's parameter names stay the unsharded ones. The LM head and
-    the loss run in the schedule's loss function, on the last stage's output."""
+    """One pipeline stage as torch's PipelineStage runs it: (embeddings,) some blocks (, the final
+    norm), as CausalLM.forward runs them. Its modules are the rank's model's own (not copies),
+    taken when it is built: after TP, which replaces some of them (PipelineParallelMixin._stages
+    builds it when it is needed). The model is not its child, so the model's parameter names stay
+    the unsharded ones. The LM head and the loss run in the schedule's loss function, on the last
+    stage's output."""
 
-    def __init__(self, model: GPT2Model, layers: range, first: bool, last: bool):
+    def __init__(self, model: CausalLM, layers: range, first: bool, last: bool):
         super().__init__()
+        self.__dict__["model"] = model   # for embed and block_args: not a registered child
         self.first, self.last, self.block_size = first, last, model.config.block_size
         self.region = getattr(model, "tp_region", None)  # TP's activation state (tinymeg.nn.region)
-        self.embed = nn.ModuleDict({k: model.transformer[k] for k in ("wte", "wpe", "drop")} if first else {})
-        self.blocks = nn.ModuleList(model.transformer.h[str(i)] for i in layers)
-        self.ln_f = model.transformer.ln_f if last else None
+        # a stage after the first receives its input on sequence shards under sequence parallelism
+        self.seq_shards = 1 if first else sequence_parallel_size(model)
+        self.embeddings = nn.ModuleList(model.get_submodule(n) for n in model.EMBEDDINGS) if first else None
+        blocks = model.get_submodule(model.BLOCKS)
+        self.blocks = nn.ModuleList(blocks[str(i)] for i in layers)
+        self.norm = model.get_submodule(model.NORM) if last else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.region is not None:  # as the model's root does at every forward
             self.region.reset()
-        if self.first:  # token ids -> embeddings, as GPT2Model.forward does
-            # clamped as GPT2Model's: generation's right padding may pass block_size (never attended to)
-            pos = torch.arange(x.size(1), device=x.device).clamp(max=self.block_size - 1)
-            x = self.embed.drop(self.embed.wte(x) + self.embed.wpe(pos))
+        # the tokens' positions, clamped as CausalLM.generate's: its right padding may pass
+        # block_size (never attended to)
+        pos = torch.arange(x.size(1) * self.seq_shards, device=x.device).clamp(max=self.block_size - 1)
+        if self.first:  # token ids -> hidden states
+            x = self.model.embed(x, pos)
+        args = self.model.block_args(pos)
         for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x) if self.last else x
+            x = block(x, *args)
+        return self.norm(x) if self.last else x
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -157,9 +168,9 @@ class PipelineState:
     layers: list[range]                       # blocks of every global stage
     stage_ids: list[int]                      # this rank's stages, in order
     group: dist.ProcessGroup                  # the pp group: this rank's stages' neighbours
-    tied_group: dist.ProcessGroup | None      # first and last stage ranks (tied wte/lm_head)
+    tied_group: dist.ProcessGroup | None      # first and last stage ranks (a tied embedding/head)
     compile: bool = False
-    whole_num_params: int = 0                 # the unsplit model's GPT2Model.num_params()
+    whole_num_params: int = 0                 # the unsplit model's num_params()
     sync: bool = True                         # False inside no_sync() when DP is not applied
     grad_scale: float = 1.0
     loss_tokens: torch.Tensor | None = None   # token_share's (total, forwards) for this train_step's microbatches
@@ -188,9 +199,9 @@ class PipelineParallelMixin:
       microbatches and run by the schedule; returns the mean loss over its counted targets (inside
       ``token_mean``: its share of the step's), in float32, on every rank. Gradients are reduced
       (dp, tied embedding) unless inside ``no_sync()``.
-    - ``model(idx, targets, return_logits)``: GPT2Model's forward, computed by every stage in turn;
-      every rank gets what GPT2Model.forward returns (eval uses this unchanged), without gradients.
-    - ``generate(...)``: GPT2Model.generate, every stage taking part; every rank gets the text.
+    - ``model(idx, targets, return_logits)``: the model's forward, computed by every stage in turn;
+      every rank gets what CausalLM.forward returns (eval uses this unchanged), without gradients.
+    - ``generate(...)``: CausalLM.generate, every stage taking part; every rank gets the text.
     """
     pipeline: PipelineState
 
@@ -211,7 +222,7 @@ class PipelineParallelMixin:
         return self.pipeline.ctx.pp_rank == self.pipeline.ctx.pp_size - 1
 
     def num_params(self) -> int:
-        """The whole model's parameters (every stage's; the tied weight once), as GPT2Model counts them."""
+        """The whole model's parameters (every stage's; the tied weight once), as CausalLM counts them."""
         return self.pipeline.whole_num_params
 
     # ---- training
@@ -250,8 +261,8 @@ class PipelineParallelMixin:
         if sync is not None:
             sync.reduce_accumulated()
         tied = self.pipeline.tied_group
-        if tied is not None and self.transformer.wte.weight.requires_grad:  # frozen: no gradient, no update
-            held = optimizer_param(self.transformer.wte.weight)  # the parameter, or its ZeRO shard
+        if tied is not None and self._head.weight.requires_grad:  # frozen: no gradient, no update
+            held = optimizer_param(self._head.weight)  # the tied parameter, or its ZeRO shard
             if held.grad is None:
                 held.grad = torch.zeros_like(held)
             dist.all_reduce(local(held.grad), group=tied)
@@ -260,7 +271,7 @@ class PipelineParallelMixin:
         """Keyword arguments for tinymeg.train.optim.clip_grad_norm_: the norm is summed over the
         stages, and the last stage's copy of the tied embedding is clipped but counted once."""
         st = self.pipeline
-        shared = [self.transformer.wte.weight] if st.tied_group is not None and st.last else []
+        shared = [self._head.weight] if st.tied_group is not None and st.last else []
         return {"group": st.group, "shared": shared}
 
     @contextlib.contextmanager
@@ -298,7 +309,7 @@ class PipelineParallelMixin:
 
     def _microbatch_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with _timed(self.pipeline):
-            loss = lm_head_loss(self.lm_head, hidden, targets, self.config.vocab_size)
+            loss = lm_head_loss(self._head, hidden, targets, self.config.vocab_size)
             loss = token_share(loss, (targets != -1).sum(), self.pipeline.loss_tokens)
         return _ScaleGrad.apply(loss, self.pipeline.grad_scale)
 
@@ -306,7 +317,7 @@ class PipelineParallelMixin:
 
     @torch.no_grad()
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True):
-        """GPT2Model.forward, stage after stage; every rank returns (logits or None, loss or None).
+        """CausalLM.forward, stage after stage; every rank returns (logits or None, loss or None).
         For eval and sampling: no autograd graph is kept (the activations cross ranks by plain
         send/recv), so a backward through it fails instead of computing part of the gradients.
         Train with train_step."""
@@ -319,11 +330,11 @@ class PipelineParallelMixin:
         logits = loss = None
         if return_logits:
             if st.last:
-                logits = self.lm_head(hidden)[..., : self.config.vocab_size]
+                logits = self._head(hidden)[..., : self.config.vocab_size]
             logits = self._from_last_stage(logits, (B, T, self.config.vocab_size), self._act_dtype())
         if targets is not None:
             if st.last:
-                loss = (lm_head_loss(self.lm_head, hidden, targets, self.config.vocab_size) if not return_logits
+                loss = (lm_head_loss(self._head, hidden, targets, self.config.vocab_size) if not return_logits
                         else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
             loss = self._from_last_stage(loss, (), torch.float32)
         return logits, loss
@@ -332,11 +343,11 @@ class PipelineParallelMixin:
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
                  context_multiple: int = 1, kv_cache: bool = False) -> torch.Tensor:
-        """GPT2Model.generate with the last stage sampling: it draws each token exactly as the
+        """CausalLM.generate with the last stage sampling: it draws each token exactly as the
         unsharded model does (same logits, same generator) and sends it to the other stages, so
         every rank returns the same text. Only the last stage's ranks use ``generator``.
-        Without a KV cache (``kv_cache`` is accepted for GPT2Model's signature and ignored):
-        each token recomputes the context, as ``GPT2Model.generate(kv_cache=False)`` does,
+        Without a KV cache (``kv_cache`` is accepted for CausalLM's signature and ignored):
+        each token recomputes the context, as ``CausalLM.generate(kv_cache=False)`` does,
         right-padded to ``context_multiple`` as there (never cropped: that drops a token)."""
         if idx.size(1) < 1:
             raise ValueError("generate needs a prompt of at least one token")
@@ -347,8 +358,8 @@ class PipelineParallelMixin:
             n = context.size(1)
             hidden = self._forward_stages(F.pad(context, (0, -n % context_multiple)))
             token = None
-            if st.last:  # GPT2Model.generate's sampling step, at the last real token
-                logits = self.lm_head(hidden)[:, n - 1, : self.config.vocab_size]
+            if st.last:  # CausalLM.generate's sampling step, at the last real token
+                logits = self._head(hidden)[:, n - 1, : self.config.vocab_size]
                 token = sample_token(logits, temperature, top_k, generator)
             idx = torch.cat([idx, self._from_last_stage(token, (idx.size(0), 1), idx.dtype)], dim=1)
         return idx
@@ -364,6 +375,11 @@ class PipelineParallelMixin:
             if s < st.n_stages - 1:
                 self._send_activation(x, (s + 1) % st.ctx.pp_size)
         return x if st.last else None
+
+    @property
+    def _head(self) -> nn.Module:
+        """The LM head (the last stage's; the first stage's too when it is tied to an embedding)."""
+        return self.get_submodule(self.HEAD)
 
     def _stages(self) -> list[_Stage]:
         st = self.pipeline
@@ -449,10 +465,10 @@ def _tied_group(ctx: ParallelContext) -> dist.ProcessGroup | None:
     return _tied_groups[key]
 
 
-def apply_pipeline_parallel(model: GPT2Model, ctx: ParallelContext, schedule: str = "1f1b",
+def apply_pipeline_parallel(model: CausalLM, ctx: ParallelContext, schedule: str = "1f1b",
                             microbatches: int | None = None, stages_per_rank: int = 1,
                             split_points: list[int] | None = None, uneven: bool = False,
-                            compile: bool = False) -> GPT2Model:
+                            compile: bool = False) -> CausalLM:
     """Keep, on this rank, the stages of ``model`` that ``ctx.pp_rank`` runs, in place; return it.
 
     ``schedule``: ``gpipe``, ``1f1b`` or ``interleaved-1f1b`` (``stages_per_rank`` > 1 chunks per
@@ -462,8 +478,9 @@ def apply_pipeline_parallel(model: GPT2Model, ctx: ParallelContext, schedule: st
     schedule is built at the first train_step (after TP and DP, as the order of application says).
     Call it on every rank with the same arguments, before apply_tensor_parallel/apply_data_parallel.
     """
-    if not isinstance(model, GPT2Model):
-        raise TypeError(f"apply_pipeline_parallel splits tinymeg's GPT2Model by its blocks, got "
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"apply_pipeline_parallel splits a model by the parts it names (embeddings, blocks, "
+                        f"final norm, head: tinymeg.models.CausalLM, as GPT2Model and Llama are), got "
                         f"{type(model).__name__}")
     if isinstance(model, PipelineParallelMixin):
         raise ValueError("pipeline parallelism was already applied to this model; apply it once")
@@ -480,34 +497,46 @@ def apply_pipeline_parallel(model: GPT2Model, ctx: ParallelContext, schedule: st
             f"computes. Use pp=1 with --n-experts (expert parallelism: --ep), or a dense model with pp > 1")
     pp = ctx.pp_size
     microbatches = pp if microbatches is None else microbatches
-    layers = check_pipeline(model.config.n_layer, pp, schedule, microbatches, stages_per_rank, split_points, uneven)
+    blocks = model.get_submodule(model.BLOCKS)
+    layers = check_pipeline(len(blocks), pp, schedule, microbatches, stages_per_rank, split_points, uneven)
     n_stages = len(layers)
     stage_ids = list(range(ctx.pp_rank, n_stages, pp))
     first, last = ctx.pp_rank == 0, ctx.pp_rank == pp - 1
-    tied = model.lm_head.weight is model.transformer.wte.weight
+    head = model.get_submodule(model.HEAD)
+    # the embedding the head shares its weight with (GPT-2's wte; a tied Llama's embed_tokens), if any
+    tied = next((n for n in model.EMBEDDINGS if getattr(model.get_submodule(n), "weight", None) is head.weight), None)
     whole_num_params = model.num_params()
 
     # Keep this rank's blocks under their original indices; drop the rest.
-    h = model.transformer.h
-    model.transformer.h = nn.ModuleDict({str(i): h[i] for s in stage_ids for i in layers[s]})
-    # The tied wte/lm_head pair stays whole wherever one of them is used, so both stages hold
+    _set_submodule(model, model.BLOCKS, nn.ModuleDict({str(i): blocks[i] for s in stage_ids for i in layers[s]}))
+    # The tied embedding/head pair stays whole wherever one of them is used, so both stages hold
     # the same modules (and TP shards them alike); unused there, it costs no extra memory.
     if not first:
-        del model.transformer["wpe"], model.transformer["drop"]
-        if not (last and tied):
-            del model.transformer["wte"]
+        for name in model.EMBEDDINGS:
+            if not (last and name == tied):
+                _set_submodule(model, name, None)
     if not last:
-        del model.transformer["ln_f"]
+        _set_submodule(model, model.NORM, None)
         if not (first and tied):
-            del model.lm_head
+            _set_submodule(model, model.HEAD, None)
 
     tied_group = _tied_group(ctx) if tied and pp > 1 else None
     if tied_group is not None and (first or last):
         with torch.no_grad():  # the last stage's copy starts as the first stage's
-            dist.broadcast(model.transformer.wte.weight, group=tied_group, group_src=0)
+            dist.broadcast(head.weight, group=tied_group, group_src=0)
 
     model.pipeline = PipelineState(ctx, schedule, microbatches, stages_per_rank, layers, stage_ids,
                                    ctx.mesh["pp"].get_group(), tied_group if (first or last) else None,
                                    compile=compile, whole_num_params=whole_num_params)
     model.__class__ = type(f"Pipelined{type(model).__name__}", (PipelineParallelMixin, type(model)), {})
     return model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module | None) -> None:
+    """Replace the submodule called name; None removes it."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if module is None:
+        delattr(parent, child)
+    else:
+        setattr(parent, child, module)

@@ -41,9 +41,9 @@ class VocabParallel:
 
 Style = ColumnParallel | RowParallel | VocabParallel
 
-# The seed's plan for tinymeg's GPT-2, used when apply_tensor_parallel gets no plan. With
-# sequence parallelism, the sequence is gathered by the vocab-sharded lm_head (so ln_f runs
-# on sequence shards too, and the gather's backward is a reduce-scatter).
+# The seed's plan for tinymeg's GPT-2 (tm.plans' "tinymeg-gpt2", which apply_tensor_parallel uses
+# when it gets no plan). With sequence parallelism, the sequence is gathered by the vocab-sharded
+# lm_head (so ln_f runs on sequence shards too, and the gather's backward is a reduce-scatter).
 GPT2_TP_CONFIG = {
     "column_linear_patterns": ["attn.c_attn", "mlp.c_fc"],
     "row_linear_patterns": ["attn.c_proj", "mlp.c_proj"],

@@ -4,6 +4,7 @@
 | name           | model                                   | sharded                                    |
 |----------------|-----------------------------------------|--------------------------------------------|
 | `tinymeg-gpt2` | tinymeg's `GPT2Model`                   | c_attn (by heads), c_fc / c_proj; tied wte |
+| `tinymeg-llama`| tinymeg's `Llama`                       | as `llama`; the head gathers the sequence  |
 | `llama`        | transformers `LlamaForCausalLM`         | q/k/v, gate/up / o, down; embed_tokens,    |
 | `qwen2`        | transformers `Qwen2ForCausalLM`         | lm_head (vocabulary; tied or not)          |
 | `mistral`      | transformers `MistralForCausalLM`       |                                            |
@@ -17,7 +18,11 @@ as is, so a plan can be edited before use. Options:
 - ``sequence_parallel``: activations sharded on the sequence between the blocks' projections;
 - ``vocab_parallel`` (default True): shard the embedding and LM head over the vocabulary,
   which must then divide by tp (GPT-2's 50257 does not: pass False to replicate them);
-- ``loss_parallel`` (tinymeg-gpt2 only): the loss from vocab-sharded logits.
+- ``loss_parallel`` (tinymeg's models only): the loss from vocab-sharded logits.
+
+The plans for tinymeg's models depend on the model's config: a model whose every block's MLP is
+a mixture of experts has no dense MLP to shard (MoE layers are expert-parallel, not
+tensor-parallel: see tinymeg.parallel.expert_parallel); ``for_model`` passes the config.
 
 Hugging Face attention reads its sequence length from its input and its head count from the
 projections' width (``view(..., -1, head_dim)``), so the same attention code runs on a rank's
@@ -31,15 +36,21 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .plan import GPT2_TP_CONFIG, ColumnParallel, RowParallel, VocabParallel
+from .plan import ColumnParallel, RowParallel, VocabParallel, gpt2_tp_config
 
 
-def _llama_like(vocab_parallel: bool) -> dict:
+def _all_moe(config) -> bool:
+    return bool(getattr(config, "n_experts", 0)) and config.moe_every == 1
+
+
+def _llama_like(vocab_parallel: bool, config=None) -> dict:
     plan = {
         "self_attn.q_proj": ColumnParallel(), "self_attn.k_proj": ColumnParallel(),
         "self_attn.v_proj": ColumnParallel(), "self_attn.o_proj": RowParallel(),
-        "mlp.gate_proj": ColumnParallel(), "mlp.up_proj": ColumnParallel(), "mlp.down_proj": RowParallel(),
     }
+    if not _all_moe(config):
+        plan.update({"mlp.gate_proj": ColumnParallel(), "mlp.up_proj": ColumnParallel(),
+                     "mlp.down_proj": RowParallel()})
     if vocab_parallel:  # a tied lm_head shares embed_tokens' sharded weight (apply_tensor_parallel)
         plan.update({"embed_tokens": VocabParallel(), "lm_head": ColumnParallel(gather_output=True)})
     else:
@@ -47,7 +58,7 @@ def _llama_like(vocab_parallel: bool) -> dict:
     return plan
 
 
-def _hf_gpt2(vocab_parallel: bool) -> dict:
+def _hf_gpt2(vocab_parallel: bool, config=None) -> dict:
     plan = {
         "attn.c_attn": ColumnParallel(output_chunks=3), "attn.c_proj": RowParallel(),
         "mlp.c_fc": ColumnParallel(), "mlp.c_proj": RowParallel(),
@@ -58,15 +69,22 @@ def _hf_gpt2(vocab_parallel: bool) -> dict:
     return plan
 
 
-def _tinymeg_gpt2(vocab_parallel: bool) -> dict:
-    plan = {k: list(v) if isinstance(v, list) else v for k, v in GPT2_TP_CONFIG.items()}
+def _tinymeg_gpt2(vocab_parallel: bool, config=None) -> dict:
+    plan = {k: list(v) if isinstance(v, list) else v for k, v in gpt2_tp_config(config).items()}
     if not vocab_parallel:
         plan["vocab_embedding_patterns"] = []
     return plan
 
 
-PLANS = {"tinymeg-gpt2": _tinymeg_gpt2, "llama": _llama_like, "qwen2": _llama_like,
-         "mistral": _llama_like, "gpt2": _hf_gpt2}
+def _tinymeg_llama(vocab_parallel: bool, config=None) -> dict:
+    # transformers' names, so transformers' plan; with sequence parallelism the sequence stays
+    # sharded through the final norm and the vocab-sharded head gathers it (as GPT-2's plan)
+    return {**_llama_like(vocab_parallel, config), "sequence_parallel_exit": "lm_head"}
+
+
+PLANS = {"tinymeg-gpt2": _tinymeg_gpt2, "tinymeg-llama": _tinymeg_llama, "llama": _llama_like,
+         "qwen2": _llama_like, "mistral": _llama_like, "gpt2": _hf_gpt2}
+TINYMEG_PLANS = ("tinymeg-gpt2", "tinymeg-llama")  # tinymeg's models: their loss path can be vocab-parallel
 # transformers' model_type -> plan name (tinymeg's GPT2Model has no model_type)
 _MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gpt2": "gpt2"}
 
@@ -76,16 +94,17 @@ def names() -> list[str]:
 
 
 def get(name: str, *, sequence_parallel: bool = False, vocab_parallel: bool = True,
-        loss_parallel: bool = False) -> dict:
-    """The shipped plan called ``name`` (see the module docstring), with these options."""
+        loss_parallel: bool = False, config=None) -> dict:
+    """The shipped plan called ``name`` (see the module docstring), with these options, for a
+    tinymeg model with this ``config`` (None: a dense one)."""
     if name not in PLANS:
         raise ValueError(f"no shipped tensor-parallel plan called {name!r}; there are {names()}. "
                          f"For another model, write a plan: {{pattern: tm.ColumnParallel() / tm.RowParallel() / "
                          f"tm.VocabParallel()}} (README: Bring your own model)")
-    if loss_parallel and name != "tinymeg-gpt2":
-        raise ValueError(f"loss_parallel applies to tinymeg's GPT2Model (its loss path), not to {name!r}, "
-                         f"whose model computes its own loss from the gathered logits")
-    plan = PLANS[name](vocab_parallel)
+    if loss_parallel and name not in TINYMEG_PLANS:
+        raise ValueError(f"loss_parallel applies to tinymeg's GPT2Model and Llama (their loss path), not to "
+                         f"{name!r}, whose model computes its own loss from the gathered logits")
+    plan = PLANS[name](vocab_parallel, config)
     if sequence_parallel:
         plan["sequence_parallel"] = True
     if loss_parallel:
@@ -94,14 +113,15 @@ def get(name: str, *, sequence_parallel: bool = False, vocab_parallel: bool = Tr
 
 
 def for_model(model: nn.Module, **options) -> dict:
-    """The shipped plan for this model: tinymeg's GPT2Model, or a transformers model whose
-    ``config.model_type`` has a plan (llama, qwen2, mistral, gpt2). Options as for ``get``."""
-    from ..models import GPT2Model
-    if isinstance(model, GPT2Model):
-        return get("tinymeg-gpt2", **options)
+    """The shipped plan for this model: tinymeg's GPT2Model or Llama (for its config), or a
+    transformers model whose ``config.model_type`` has a plan (llama, qwen2, mistral, gpt2).
+    Options as for ``get``."""
+    from ..models import MODELS, model_name
+    if isinstance(model, tuple(cls for cls, _ in MODELS.values())):
+        return get(f"tinymeg-{model_name(model)}", config=model.config, **options)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _MODEL_TYPES:
         raise ValueError(f"no shipped tensor-parallel plan for {type(model).__name__} (model_type "
-                         f"{model_type!r}); plans exist for {sorted(_MODEL_TYPES)} and tinymeg's GPT2Model. "
+                         f"{model_type!r}); plans exist for {sorted(_MODEL_TYPES)} and tinymeg's GPT2Model and Llama. "
                          f"Write a plan for it (README: Bring your own model)")
     return get(_MODEL_TYPES[model_type], **options)

@@ -11,8 +11,9 @@ from ..nn.functional import gather_from_tp, split_seq
 from ..nn.layers import (ColumnParallelLinear, ParallelDropout, RowParallelLinear, VocabParallelEmbedding,
                          is_transposed_linear, replicate_module)
 from ..nn.region import RESIDUAL, Region
-from .plan import (ColumnParallel, RowParallel, Style, VocabParallel, check_pairing, gpt2_tp_config,
-                   matches, normalize_plan, resolve_plan)
+from .plan import (ColumnParallel, RowParallel, Style, VocabParallel, check_pairing, matches, normalize_plan,
+                   resolve_plan)
+from .plans import for_model
 
 SEQ_DIM = 1
 
@@ -24,8 +25,8 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     vocab-parallel, a Linear tied to a vocab-parallel Embedding shares its sharded weight, and
     every other module with parameters, whatever its class, is replicated: its parameters
     become Replicate() DTensors and it computes what it computes unsharded. Without a plan,
-    GPT-2's plan is used (``gpt2_tp_config``: without the MLP patterns when every MLP is a
-    MoE). MoE layers are left to ``apply_expert_parallel``. Every check runs before the model
+    the model's shipped plan is used (``tm.plans.for_model``: for tinymeg's GPT-2 and Llama,
+    without the MLP patterns when every MLP is a MoE). MoE layers are left to ``apply_expert_parallel``. Every check runs before the model
     is changed.
 
     ``tp_config["sequence_parallel"] = True`` shards activations on the sequence dim from the
@@ -37,7 +38,7 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     (attention, MLP) gets its input all-gathered once.
     """
     _check_model(model, ctx)
-    config = gpt2_tp_config(getattr(model, "config", None)) if tp_config is None else tp_config
+    config = for_model(model) if tp_config is None else tp_config
     mesh, tp = ctx.mesh["tp"], ctx.tp_size
     plan = normalize_plan(config, model)
     if getattr(model, "pipeline", None) is not None:
@@ -131,13 +132,13 @@ def _sp_span(model: nn.Module, plan: dict[str, Style], entry: str | None) -> lis
     start = _get(model, entry, "sequence_parallel_entry")
     parent_name, _, index = entry.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    if _holds_blocks(parent) and index.isdigit():
+    if holds_blocks(parent) and index.isdigit():
         blocks = list(parent.values()) if isinstance(parent, nn.ModuleDict) else list(parent)
         return blocks[[m is start for m in blocks].index(True):]
     return [start]
 
 
-def _holds_blocks(module: nn.Module) -> bool:
+def holds_blocks(module: nn.Module) -> bool:
     """A ModuleList, or a ModuleDict keyed by block indices (a pipeline stage's blocks)."""
     return isinstance(module, nn.ModuleList) or (
         isinstance(module, nn.ModuleDict) and len(module) > 0 and all(k.isdigit() for k in module.keys()))
@@ -146,7 +147,7 @@ def _holds_blocks(module: nn.Module) -> bool:
 def _default_sp_entry(model: nn.Module, plan: dict[str, Style]) -> str:
     columns = [n for n, s in plan.items() if isinstance(s, ColumnParallel)]
     for name, module in model.named_modules():
-        if _holds_blocks(module):
+        if holds_blocks(module):
             for i in (module.keys() if isinstance(module, nn.ModuleDict) else range(len(module))):
                 if any(c.startswith(f"{name}.{i}.") for c in columns):
                     return f"{name}.{i}"

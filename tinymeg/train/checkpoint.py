@@ -62,7 +62,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from tqdm import tqdm
 
 from ..data import CharTokenizer, GPT2Tokenizer
-from ..models import GPT2Model, GPTConfig
+from ..models import MODELS, CausalLM, model_name
 # torch's get/set_state_dict, extended to ZeRO shards and fp32 master weights (any stage, any mesh)
 from ..parallel.zero import get_state_dict, set_state_dict, stacked_count
 from .checks import check_flags, run_checked
@@ -421,7 +421,7 @@ def save(ckpt_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Opti
     if ctx.is_main:
         files = {os.path.relpath(os.path.join(root, n), tmp): os.path.getsize(os.path.join(root, n))
                  for root, _, names in os.walk(tmp) for n in names}
-        record = {"format": FORMAT, "step": step, "mesh": dict(ctx.sizes),
+        record = {"format": FORMAT, "step": step, "model": model_name(model), "mesh": dict(ctx.sizes),
                   "world_size": ctx.world_size, "torch": torch.__version__, "saved_at": time.time(),
                   "model_config": _model_config(model), **(meta or {}), **whole, "files": files}
         _write(os.path.join(tmp, META), json.dumps(record, indent=1).encode())
@@ -462,14 +462,20 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, ctx, see
     return meta
 
 
-def load_model(path: str, device: str | torch.device = "cpu") -> tuple[GPT2Model, dict]:
-    """An unsharded GPT2Model with the weights of a checkpoint (or --ckpt-dir's latest).
+def build_model(meta: dict) -> CausalLM:
+    """The unsharded model a checkpoint's (or an export's) metadata describes, freshly initialised:
+    its ``"model"`` (tinymeg.models.MODELS: gpt2 before Llama existed) and ``"model_config"``."""
+    model_class, config_class = MODELS[meta.get("model") or "gpt2"]
+    return model_class(config_class(**meta["model_config"]))
 
-    One process, no process group needed. Returns (model, tinymeg.json).
+
+def load_model(path: str, device: str | torch.device = "cpu") -> tuple[CausalLM, dict]:
+    """An unsharded model (GPT2Model, Llama) with the weights of a checkpoint (or --ckpt-dir's
+    latest). One process, no process group needed. Returns (model, tinymeg.json).
     """
     path = resolve(path)
     meta = verify(path)
-    model = GPT2Model(GPTConfig(**meta["model_config"])).to(device)
+    model = build_model(meta).to(device)
     check_compatible(meta, model, path)
     with warnings.catch_warnings():  # "...assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

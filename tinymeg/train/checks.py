@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..context import resolve_sizes
-from ..models import GPTConfig
+from ..models import MODELS
 from ..parallel.activation_checkpoint import check_ac_mode
 from ..parallel.context_parallel import check_seq_len
 from ..parallel.pipeline_parallel import check_pipeline
@@ -67,14 +67,7 @@ def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
     need(cfg.timeout_s > 0, f"--timeout-s must be > 0 seconds, got {cfg.timeout_s}")
     need(cfg.bucket_mb > 0, f"--bucket-mb must be > 0, got {cfg.bucket_mb}")
     need(cfg.peak_tflops >= 0, f"--peak-tflops must be >= 0 (0: from the device), got {cfg.peak_tflops}")
-    try:
-        GPTConfig(block_size=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-    except ValueError as e:
-        raise ConfigError(f"{e}: pass an --n-head that divides --n-embd {cfg.n_embd} "
-                          f"(e.g. --n-head {_divisor_near(cfg.n_embd, cfg.n_head)})") from None
-    need(cfg.n_head % tp == 0,
-         f"--n-head {cfg.n_head} is not divisible by tp={tp}: tensor parallelism splits attention by "
-         f"whole heads. Pass an --n-head that is a multiple of {tp}, or a --tp that divides {cfg.n_head}")
+    _check_model_flags(cfg, tp)
     for flag, on in (("--sequence-parallel", cfg.sequence_parallel), ("--loss-parallel", cfg.loss_parallel)):
         need(not on or tp > 1, f"{flag} shards over the tensor-parallel ranks, but tp=1: pass --tp 2 (or "
                                f"more), or drop {flag}")
@@ -93,7 +86,7 @@ def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
          f"--n-experts {cfg.n_experts} is not divisible by --ep {ep}: each ep rank holds n_experts/ep "
          f"experts. Pass an --ep that divides {cfg.n_experts}")
     need(not (cfg.n_experts and cfg.init_from),
-         f"--init-from loads GPT-2's dense weights, and --n-experts {cfg.n_experts} asks for a "
+         f"--init-from loads a dense model's weights, and --n-experts {cfg.n_experts} asks for a "
          f"mixture-of-experts model: drop one of them")
     try:
         check_ac_mode(cfg.ac)
@@ -104,6 +97,36 @@ def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
     check_device(cfg.device)
     check_flags(cfg)
     return cfg
+
+
+def _check_model_flags(cfg, tp: int) -> None:
+    """--model and the shape flags: a model config that can be built and split over tp."""
+    from .trainer import LLAMA_FIELDS  # the trainer imports this module
+    if cfg.model not in MODELS:
+        raise ConfigError(f"--model {cfg.model!r} is not one of tinymeg's models: {sorted(MODELS)}")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}: pass an --n-head that "
+                          f"divides --n-embd {cfg.n_embd} (e.g. --n-head {_divisor_near(cfg.n_embd, cfg.n_head)})")
+    if cfg.model != "llama":
+        odd = [f"--{_flag(k)}" for k, default in LLAMA_FIELDS.items() if getattr(cfg, k) != default]
+        if odd:
+            raise ConfigError(f"{', '.join(odd)} shape(s) a Llama, but --model is {cfg.model}: add --model llama")
+    else:
+        kv = cfg.n_kv_head or cfg.n_head
+        if cfg.n_kv_head < 0 or cfg.n_head % kv:
+            raise ConfigError(f"--n-kv-head {cfg.n_kv_head} must divide --n-head {cfg.n_head} (each key/value head "
+                              f"serves n_head / n_kv_head query heads; 0: n_head)")
+        if (cfg.n_embd // cfg.n_head) % 2:
+            raise ConfigError(f"--n-embd {cfg.n_embd} / --n-head {cfg.n_head} = {cfg.n_embd // cfg.n_head} must be "
+                              f"even for rotary positions: pass another --n-head")
+        if kv % tp:
+            raise ConfigError(f"--n-kv-head {kv} is not divisible by tp={tp}: tensor parallelism gives each rank "
+                              f"whole key/value heads. Pass an --n-kv-head that is a multiple of {tp}, or a "
+                              f"--tp that divides {kv}")
+    if cfg.n_head % tp:
+        raise ConfigError(f"--n-head {cfg.n_head} is not divisible by tp={tp}: tensor parallelism splits attention "
+                          f"by whole heads. Pass an --n-head that is a multiple of {tp}, or a --tp that divides "
+                          f"{cfg.n_head}")
 
 
 def default_warmup(steps: int, warmup: int | None = None) -> int:

@@ -41,7 +41,7 @@ def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentP
     epilog = ("This recipe's defaults differ from recipes/train.py's: "
               + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in differs.items()) if differs else None)
     p = _Parser(prog=os.path.basename(sys.argv[0]) if sys.argv[0] else "train.py",
-                description="Train a GPT-2 with tinymeg. Launch with torchrun, e.g. "
+                description="Train a GPT-2 or a Llama with tinymeg. Launch with torchrun, e.g. "
                             "`torchrun --nproc_per_node=4 recipes/train.py --tp 2` (dp: the rest).",
                 epilog=epilog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
@@ -70,9 +70,20 @@ def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentP
     add("--grad-accum", type=int, default=base.grad_accum,
         help="micro-steps per optimizer step; global batch = dp x micro-batch x grad-accum")
     add("--seq-len", type=int, default=base.seq_len, help="tokens per sequence (the model's context)")
+    add("--model", default=base.model, choices=["gpt2", "llama"],
+        help="gpt2: GPT-2 (learned positions, LayerNorm, GELU, tied head); llama: Llama (rotary, RMSNorm, "
+             "SwiGLU, grouped-query attention)")
     add("--n-layer", type=int, default=base.n_layer, help="transformer blocks")
     add("--n-head", type=int, default=base.n_head, help="attention heads (divisible by --tp)")
     add("--n-embd", type=int, default=base.n_embd, help="model width (divisible by --n-head)")
+    llama = p.add_argument_group("llama (with --model llama)")
+    llama.add_argument("--n-kv-head", type=int, default=base.n_kv_head,
+                       help="key/value heads (grouped-query attention; divides --n-head, divisible by --tp); 0: --n-head")
+    llama.add_argument("--ffn-hidden", type=int, default=base.ffn_hidden,
+                       help="the SwiGLU MLP's width; 0: Llama's rule (8/3 x --n-embd, rounded up to a multiple of 256)")
+    llama.add_argument("--rope-theta", type=float, default=base.rope_theta, help="rotary positions' base")
+    llama.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=base.tie_embeddings,
+                       help="share the embedding and LM head weights (GPT-2 always does)")
     add("--dropout", type=float, default=base.dropout, help="dropout probability")
     add("--n-experts", type=int, default=base.n_experts, help="> 0: mixture-of-experts MLPs with this many experts")
     add("--top-k", type=int, default=base.top_k, help="experts per token (with --n-experts)")
@@ -129,8 +140,9 @@ def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentP
     ck.add_argument("--resume-from", default=base.resume_from, metavar="PATH",
                     help="resume from this checkpoint (or this directory's latest) on any mesh")
     add("--init-from", default=base.init_from, metavar="DIR",
-        help="fine-tune: start from the GPT-2 in this Hugging Face directory (config.json + "
-             "model.safetensors, e.g. from recipes/export.py --format hf); its shape replaces --n-layer/--n-head/--n-embd")
+        help="fine-tune: start from the --model (GPT-2 or Llama) in this Hugging Face directory (config.json + "
+             "model.safetensors, as transformers' save_pretrained or recipes/export.py --format hf write it); its "
+             "shape replaces --n-layer/--n-head/--n-embd (and Llama's flags)")
     return p
 
 

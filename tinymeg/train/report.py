@@ -32,10 +32,9 @@ GPU_PEAK_TFLOPS = {
 
 
 def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward) of tinymeg's GPT-2, PaLM's estimate."""
-    c = model.config
-    weights = model.num_params() - c.block_size * c.n_embd  # global sizes, also under TP and PP; less wpe
-    return 6 * weights + 12 * c.n_layer * seq_len * c.n_embd
+    """Training FLOPs per token (forward + backward), PaLM's estimate: the model's own count
+    (GPT2Model/Llama.flops_per_token; global sizes, also under TP and PP)."""
+    return model.flops_per_token(seq_len)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, configured_tflops: float = 0.0,
@@ -85,8 +84,10 @@ def banner(cfg, ctx, model, corpus, *, peak: tuple[float, str], start_step: int,
     data = "shipped Tiny Shakespeare" if cfg.data is None else cfg.data
     tok = type(corpus.tokenizer).__name__ if corpus.tokenizer is not None else "token ids"
     lines = [
-        ("model", f"GPT-2, {format_count(model.num_params())} parameters: {c.n_layer} layers, {c.n_head} heads, "
-                  f"width {c.n_embd}, context {c.block_size}, vocabulary {c.vocab_size}"
+        ("model", f"{'Llama' if cfg.model == 'llama' else 'GPT-2'}, {format_count(model.num_params())} parameters: "
+                  f"{c.n_layer} layers, {c.n_head} heads"
+                  + (f" ({c.kv_heads} key/value)" if getattr(c, "kv_heads", c.n_head) != c.n_head else "")
+                  + f", width {c.n_embd}, context {c.block_size}, vocabulary {c.vocab_size}"
                   + (f" (padded to {c.padded_vocab_size})" if c.padded_vocab_size != c.vocab_size else "")),
         ("mesh", f"{ctx.describe()} on {ctx.world_size} process(es), {ctx.device.type} "
                  f"({'nccl' if ctx.device.type == 'cuda' else 'gloo'})"

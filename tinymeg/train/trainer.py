@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from ..context import ParallelContext, resolve_sizes
 from ..data import TokenizerUnavailable, eval_batch, get_batch, load_corpus
-from ..models import GPT2Model, GPTConfig
-from ..models.hf_gpt2 import init_from_pretrained
+from ..models import MODELS, CausalLM
+from ..models.hf_io import init_from_pretrained
 from ..ops import synchronized
-from ..parallel import compile_model, gpt2_tp_config, parallelize
+from ..parallel import compile_model, parallelize
 from ..parallel.zero import memory_mb
 from . import report
 from .checkpoint import Checkpointer, maybe_inject_fault
@@ -51,6 +51,7 @@ class TrainConfig:
     pp_stages_per_rank: int = 1    # virtual stages per rank: > 1 only for interleaved-1f1b
     pp_split_points: str | None = None  # "2,5": the blocks where stages 2.. begin; None: even
     pp_uneven: bool = False        # allow an even-as-possible split when pp x V does not divide n_layer
+    model: str = "gpt2"            # gpt2 | llama (tinymeg.models.MODELS)
     steps: int = 200
     micro_batch: int = 8
     grad_accum: int = 1
@@ -58,6 +59,10 @@ class TrainConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
+    n_kv_head: int = 0             # llama: key/value heads (grouped-query attention); 0: n_head
+    ffn_hidden: int = 0            # llama: the SwiGLU MLP's width; 0: Llama's rule (about 8/3 n_embd)
+    rope_theta: float = 10000.0    # llama: rotary's base
+    tie_embeddings: bool = False   # llama: the LM head shares the embedding's weight (GPT-2's always does)
     dropout: float = 0.0
     n_experts: int = 0             # > 0: every block's MLP is a mixture of n_experts experts
     top_k: int = 2                 # experts per token (with n_experts > 0)
@@ -91,7 +96,7 @@ class TrainConfig:
     resume: bool = False           # from ckpt_dir's latest, which must exist
     auto_resume: bool = False      # from ckpt_dir's latest if any (crash recovery)
     resume_from: str | None = None # a checkpoint, or a ckpt dir (its latest)
-    init_from: str | None = None   # start from a Hugging Face GPT-2 directory (its shape, not n_layer...)
+    init_from: str | None = None   # start from a Hugging Face directory of --model's kind (its shape, not n_layer...)
 
     @property
     def global_batch(self) -> int:
@@ -112,22 +117,29 @@ def build_context(cfg: TrainConfig) -> ParallelContext:
     return ParallelContext(mesh_sizes(cfg), device_type=device_type, timeout=cfg.timeout_s)
 
 
-def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
-    return GPTConfig(block_size=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
-                     n_experts=cfg.n_experts, top_k=cfg.top_k)
+# Flags that only Llama has (checks.check_config refuses them for GPT-2), with their defaults.
+LLAMA_FIELDS = {"n_kv_head": 0, "ffn_hidden": 0, "rope_theta": 10000.0, "tie_embeddings": False}
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> GPT2Model:
+def model_config(cfg: TrainConfig, vocab_size: int):
+    """The config of the model ``cfg.model`` names (GPTConfig, LlamaConfig), from the flags."""
+    common = dict(block_size=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                  n_embd=cfg.n_embd, dropout=cfg.dropout, n_experts=cfg.n_experts, top_k=cfg.top_k)
+    own = {k: getattr(cfg, k) for k in LLAMA_FIELDS} if cfg.model == "llama" else {}
+    return MODELS[cfg.model][1](**common, **own)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> CausalLM:
     """The same seed on every rank builds the same model; then ``tm.parallelize`` applies
     every dim that is on, in DESIGN.md's order (TP + SP/loss parallel, CP, EP, activation
     checkpointing, DP/ZeRO)."""
     torch.manual_seed(cfg.seed)
-    if cfg.init_from:  # GPT-2's published weights: a dense model (checks refuse --n-experts with it)
-        model = init_from_pretrained(cfg.init_from, vocab_size, cfg.seq_len, cfg.dropout).to(ctx.device)
+    model_class = MODELS[cfg.model][0]
+    if cfg.init_from:  # published weights: a dense model (checks refuse --n-experts with it)
+        model = init_from_pretrained(model_class, cfg.init_from, vocab_size, cfg.seq_len, cfg.dropout)
     else:
-        model = GPT2Model(model_config(cfg, vocab_size)).to(ctx.device)
-    return parallelize(model, ctx, gpt2_tp_config(model.config), sequence_parallel=cfg.sequence_parallel,
+        model = model_class(model_config(cfg, vocab_size))
+    return parallelize(model.to(ctx.device), ctx, sequence_parallel=cfg.sequence_parallel,
                        loss_parallel=cfg.loss_parallel, bucket_mb=cfg.bucket_mb, zero=cfg.zero,
                        param_dtype=cfg.dtype, compile=cfg.compile and cfg.pp > 1,  # pp: per stage
                        pipeline=pipeline_args(cfg) if cfg.pp > 1 else None, ac=cfg.ac)
