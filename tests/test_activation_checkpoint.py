@@ -174,15 +174,14 @@ def test_bad_uses_are_clear_errors():
         tm.apply_activation_checkpointing(torch.nn.Linear(2, 2), "full")
 
 
-@pytest.mark.parametrize("kind", MODELS)
-def test_compiled_ac_equals_compiled_without(kind):
+@pytest.mark.parametrize("kind, mode", [("gpt2", "full"), ("llama", "selective")])  # each mode and model once
+def test_compiled_ac_equals_compiled_without(kind, mode):
     """fullgraph compile traces the checkpoints (the partitioner then decides what to recompute,
     keeping what the policy must save, and never redraws dropout): as compiled without AC."""
     cfg = _config(kind, dropout=0.1, n_layer=1, block_size=16)
     batches = _batches(cfg, 2, 16, 2)
     want = _train(cfg, None, "none", batches, dict(compile=True))
-    for mode in MODES:
-        _compare(_train(cfg, None, mode, batches, dict(compile=True)), want, f"compiled {kind}, ac={mode}")
+    _compare(_train(cfg, None, mode, batches, dict(compile=True)), want, f"compiled {kind}, ac={mode}")
 
 
 # ---- every mesh the issue names: AC against no AC on the same ranks

@@ -95,39 +95,45 @@ def _zero_table(args) -> None:
 
 
 def _ac_table(args) -> None:
-    """Each activation checkpointing mode on the same GPT-2 and batch, one process: the activation
-    memory of a training step (common.activation_memory) and the step time, both as ratios to
-    ac="none". Steps timed side by side, interleaved."""
+    """Each activation checkpointing mode on the same model and batch, one process, for GPT-2 and
+    Llama at the same width: the activation memory of a training step (common.activation_memory)
+    and the step time, both as ratios to ac="none". Steps timed side by side, interleaved."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = tm.models.GPTConfig(block_size=args.ac_seq, vocab_size=65, n_layer=args.ac_n_layer,
-                              n_head=args.ac_n_embd // 64, n_embd=args.ac_n_embd)
-    idx = torch.randint(0, 65, (args.ac_batch, args.ac_seq), generator=torch.Generator().manual_seed(0)).to(device)
-    models, steps, activation_mb = {}, {}, {}
-    for mode in ("none", "full", "selective"):
-        torch.manual_seed(0)
-        model = models[mode] = tm.apply_activation_checkpointing(tm.models.GPT2Model(cfg).to(device), mode)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def forward_backward(model=model):
-            model(idx, idx, return_logits=False)[1].backward()
-
-        def step(forward_backward=forward_backward, optimizer=optimizer):
-            forward_backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=False)
-        activation_mb[mode] = activation_memory(forward_backward, optimizer, device) / 2**20
-        steps[mode] = step
     # CPU: the process's CPU time (all its threads), which other processes' load barely moves
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     unit = "s" if device.type == "cuda" else "CPU s"
-    times = time_side_by_side(steps, device, repeats=args.ac_repeats, clock=clock)
-    rows = [[mode, activation_mb[mode], f"{activation_mb[mode] / activation_mb['none']:.2f}", times[mode],
-             f"{times[mode] / times['none']:.2f}"] for mode in steps]
-    n_params = models["none"].num_params()
-    print(f"\n# activation checkpointing: GPT-2 {cfg.n_layer} layers, width {cfg.n_embd} ({n_params / 1e6:.1f}M "
-          f"parameters, vocabulary {cfg.vocab_size}), fp32, batch {args.ac_batch} x {args.ac_seq}, one process on "
-          f"{device.type} ({torch.get_num_threads()} threads)\n")
-    print(format_table(["ac", "activation MiB", "activation / none", f"step {unit}", "step / none"], rows))
+    idx = torch.randint(0, 65, (args.ac_batch, args.ac_seq), generator=torch.Generator().manual_seed(0)).to(device)
+    rows, described = [], []
+    for name in args.ac_models:
+        model_cls, config_cls = tm.models.MODELS[name]
+        shape = dict(block_size=args.ac_seq, vocab_size=65, n_layer=args.ac_n_layer, n_head=args.ac_n_embd // 64,
+                     n_embd=args.ac_n_embd)
+        cfg = config_cls(**shape, **({"n_kv_head": args.ac_n_embd // 256} if name == "llama" else {}))
+        steps, activation_mb = {}, {}
+        for mode in ("none", "full", "selective"):
+            torch.manual_seed(0)
+            model = tm.apply_activation_checkpointing(model_cls(cfg).to(device), mode)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def forward_backward(model=model):
+                model(idx, idx, return_logits=False)[1].backward()
+
+            def step(forward_backward=forward_backward, optimizer=optimizer):
+                forward_backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=False)
+            activation_mb[mode] = activation_memory(forward_backward, optimizer, device) / 2**20
+            steps[mode] = step
+        times = time_side_by_side(steps, device, repeats=args.ac_repeats, clock=clock)
+        rows += [[name, mode, activation_mb[mode], f"{activation_mb[mode] / activation_mb['none']:.2f}", times[mode],
+                  f"{times[mode] / times['none']:.2f}"] for mode in steps]
+        described.append(f"{name} {model.num_params() / 1e6:.1f}M parameters"
+                         + (f" ({cfg.kv_heads} key/value heads, MLP {cfg.ffn_hidden_size})" if name == "llama" else ""))
+        del steps, model, optimizer  # one model's three copies at a time
+    print(f"\n# activation checkpointing: {args.ac_n_layer} layers, width {args.ac_n_embd}, {args.ac_n_embd // 64} "
+          f"heads, vocabulary 65: {', '.join(described)}; fp32, batch {args.ac_batch} x {args.ac_seq}, one "
+          f"process on {device.type} ({torch.get_num_threads()} threads)\n")
+    print(format_table(["model", "ac", "activation MiB", "activation / none", f"step {unit}", "step / none"], rows))
     print(f"\n(activation: the peak of forward + backward above the parameters, gradients and AdamW states; "
           f"step: forward, backward and AdamW, median of interleaved runs, {unit})")
 
@@ -144,9 +150,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--bucket-mb", type=float, default=2.0,
                    help="DP buckets (stages 0-2); small for this small model, as 25 MB is for GPT-2 small")
-    p.add_argument("--ac-n-layer", type=int, default=12, help="the AC table's GPT-2: layers")
-    p.add_argument("--ac-n-embd", type=int, default=768, help="its width (GPT-2 small's; heads of 64)")
-    p.add_argument("--ac-seq", type=int, default=256, help="its sequence length")
-    p.add_argument("--ac-batch", type=int, default=2, help="its batch (sequences)")
+    p.add_argument("--ac-models", nargs="+", default=["gpt2", "llama"], choices=sorted(tm.models.MODELS),
+                   help="the AC table's models")
+    p.add_argument("--ac-n-layer", type=int, default=12, help="their layers")
+    p.add_argument("--ac-n-embd", type=int, default=768,
+                   help="their width (GPT-2 small's; heads of 64, Llama with a key/value head per 4)")
+    p.add_argument("--ac-seq", type=int, default=256, help="their sequence length")
+    p.add_argument("--ac-batch", type=int, default=2, help="their batch (sequences)")
     p.add_argument("--ac-repeats", type=int, default=3, help="timed steps per mode")
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
