@@ -39,9 +39,10 @@ def _batches(cfg, n_seq, seq, steps, seed=0):
              torch.randint(0, cfg.vocab_size, (n_seq, seq), generator=g)) for _ in range(steps)]
 
 
-def _train(cfg, ctx, ac, batches, parallel_kw=None):
+def _train(cfg, ctx, ac, batches, parallel_kw=None, fail_first=False):
     """Losses, then local gradients and parameters after the last of len(batches) AdamW steps.
-    ctx None: one process, no mesh (parallel_kw: compile=True or not)."""
+    ctx None: one process, no mesh (parallel_kw: compile=True or not). ``fail_first``: first a
+    step whose recomputation raises in the first block's MLP (as an out-of-memory error would)."""
     torch.manual_seed(0)
     if ctx is None:
         model = tm.apply_activation_checkpointing(_model(cfg), ac)
@@ -51,6 +52,8 @@ def _train(cfg, ctx, ac, batches, parallel_kw=None):
         model = tm.parallelize(_model(cfg), ctx, ac=ac, **(parallel_kw or {}))
     blocks = transformer_blocks(model)
     assert blocks and all(isinstance(b, CheckpointedBlock) == (ac != "none") for b in blocks)
+    if fail_first:
+        _step_that_fails_in_recomputation(model, blocks[0].mlp, *batches[0])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     losses = []
     for step, (x, y) in enumerate(batches):
@@ -65,6 +68,19 @@ def _train(cfg, ctx, ac, batches, parallel_kw=None):
         grads = {n: local(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
     return losses, grads, {n: local(p).detach().clone() for n, p in model.named_parameters()}
+
+
+def _step_that_fails_in_recomputation(model, module, x, y):
+    def fail_in_backward(*_):
+        if torch._C._current_graph_task_id() != -1:  # inside backward: the recomputation
+            raise RuntimeError("injected failure in the recomputation")
+    hook = module.register_forward_pre_hook(fail_in_backward)
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            model(x, y, return_logits=False)[1].backward()
+    finally:
+        hook.remove()
+    model.zero_grad(set_to_none=True)
 
 
 def _compare(got, want, what):
@@ -199,6 +215,21 @@ MESHES = [
 @pytest.mark.parametrize("world_size, dims, cfg_kw, parallel_kw, n_seq, seq", MESHES)
 def test_ac_equals_no_ac_on_every_mesh(kind, world_size, dims, cfg_kw, parallel_kw, n_seq, seq):
     world(world_size).run(_modes_body, kind, dims, cfg_kw, parallel_kw, n_seq, seq)
+
+
+def _failure_body(mode):
+    ctx = get_ctx(tp=2)
+    cfg = _config("gpt2", dropout=0.1, block_size=8)
+    batches, kw = _batches(cfg, 2, 8, 2), dict(sequence_parallel=True)
+    _compare(_train(cfg, ctx, mode, batches, kw, fail_first=True), _train(cfg, ctx, mode, batches, kw),
+             f"ac={mode} after a failed recomputation")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_recomputation_that_raises_leaves_the_model_as_it_was(mode):
+    """A backward that raised inside a block's recomputation (tp2 + SP: the TP activation state
+    is left mid-block) is caught; the next steps are those of a model that never failed."""
+    world(2).run(_failure_body, mode)
 
 
 # ---- the trainer and the command line

@@ -14,11 +14,10 @@ transformer block of a model in place; ``mode`` is one of:
 **Which modules are blocks.** Those a tinymeg model names (``BLOCKS``, its protocol: GPT-2's
 and Llama's, whole or a pipeline stage's part); in any other model the elements of its outermost
 ModuleLists of modules with parameters (a transformers model's decoder layers): nothing about the
-class is assumed. A block
-keeps its name, class (a subclass of it) and state_dict keys: checkpoints, TP plans and FSDP2 see
-the same model. (A transformers model's ``config.use_cache`` is turned off, as transformers' own
-gradient checkpointing does in training: a KV cache filled by the forward would change what the
-recomputation attends to.)
+class is assumed. A block keeps its name, class (a subclass of it) and state_dict keys:
+checkpoints, TP plans and FSDP2 see the same model. (A transformers model's ``config.use_cache``
+is turned off, as transformers' own gradient checkpointing does in training: a KV cache filled by
+the forward would change what the recomputation attends to.)
 
 **Replayed exactly.** The recomputation must give the values the forward gave:
 - random numbers (dropout, tinymeg's per-TP-rank ParallelDropout) come from the RNG state each
@@ -77,9 +76,11 @@ def policy(width: int, ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Selective checkpointing's choice for one op of a block whose input (the residual stream)
     is ``width`` wide: keep SAVED_OPS' outputs and the products of Linear layers, recompute the
     rest (norms, activations, softmax, dropout, residual adds, copies). A product as wide as the
-    residual stream (attention's and the MLP's output projections) is recomputed too: backward
-    needs it only to rebuild the stream (the block's last one, not at all), so keeping it would
-    cost a stream's worth of memory to save one matmul from an input that is kept anyway."""
+    stream is recomputed too. Those are the output projections (attention's and the MLP's), whose
+    outputs backward needs only to rebuild the stream (the block's last one not at all): keeping
+    each would cost a stream's width of memory per token to save one matmul from an input that is
+    kept anyway. (A query projection as wide as the stream, Llama's without TP, is recomputed by
+    the same rule, for the same trade.)"""
     if op in SAVED_OPS:
         return CheckpointPolicy.MUST_SAVE
     if op in PRODUCTS and ctx.op_output.size(-1) != width:
