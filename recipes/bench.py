@@ -11,6 +11,7 @@
     torchrun --nproc_per_node=2 recipes/bench.py sample # generation with and without the KV cache
     python recipes/bench.py e2e                 # a training step vs plain PyTorch and parallelize_module
     torchrun --nproc_per_node=4 recipes/bench.py pp     # pipeline schedules: bubble, step time, memory
+    python recipes/bench.py gpu                 # GPT-2 small on one GPU vs plain PyTorch: bf16, MFU (--size tiny: CPU)
 
 Each benchmark lives in recipes/benchmarks/<name>.py.
 """
@@ -18,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import comm, cp, e2e, memory, moe, ops, pp, sample, tp
+from benchmarks import comm, cp, e2e, gpu, memory, moe, ops, pp, sample, tp
 
 # Subcommands in --help's order. (A comment, not the docstring: --help prints that.)
 BENCHMARKS = {"ops": ops, "comm": comm, "tp": tp, "cp": cp, "moe": moe, "memory": memory, "sample": sample,
-              "e2e": e2e, "pp": pp}
+              "e2e": e2e, "pp": pp, "gpu": gpu}
 
 
 def main(argv=None) -> None:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from rank_pool import get_ctx, world
+from tinymeg import compat
 from tinymeg.train import TrainConfig, build_model, build_optimizer, train
 from tinymeg.train import checkpoint as ckpt
 from tinymeg.train.cli import parse_args
@@ -45,10 +46,9 @@ def _step_dir(d, step) -> str:
 
 def _full_state(model, optimizer) -> dict:
     """Every parameter and optimizer state, unsharded (a collective under TP)."""
-    from torch.distributed.tensor import DTensor
 
     def full(t):
-        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
+        return compat.full_tensor(t).detach().cpu().clone()
     out = {}
     for name, p in model.named_parameters():
         out[name] = full(p)

@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from tinymeg.train import TrainConfig
 from tinymeg.train.checks import check_config
@@ -217,3 +218,25 @@ def test_bench_e2e_reports_a_failing_variant_and_times_the_others(capsys):
     bench._print_failures([("w256", failed)])
     assert capsys.readouterr().out.strip() == ("- w256 native compiled failed: RecursionError (in "
                                                "BackendCompilerFailed): maximum recursion depth exceeded")
+
+
+def test_bench_gpu_refuses_gpt2_without_a_gpu_and_its_smoke_size_runs_on_cpu():
+    """bench gpu's GPT-2 small needs CUDA: on a CPU it says so in one line; --size tiny runs the
+    same code there (both forms, both models, the table, the tuner's picks, a profile), so that
+    the GPU benchmark cannot rot between GPU sessions. (Compiled modes: tests/test_precision.py
+    compiles the same model under autocast.)"""
+    bench = str(ROOT / "recipes" / "bench.py")
+    if not torch.cuda.is_available():
+        refused = subprocess.run([sys.executable, bench, "gpu"], capture_output=True, text=True, timeout=300,
+                                 env=_env())
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert "error: bench gpu measures GPT-2 small on a CUDA GPU" in refused.stderr and "--size tiny" in refused.stderr
+    done = subprocess.run([sys.executable, bench, "gpu", "--size", "tiny", "--device", "cpu", "--modes", "autocast-eager",
+                           "bf16-eager", "--repeats", "1", "--warmup", "1", "--profile", "bf16-eager", "--kernels", "3"],
+                          capture_output=True, text=True, timeout=600, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith(("autocast-", "bf16-"))}
+    assert set(rows) == {"autocast-eager", "bf16-eager"}, done.stdout
+    for row in rows.values():
+        assert float(row[12]) < 0.02, f"the first step's losses differ: {row}"   # loss rel diff
+    assert "the autotuner's picks" in done.stdout and "top kernels, bf16-eager, plain" in done.stdout

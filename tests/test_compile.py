@@ -53,7 +53,6 @@ def _batch(cfg, seed=0):
 def test_compile_unsharded_model(monkeypatch, force):
     """Default: the plain paths, which inductor fuses. Forced: tinymeg's custom ops inside the
     compiled graph (what a compiled model runs where an op is kept, e.g. the loss of a big vocabulary)."""
-    monkeypatch.setenv("TINYMEG_AUTOTUNE", "0")
     monkeypatch.setenv("TINYMEG_OP_IMPL", force)
     previous = tm.ops.set_default_tuner(tm.ops.RuntimeAutoTuner())  # one that reads this environment
     torch._dynamo.reset()

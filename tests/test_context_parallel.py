@@ -22,6 +22,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import tinymeg as tm
+from tinymeg import compat
 from rank_pool import get_ctx, world
 from test_tensor_parallel import assert_close
 from tinymeg.parallel.context_parallel import check_seq_len, layout_index, ring_attention, ring_stats
@@ -274,6 +275,23 @@ def _errors_body():
             r"q, k and v of one shape.*repeat grouped k/v heads first")
 
 
+def _bf16_count_body():
+    """The cp ranks' token counts are summed in float32 whatever the loss's dtype: in bf16 (which
+    holds integers exactly only up to 256) 1001 + 1003 tokens were counted as 2000."""
+    from tinymeg.parallel.context_parallel import _MeanOverCP
+    ctx = get_ctx(cp=2)
+    mean = torch.tensor(2.0 + ctx.cp_rank, dtype=torch.bfloat16, requires_grad=True)
+    loss, count = _MeanOverCP.apply(mean, torch.tensor(1001 + 2 * ctx.cp_rank), ctx.mesh["cp"])
+    assert count.item() == 2004
+    assert loss.item() == pytest.approx((2 * 1001 + 3 * 1003) / 2004, rel=1e-6)
+    loss.backward()
+    assert mean.grad.dtype == torch.bfloat16
+
+
+def test_cp_mean_counts_tokens_exactly_under_bf16():
+    world(2).run(_bf16_count_body)
+
+
 def test_errors_name_the_problem_and_the_fix():
     world(2).run(_errors_body)
 
@@ -298,7 +316,7 @@ TINY = dict(steps=8, n_layer=2, n_head=4, n_embd=32, seq_len=16, eval_every=4, e
 def _train_body(dims, **kw):
     import torch.distributed as dist
     out = train(TrainConfig(**{**TINY, **dims, **kw}), ctx=get_ctx(**dims))
-    state = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+    state = {n: compat.full_tensor(p).detach().clone()
              for n, p in out["model"].named_parameters()}
     return {"losses": out["losses"], "val_loss": out["val_loss"], "state": state if dist.get_rank() == 0 else None}
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch.distributed.tensor import DTensor
 
 import tinymeg as tm
+from tinymeg import compat
 from rank_pool import get_ctx, world
 from test_tensor_parallel import assert_close
 from tinymeg.train.optim import clip_grad_norm_
@@ -57,6 +58,44 @@ def test_dp_and_hybrid_equal_single_process_on_global_batch(mesh, accum, micro, 
     world(tp * dp).run(_train_vs_reference_body, tp, dp, accum, micro, seed, 3)
 
 
+# ---- the loss of a step is the token mean of its global batch, whatever the split
+
+def _token_mean_body():
+    """Ignored targets (-1) spread unevenly over the dp ranks, the cp ranks' chunks, the pipeline's
+    microbatches and the accumulation micro-steps: the trainer's step (forward_backward, inside
+    tm.token_mean) gives the loss and gradients of one process on the whole batch, on every mesh.
+    Averaging the forwards' own means (DDP's habit) gave dp=2 and cp=2 different losses."""
+    from tinymeg.train.trainer import forward_backward
+    cfg = tm.models.GPTConfig.tiny(n_layer=2)
+    seq, micro = 8, 2
+    meshes = [dict(dp=4), dict(dp=2, cp=2), dict(dp=2, pp=2), dict(dp=2, tp=2)]
+    for accum, dims in [(1, meshes[0]), *[(2, d) for d in meshes[1:]]]:
+        ctx = get_ctx(**dims)
+        g = torch.Generator().manual_seed(accum)
+        n = ctx.dp_size * accum * micro
+        x = torch.randint(0, cfg.vocab_size, (n, seq), generator=g)
+        y = torch.randint(0, cfg.vocab_size, (n, seq), generator=g)
+        y[0, 1:] = y[1:n // 2, :2] = y[:, 5:7] = -1   # uneven over sequences, dp ranks, micro-steps and chunks
+        torch.manual_seed(0)
+        ref = tm.models.GPT2Model(cfg)
+        ref_loss = ref(x, y, return_logits=False)[1]
+        ref_loss.backward()
+        torch.manual_seed(0)
+        pipeline = dict(schedule="gpipe", microbatches=2) if ctx.pp_size > 1 else None
+        model = tm.parallelize(tm.models.GPT2Model(cfg), ctx, pipeline=pipeline)
+        xs, ys = x.view(accum, ctx.dp_size, micro, seq), y.view(accum, ctx.dp_size, micro, seq)
+        loss = forward_backward(model, [(xs[m, ctx.dp_rank], ys[m, ctx.dp_rank]) for m in range(accum)], ctx)
+        assert_close(torch.tensor(loss), ref_loss.detach(), f"loss under {dims}")
+        ref_params = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
+            assert_close(p.grad, ref_params[name].grad, f"grad of {name} under {dims}")
+        assert not model.loss_tokens.any(), "token_mean leaves the model as it found it"
+
+
+def test_loss_is_the_token_mean_of_the_global_batch_on_every_mesh():
+    world(4).run(_token_mean_body)
+
+
 def _no_sync_body():
     """Inside no_sync the gradients stay local (they differ across dp ranks)."""
     ctx = get_ctx(dp=2)
@@ -97,6 +136,10 @@ def _bucket_body():
     # and the gradients are views of the buckets: no second copy
     in_buckets = {b.buffer.untyped_storage().data_ptr() for b in sync.buckets}
     assert all(p.grad.to_local().untyped_storage().data_ptr() in in_buckets for p in params)
+    # every backward overlaps, not only the first (each bucket's count of ready gradients starts over)
+    model.zero_grad()
+    model(x, x)[1].backward()
+    assert len(sync.launch_log) == len(sync.buckets) and sync.launch_log[0][1] > 0, sync.launch_log
 
 
 def test_buckets_overlap_backward_and_move_only_local_grad_bytes():
@@ -165,7 +208,7 @@ def full_value(t):
     from tinymeg.parallel.zero import _gather_dp
     if isinstance(t, DTensor) and t.device_mesh.mesh_dim_names[0] != "tp":
         t = _gather_dp(t, t.device_mesh.get_group(0).group_name, t.shape)
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return compat.full_tensor(t)
 
 
 def build_dp_pair(ctx, seed, zero=0, n_layer=2, unused=False, frozen=(), bucket_mb=0.002, dtype=None,

@@ -198,6 +198,60 @@ def test_top_k_equal_to_the_number_of_experts(mesh, n_experts):
     assert world(dp * tp).run(_property_body, dp, ep, tp, sp, cfg_kw, 1, 2, 7) == ["ok"] * (dp * tp)
 
 
+# ---- context parallelism, and ranks that built the model differently (issue 23) ----
+
+def _moe_under_cp_body():
+    """dp=2 x cp=2 (ep=2), ignored targets uneven over the dp ranks and the cp chunks, one step
+    inside tm.token_mean: logits, loss, aux loss and every gradient (the router's too) are one
+    process's on the global batch. The balancing statistics are summed over dp x cp, so their
+    gradient counts dp x cp ranks (dp alone passed every other test); the cp mean of the
+    cross-entropy must not rescale the aux loss with its token weights."""
+    ctx = get_ctx(dp=2, cp=2, ep=2)
+    cfg = tm.models.GPTConfig.tiny(n_layer=1, n_experts=4, top_k=2, expert_hidden=32)
+    torch.manual_seed(0)
+    ref = tm.models.GPT2Model(cfg)
+    torch.manual_seed(0)
+    model = tm.parallelize(tm.models.GPT2Model(cfg), ctx)
+    (x, y), = _global_batches(cfg, 1, 4, seed=3)
+    y[:2, :2] = y[0, 6:] = -1   # dp rank 0, mostly cp rank 0's chunks (positions 0-1 and 6-7)
+    mine = slice(2 * ctx.dp_rank, 2 * ctx.dp_rank + 2)
+    routing = _watch_routing(ref)
+    ref_logits, ref_loss = ref(x, y)
+    assert _min_margin(routing, cfg.top_k) > TIE, "a routing tie: choose another seed"
+    ref_loss.backward()
+    with tm.token_mean(model, ctx, [y[mine]]):
+        logits, loss = model(x[mine], y[mine])
+        loss.backward()
+    assert_close(logits, ref_logits[mine], "logits")
+    assert_close(moe_aux_loss(model), moe_aux_loss(ref), "aux loss")
+    mean = loss.detach().clone()
+    dist.all_reduce(mean, group=ctx.dp_mesh.get_group())
+    assert_close(mean / 2, ref_loss.detach(), "loss (dp mean)")
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close(p.grad, ref_params[name].grad, f"grad of {name}")
+
+
+def _differently_built_body():
+    """Every rank builds its model from its own seed: after tm.parallelize (tp=2 x dp=2, ep=2) the
+    MoE layers' router and experts are rank 0's on every rank, like every other parameter, so the
+    logits are those of rank 0's model."""
+    ctx = get_ctx(dp=2, tp=2, ep=2)
+    cfg = tm.models.GPTConfig.tiny(n_layer=1, n_experts=4, top_k=2, expert_hidden=32)
+    torch.manual_seed(0)
+    ref = tm.models.GPT2Model(cfg)
+    torch.manual_seed(ctx.rank)
+    model = tm.parallelize(tm.models.GPT2Model(cfg), ctx)
+    (x, _), = _global_batches(cfg, 1, 2, seed=4)
+    with torch.no_grad():
+        assert_close(model(x)[0], ref(x)[0], "logits")
+
+
+def test_moe_under_cp_and_across_tp_ranks_equals_one_process():
+    world(4).run(_moe_under_cp_body)
+    world(4).run(_differently_built_body)
+
+
 # ---- torch.compile, checkpoints, the trainer, the recipe ----
 
 def _compile_body():
@@ -209,10 +263,9 @@ def _compile_body():
     check_compiled_matches_eager(model, *_batch(cfg, seed=ctx.dp_rank), return_logits=False)
 
 
-def test_compile_expert_parallel_model(monkeypatch):
+def test_compile_expert_parallel_model():
     """fullgraph=True with the all-to-alls' data-dependent splits, the grouped matmul and the
     global balancing statistics in the graph: same loss and gradients as eager."""
-    monkeypatch.setenv("TINYMEG_AUTOTUNE", "0")
     world(2).run(_compile_body)
 
 
@@ -223,19 +276,20 @@ MOE_TRAIN = dict(n_experts=4, top_k=2, n_layer=2, n_head=4, n_embd=32, seq_len=1
 def _trainer_body(**kw):
     from tinymeg.train import TrainConfig, train
     cfg = TrainConfig(**{**MOE_TRAIN, **kw})
-    out = train(cfg, ctx=get_ctx(dp=cfg.dp, tp=cfg.tp, ep=cfg.ep))
+    out = train(cfg, ctx=get_ctx(dp=cfg.dp, tp=cfg.tp, ep=cfg.ep, cp=cfg.cp))
     return out["losses"]
 
 
 def test_trainer_losses_equal_one_process_on_any_expert_mesh():
     """The trainer (global-norm clipping at 1 is active: the first norms are ~2) on 1 process,
-    (dp=2, ep=2), (dp=4, ep=2) and (dp=2, ep=2, tp=2, SP, loss parallel) on the same global
-    batch: the same 6 losses (CE + aux), rel 1e-5; and with 2 accumulation steps."""
+    (dp=2, ep=2), (dp=4, ep=2), (dp=2, ep=2, tp=2, SP, loss parallel) and (dp=2, ep=2, cp=2) on
+    the same global batch: the same 6 losses (CE + aux), rel 1e-5; and with 2 accumulation steps."""
     runs = {"dp1": world(1).run(_trainer_body, steps=6, micro_batch=4)[0],
             "dp2 ep2": world(2).run(_trainer_body, steps=6, dp=2, ep=2, micro_batch=2)[0],
             "dp4 ep2": world(4).run(_trainer_body, steps=6, dp=4, ep=2, micro_batch=1)[0],
             "dp2 ep2 tp2 sp lp": world(4).run(_trainer_body, steps=6, dp=2, ep=2, tp=2, micro_batch=2,
-                                              sequence_parallel=True, loss_parallel=True)[0]}
+                                              sequence_parallel=True, loss_parallel=True)[0],
+            "dp2 ep2 cp2": world(4).run(_trainer_body, steps=6, dp=2, ep=2, cp=2, micro_batch=2)[0]}
     base = runs["dp1"]
     assert len(base) == 6 and base[-1] < base[0]
     for mesh, losses in runs.items():

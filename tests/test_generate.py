@@ -68,6 +68,18 @@ def test_padding_is_exact_and_cropping_was_not():
     assert (model(prompt[:, -4:])[0][:, -1] - exact).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("bad,message", [
+    (dict(temperature=0), r"temperature must be a finite number > 0 .* for greedy decoding pass top_k=1"),
+    (dict(temperature=float("nan")), r"temperature must be a finite number > 0"),
+    (dict(top_k=0), r"top_k must be None \(the whole vocabulary\) or an integer >= 1, got 0"),
+    (dict(max_new_tokens=-1), r"max_new_tokens must be an integer >= 0, got -1"),
+])
+def test_sampling_settings_that_cannot_be_drawn_are_errors(bad, message):
+    """temperature=0 divided the logits into inf/nan for multinomial; top_k=0 raised an IndexError."""
+    with pytest.raises(ValueError, match=message):
+        _model().generate(torch.zeros(1, 1, dtype=torch.long), **{"max_new_tokens": 2, **bad})
+
+
 def test_generate_leaves_no_cache_behind_when_it_raises():
     model = _model()
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import tinymeg as tm
+from tinymeg import compat
 from rank_pool import get_ctx, world
 
 hf = pytest.importorskip("transformers", reason="transformers is in the [test] extra: pip install -e '.[test]'")
@@ -84,6 +85,44 @@ def test_round_trip_through_a_tensor_parallel_model(hf_dir, tmp_path, sp):
     out = str(tmp_path / "from_tp2")
     world(2).run(_sharded_round_trip_body, path, out, want, sp)
     torch.testing.assert_close(hf_logits(out, _ids()), want, atol=ATOL, rtol=RTOL)
+
+
+def _parallel_export_body(path, out_pp, out_bf16):
+    """A pipelined model (pp=2 x tp=2) writes every stage's tensors (one file per stage, named by
+    the index: only the first stage's were written), over an earlier single-file save of another
+    model (readers take model.safetensors first: it must go); under mixed precision (dp=2 x tp=2,
+    ZeRO-2, bf16) the fp32 masters are written, not the bf16 working copies."""
+    other = tm.models.GPT2Model.from_pretrained(path)
+    torch.nn.init.zeros_(other.transformer.wpe.weight)
+    other.save_pretrained(out_pp)
+    pipelined = tm.parallelize(tm.models.GPT2Model.from_pretrained(path), get_ctx(tp=2, pp=2),
+                               pipeline=dict(schedule="gpipe", microbatches=2))
+    pipelined.save_pretrained(out_pp)
+    mixed = tm.parallelize(tm.models.GPT2Model.from_pretrained(path), get_ctx(dp=2, tp=2), zero=2, param_dtype="bf16")
+    assert next(mixed.parameters()).dtype == torch.bfloat16
+    mixed.save_pretrained(out_bf16)
+
+
+def test_pipelined_and_mixed_precision_models_write_every_tensor_at_full_precision(hf_dir, tmp_path):
+    from tinymeg.models.hf_io import read_tensors
+    path, want = hf_dir
+    out_pp, out_bf16 = str(tmp_path / "pp"), str(tmp_path / "bf16")
+    world(4).run(_parallel_export_body, path, out_pp, out_bf16)
+    original = load_file(os.path.join(path, "model.safetensors"))
+    for out in (out_pp, out_bf16):
+        back = read_tensors(out)
+        assert back.keys() == original.keys(), out
+        assert all(torch.equal(original[k], back[k]) for k in original), f"{out}: weights move, they do not change"
+    assert sorted(os.listdir(out_pp)) == ["config.json", "model-00001-of-00002.safetensors",
+                                          "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    torch.testing.assert_close(hf_logits(out_pp, _ids()), want, atol=ATOL, rtol=RTOL)
+
+
+def test_a_mixture_of_experts_model_is_not_written_as_a_dense_gpt2(tmp_path):
+    model = tm.models.GPT2Model(tm.models.GPTConfig.tiny(n_experts=4))
+    with pytest.raises(ValueError, match=r"mixture-of-experts layers \(n_experts=4\).*--format torch"):
+        model.save_pretrained(tmp_path / "moe")
+    assert not (tmp_path / "moe").exists()
 
 
 def test_hub_layout_and_sharded_files_are_read(hf_dir, tmp_path):
@@ -173,7 +212,7 @@ TINY = dict(n_layer=1, n_head=2, n_embd=32, seq_len=16, micro_batch=2, eval_ever
 def _train_body(tp, dp, steps, **kw):
     from tinymeg.train import TrainConfig, train
     out = train(TrainConfig(tp=tp, dp=dp, steps=steps, **{**TINY, **kw}), ctx=get_ctx(dp=dp, tp=tp))
-    return out["losses"], {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+    return out["losses"], {n: compat.full_tensor(p).detach()
                            for n, p in out["model"].named_parameters()}
 
 

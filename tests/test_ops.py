@@ -172,7 +172,7 @@ def test_linear_cross_entropy_implementations(n, c, vocab, pad, dtype, reduction
         t[:] = -1
     ref = cross_entropy.forward_ref(h, w, t, vocab, -1, reduction, True)
     # the reference against F.cross_entropy, through autograd (float32)
-    hs, ws = h.float().requires_grad_(), w.float().requires_grad_()
+    hs, ws = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()  # (h, w stay leaves)
     expected = F.cross_entropy(hs @ ws[:vocab].T, t, ignore_index=-1, reduction=reduction)
     if (t == -1).all():
         assert ref[0].item() == 0.0 and not ref[1].any() and not ref[2].any(), "all ignored: 0 loss, zero grads"
@@ -592,23 +592,39 @@ def test_a_tuning_failure_never_stops_a_run(tmp_path):
         assert len(calls) == n, "decided: neither timed nor warned about again"
 
 
+def test_bad_input_is_the_ops_error_not_tuner_warnings():
+    """Where every candidate fails, the inputs are wrong: the user sees the op's error alone."""
+    h, w = torch.randn(4, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="reduction must be one of"):
+            tm.ops.linear_cross_entropy(h, w, torch.tensor([1, 2, 3, -1]), vocab_size=10, reduction="none")
+
+
 def test_bf16_candidates_agree_within_bf16_rounding(tmp_path):
-    """A bf16 op's float32 outputs (LayerNorm's mean and rstd) carry bf16 rounding: the check
-    allows it (the tolerance of the least precise dtype among inputs and outputs), so a correct
-    kernel is not reported as disagreeing; one 10% off still is."""
+    """A correct bf16 kernel is not reported as disagreeing, one 10% off still is. A bf16 op's
+    float32 outputs (LayerNorm's mean and rstd) carry bf16 rounding; and where rows have large
+    means aten's bf16 LayerNorm backward (the default) is far off float32 math in the weight's
+    gradient (tens of percent) while the float32 'ref' is close to it: candidates are checked
+    against the default run on float32 copies, allowing twice the default's own error."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(8, 64, 128, generator=g) * 3 + 1).bfloat16()
     w, b = torch.randn(128, generator=g).bfloat16(), torch.randn(128, generator=g).bfloat16()
     args, fast = (x, w, b, 1e-5), norm.FORWARD["fast"]
-    tuner = RuntimeAutoTuner(warmup_iterations=0, measure_iterations=MIN_ROUNDS, enabled=True, cache_dir=tmp_path)
+    shifted = (torch.randn(512, 128, generator=g) + 50 * torch.randn(512, 1, generator=g)).bfloat16()
+    _, mean, rstd = norm.forward_ref(shifted, w, b, 1e-5)
+    dy = torch.randn(512, 128, generator=g).bfloat16()
+    # a budget too small to time anything: the check is what runs
+    tuner = RuntimeAutoTuner(enabled=True, cache_dir=tmp_path, budget_s=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tuner.choose("layer_norm", cpu_impls(norm.FORWARD), args, "fast")
+        tuner.choose("layer_norm_backward", cpu_impls(norm.BACKWARD), (dy, shifted, w, mean, rstd), "fast")
 
     def off(*a):
         y, mean, rstd = fast(*a)
         return y * 1.1, mean, rstd
-    with pytest.warns(RuntimeWarning, match=r"'off' disagrees .*output 0: max \|difference\|"):
+    with pytest.warns(RuntimeWarning, match=r"'off' disagrees with 'fast' .*an output off by 0\.1"):
         tuner.choose("layer_norm", {"fast": fast, "off": off}, (x[:1], w, b, 1e-5), "fast")
 
 
@@ -674,6 +690,13 @@ def test_autotuner_budget_bounds_the_timing(tmp_path):
                              cache_dir=tmp_path / "tight", budget_s=2.0)
     assert tight.choose("op", cands, (torch.ones(2),), default="b") == "b"
     assert clock.now == pytest.approx(0.5 * (1 + 1)), f"{MIN_ROUNDS} rounds do not fit: check + estimate, the default"
+    # calls that slow down after the estimate (load arriving): past the budget, no round beyond the
+    # fifth starts (the estimate planned 2 warmup + 18 timed rounds)
+    clock.calls.clear()
+    slowed = {k: clock.kernel(k, [0.05, 0.05] + [1.0] * 30) for k in ("a", "b")}
+    RuntimeAutoTuner(warmup_iterations=10, measure_iterations=100, clock=clock, enabled=True,
+                     cache_dir=tmp_path / "slowed", budget_s=2.0).choose("op", slowed, (torch.ones(2),), default="b")
+    assert len(clock.calls) == 2 * (1 + 1 + 2 + MIN_ROUNDS)
     clock.now = 0.0
     unbounded = RuntimeAutoTuner(warmup_iterations=10, measure_iterations=100, clock=clock, enabled=True,
                                  cache_dir=tmp_path / "other", budget_s=None)
@@ -869,7 +892,10 @@ def test_triton_linear_cross_entropy(dtype, n, c, v, vocab, ignored):
 
 @needs_triton
 def test_autotuner_on_cuda_picks_a_verified_kernel(tmp_path):
-    """CUDA events time every candidate; whichever wins, it agrees with the default."""
+    """CUDA events time every candidate; whichever wins, it agrees with the default. A training
+    step of layer_norm then bias_gelu times, for each op, its two paths (plain aten vs the
+    custom op, forward + backward) and, inside the op path, the forward and backward kernels,
+    the triton ones among them."""
     tuner = RuntimeAutoTuner(warmup_iterations=2, measure_iterations=5, cache_dir=tmp_path)
     previous = tm.ops.set_default_tuner(tuner)
     try:
@@ -880,4 +906,9 @@ def test_autotuner_on_cuda_picks_a_verified_kernel(tmp_path):
             tm.ops.bias_gelu(tm.ops.layer_norm(x, w, w), w).sum().backward()
     finally:
         tm.ops.set_default_tuner(previous)
-    assert len(tuner.timings) == 4 and all(set(t) >= {"fast", "triton"} for t in tuner.timings.values())
+    timed = {key.split("|")[0]: set(times) for key, times in tuner.timings.items()}
+    paths = {name: t for name, t in timed.items() if name.endswith(":fwd+bwd")}
+    kernels = {name: t for name, t in timed.items() if not name.endswith(":fwd+bwd")}
+    assert paths == {"layer_norm:fwd+bwd": {"plain", "op"}, "bias_gelu:fwd+bwd": {"plain", "op"}}, timed
+    assert set(kernels) == {"layer_norm", "layer_norm_backward", "bias_gelu", "bias_gelu_backward"}, timed
+    assert all(t >= {"fast", "triton"} for t in kernels.values()), timed

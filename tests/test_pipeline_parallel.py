@@ -410,17 +410,21 @@ def test_pipeline_token_mean_frozen_stage_and_bad_input():
     world(2).run(_frozen_stage_and_bad_input_body)
 
 
-def _bf16_body():
-    """pp x tp with bf16 parameters: the last stage's loss (bf16 from TP's loss, fp32 from the fused
-    one) reaches every stage as float32, in training and in eval, at the one-process value (bf16
+def _bf16_body(dims):
+    """pp x tp and pp x dp with bf16 parameters (tm.parallelize's param_dtype): the last stage's
+    loss (bf16 from TP's loss, fp32 from the fused one: at tp=1 the eval forward aborted in gloo)
+    reaches every stage as float32, in training and in eval, at the one-process value (bf16
     compute: 2e-2)."""
-    ctx = get_ctx(tp=2, pp=2)
+    ctx = get_ctx(**dims)
     cfg = tm.models.GPTConfig.tiny()
     torch.manual_seed(0)
     ref = tm.models.GPT2Model(cfg)
     torch.manual_seed(0)
     model = tm.parallelize(tm.models.GPT2Model(cfg), ctx, param_dtype="bf16",
                            pipeline=dict(schedule="1f1b", microbatches=2))
+    # parallelize hands the dtype to DP: bf16 working copies, fp32 masters (--dtype bf16 trained in fp32 when it did not)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.zero_state.param_dtype == torch.bfloat16
     (x, y), = _batches(cfg.vocab_size, 1, 4, 2)
     with torch.no_grad():
         ref_loss = ref(x, y)[1]
@@ -433,7 +437,8 @@ def _bf16_body():
 
 
 def test_pipeline_bf16_loss_reaches_every_stage():
-    world(4).run(_bf16_body)
+    for dims in (dict(tp=2, pp=2), dict(dp=2, pp=2)):
+        world(4).run(_bf16_body, dims)
 
 
 # ---- the trainer: losses, eval and the sample equal one process's

@@ -19,13 +19,14 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import tinymeg as tm
+from tinymeg import compat
 from rank_pool import get_ctx, world
 
 ATOL = RTOL = 1e-5
 
 
 def full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return compat.full_tensor(t)
 
 
 def assert_close(actual, expected, what):

@@ -212,6 +212,48 @@ def test_module_classes_that_cannot_be_planned_as_asked():
     world(2).run(_subclass_errors_body)
 
 
+# ---- tied weights under the default rule and under a plan (issue 23)
+
+def _tied_body():
+    """A tied embedding the default rule cannot vocab-shard (a subclass with its own forward) is
+    left replicated with its head, not refused, and the model is exact; a plan that shards the
+    tied head but not the embedding is refused (it untied them: 17 parameters instead of 16)."""
+    ctx = get_ctx(tp=2)
+    torch.manual_seed(0)
+    ref = Model(heads=2, hidden=16)
+    ref.head.weight = ref.embed.weight
+    sharded = tm.apply_tensor_parallel(copy.deepcopy(ref), ctx, PLAN)
+    assert sharded.head.weight is sharded.embed.weight
+    idx = torch.randint(0, 32, (2, 4), generator=torch.Generator().manual_seed(0))
+    (ref_logits, ref_loss), (logits, loss) = ref(idx, idx), sharded(idx, idx)
+    assert_close(logits, ref_logits, "logits")
+    ref_loss.backward()
+    loss.backward()   # (no AdamW step: k_proj.bias's gradient is 0 up to float noise, which AdamW amplifies)
+    ref_params = dict(ref.named_parameters())
+    for name, p in sharded.named_parameters():
+        assert_close(p.grad, ref_params[name].grad, f"grad of {name}")
+    gpt = tm.models.GPT2Model(tm.models.GPTConfig.tiny())
+    with pytest.raises(ValueError, match=r"'lm_head' shares its weight with \['transformer.wte'\] \(tied\), which the "
+                                         r"plan does not shard as VocabParallel.*Plan 'transformer.wte' as VocabParallel"):
+        tm.apply_tensor_parallel(gpt, ctx, {**tm.GPT2_TP_CONFIG, "lm_head": tm.ColumnParallel(gather_output=True),
+                                            "vocab_embedding_patterns": []})
+    # a vocab-parallel embedding takes only nn.Linear heads along (a head with its own forward lost
+    # it): asked for, refused; by default, both replicated and exact
+    torch.manual_seed(0)
+    doubled = tm.models.GPT2Model(tm.models.GPTConfig.tiny())
+    doubled.lm_head.__class__ = DoubledLinear
+    with pytest.raises(ValueError, match=r"'transformer.wte' shares its weight with \['lm_head'\] \(tied\), which "
+                                         r"VocabParallel cannot shard along"):
+        tm.apply_tensor_parallel(copy.deepcopy(doubled), ctx, {**tm.GPT2_TP_CONFIG, "vocab_embedding_patterns": ["wte"]})
+    sharded = tm.apply_tensor_parallel(copy.deepcopy(doubled), ctx, tm.GPT2_TP_CONFIG)
+    with torch.no_grad():
+        assert_close(sharded(idx)[0], doubled(idx)[0], "logits of a tied head with its own forward")
+
+
+def test_tied_weights_stay_tied_or_the_plan_is_refused():
+    world(2).run(_tied_body)
+
+
 # ---- pairing: a row layer's input comes from column layers, in the same parent module
 
 class MoEExpert(nn.Module):

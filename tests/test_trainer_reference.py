@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from rank_pool import get_ctx, world
+from tinymeg import compat
 from tinymeg.data import global_batch, load_corpus
 from tinymeg.models import GPT2Model, GPTConfig
 from tinymeg.train import TrainConfig, train
@@ -88,11 +89,10 @@ def reference():
 
 def _trainer_body(tp, dp, micro, accum, sp, lp):
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
     cfg = TrainConfig(tp=tp, dp=dp, micro_batch=micro, grad_accum=accum, sequence_parallel=sp,
                       loss_parallel=lp, **BASE)
     out = train(cfg, ctx=get_ctx(dp=dp, tp=tp))
-    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+    state = {k: compat.full_tensor(v).detach().clone()
              for k, v in out["model"].state_dict().items()}
     return {"records": out["records"], "state": state if dist.get_rank() == 0 else None}
 

@@ -114,6 +114,7 @@ def _held_body(tp, dp, zero, dtype):
     """Shards are 1/dp of each parameter, as DTensors whose global shape is the parameter's; masters
     and optimizer states are fp32; bf16 parameters compute; the fp32 model's shards are views of
     the parameters (no copy)."""
+    from tinymeg.parallel.grad_sync import GradientElsewhere
     from tinymeg.parallel.zero import memory_mb, optimizer_param
     ctx = get_ctx(dp=dp, tp=tp)
     _, model, _, opt = build_dp_pair(ctx, 0, zero, dtype=dtype)
@@ -132,7 +133,7 @@ def _held_body(tp, dp, zero, dtype):
             pieces = torch.tensor(_local(held).numel())      # the dp shards partition the parameter
             torch.distributed.all_reduce(pieces, group=ctx.dp_cp_mesh.get_group())
             assert pieces.item() == _local(p).numel() and _local(held).numel() <= math.ceil(_local(p).numel() / dp) * 2, name
-            assert p.dtype == compute and p.grad is None, name
+            assert p.dtype == compute and isinstance(p.grad, GradientElsewhere), name
             if dtype is None:   # a view of the parameter itself
                 assert _local(held).untyped_storage().data_ptr() == _local(p).untyped_storage().data_ptr()
         if zero == 3:
@@ -223,6 +224,33 @@ def _comm_body(tp, dp, zero, dtype):
 @pytest.mark.parametrize("zero,dtype", [(0, None), (1, None), (2, None), (2, "bf16"), (3, None), (3, "bf16")])
 def test_communication_contract(zero, dtype):
     world(4).run(_comm_body, 2, 2, zero, dtype)
+
+
+# ---- p.grad where the gradient is elsewhere (issue 23) ----
+
+def _torch_clip_body():
+    """Under ZeRO-1/2 or bf16 masters the gradient lives where the optimizer steps, not in p.grad:
+    torch's clip_grad_norm_(model.parameters()) found no gradient and clipped nothing; now it
+    raises, saying where the gradient is, and so does an optimizer not handed to shard_optimizer.
+    tinymeg's clip reads it there; a second backward and zero_grad(set_to_none=False) still work."""
+    from tinymeg.train.optim import clip_grad_norm_
+    ctx = get_ctx(dp=2)
+    x = torch.randint(0, 65, (2, 8), generator=torch.Generator().manual_seed(ctx.dp_rank))
+    for zero, dtype in ((1, None), (2, None), (0, "bf16")):
+        model = tm.apply_data_parallel(tm.models.GPT2Model(tm.models.GPTConfig.tiny()), ctx, zero=zero, param_dtype=dtype)
+        model(x, x, return_logits=False)[1].backward()
+        where = r"optimizer_param\(p\).grad. Clip with tinymeg.train.clip_grad_norm_"
+        with pytest.raises(RuntimeError, match=where):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        with pytest.raises(RuntimeError, match=where):
+            torch.optim.AdamW(model.parameters()).step()
+        assert clip_grad_norm_(model.parameters(), 1e-3) > 0
+        model(x, x, return_logits=False)[1].backward()   # a second synced backward, before any step
+        model.zero_grad(set_to_none=False)
+
+
+def test_torch_clip_on_gradients_that_live_elsewhere_is_an_error():
+    world(2).run(_torch_clip_body)
 
 
 # ---- errors ----

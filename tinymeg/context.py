@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from . import compat
+
 # The world mesh, outermost to innermost (see the module docstring for why this order).
 MESH_DIMS = ("pp", "dp", "cp", "tp")
 # Every dim a user may name: the mesh's, and ep, carved out of dp.
@@ -91,11 +93,13 @@ class ParallelContext:
             self.device_type, tuple(self.sizes[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
         # Derived views. Each creates process groups (a collective call), so all are built
         # here, on every rank, in the same order: never lazily.
-        self.dp_cp_mesh = self.mesh["dp", "cp"]._flatten("dp_cp") if self.cp_size > 1 else self.mesh["dp"]
-        expert = self.mesh._unflatten("dp", (self.dp_size // self.ep_size, self.ep_size), ("edp", "ep"))
+        self.dp_cp_mesh = compat.flatten(self.mesh["dp", "cp"], "dp_cp") if self.cp_size > 1 else self.mesh["dp"]
+        expert = compat.unflatten(self.mesh, "dp", (self.dp_size // self.ep_size, self.ep_size), ("edp", "ep"))
         self.edp_mesh, self.ep_mesh = expert["edp"], expert["ep"]
         # The ranks holding the same experts and seeing other tokens: expert gradients' DP mesh.
-        self.edp_cp_mesh = expert["edp", "cp"]._flatten("edp_cp") if self.cp_size > 1 else self.edp_mesh
+        # Without experts edp is dp, so edp_cp is dp_cp (torch 2.11 cannot slice ("edp", "cp") across ep).
+        self.edp_cp_mesh = (compat.flatten(expert["edp", "cp"], "edp_cp") if self.cp_size > 1 and self.ep_size > 1
+                            else self.dp_cp_mesh if self.cp_size > 1 else self.edp_mesh)
         self.timeout = timeout
         _set_mesh_timeout(self._meshes(), timeout)
 
@@ -179,7 +183,7 @@ def _set_mesh_timeout(meshes: list[DeviceMesh], timeout: timedelta) -> None:
     for mesh in meshes:
         group = mesh.get_group()
         if group is not dist.group.WORLD:
-            dist.distributed_c10d._set_pg_timeout(timeout, group)
+            compat.set_process_group_timeout(timeout, group)
 
 
 def _free_port() -> int:

@@ -21,6 +21,7 @@ with a KV cache, the sampling step, the parameter count.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -139,12 +140,12 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -
     """A clear error for sampling settings sample_token cannot draw with. Every generate checks
     them before its first forward, so that under pipeline parallelism all stages refuse alike
     (instead of the last stage failing mid-way while the others wait for its token)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0 (logits are divided by it), got "
                          f"{temperature!r}: for greedy decoding pass top_k=1")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"top_k must be None (the whole vocabulary) or an integer >= 1, got {top_k!r}")
 
 
@@ -224,6 +225,15 @@ class CausalLM(nn.Module):
         """Parameters in the global model (tied weights counted once, padding rows included)."""
         return sum(p.numel() for p in self.parameters())
 
+    def export_state_dict(self) -> dict:
+        """The state dict save_pretrained writes: state_dict() (data parallelism's mixin gives the
+        fp32 masters under mixed precision instead of the bf16 working copies)."""
+        return self.state_dict()
+
+    # save_pretrained's hf_io.PretrainedPart: None, this rank holds the whole model (pipeline
+    # parallelism sets it to its stage's part)
+    pretrained_part = None
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True,
                 pos: torch.Tensor | None = None):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
@@ -256,7 +266,8 @@ class CausalLM(nn.Module):
             logits = logits[..., :vocab]  # padded rows are not tokens
         loss = None
         if targets is not None:
-            loss = self._loss(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1), targets)
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)  # in float32
+            loss = self._loss(ce, targets)
         return logits, loss
 
     def _loss(self, ce: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,10 @@ def config_from_hf(hf: dict, *, dropout: float | None = None, vocab_multiple: in
 
 def config_to_hf(cfg: GPTConfig) -> dict:
     """The config.json transformers.GPT2LMHeadModel reads for a tinymeg GPTConfig."""
+    if cfg.n_experts:
+        raise ValueError(f"this model has mixture-of-experts layers (n_experts={cfg.n_experts}), which "
+                         f"transformers' GPT-2 has no place for (it would load a dense config with random "
+                         f"MLPs): save a checkpoint (--ckpt-dir) or export with --format torch")
     if not cfg.bias:
         raise ValueError("GPT-2's Hugging Face format has biases everywhere; this model was built with "
                          "bias=False, which transformers' GPT2LMHeadModel cannot load")
@@ -148,4 +152,4 @@ def save_pretrained(model: GPT2Model, path: str, max_shard_mb: float | None = No
     """Write ``path/config.json`` and the weights (hf_io.write_pretrained) for transformers'
     GPT2LMHeadModel.from_pretrained. Under torch.distributed every rank calls it (sharded
     parameters are gathered) and global rank 0 writes; it returns when the files exist."""
-    write_pretrained(path, config_to_hf(model.config), hf_state_dict(model), max_shard_mb)
+    write_pretrained(path, config_to_hf(model.config), hf_state_dict(model), max_shard_mb, model.pretrained_part)

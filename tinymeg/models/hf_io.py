@@ -4,16 +4,19 @@ over several files named by ``model.safetensors.index.json``, as transformers' s
 writes them. No transformers at run time: safetensors only.
 
 Writing works on a sharded model too: every rank gathers the whole tensors (a collective over
-each DTensor's mesh) and global rank 0 writes; the call returns when the files exist.
+each DTensor's mesh) and global rank 0 writes; the call returns when the files exist. A model
+split into parts (pipeline stages: ``model.pretrained_part``) writes each part's tensors from
+one rank of that part, in files of their own named by the index.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from .. import compat
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 
@@ -61,30 +64,57 @@ def padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state_dict with every tensor whole, float32, on the CPU. Sharded (DTensor)
-    tensors are gathered over their mesh: a collective, so every rank must call this."""
-    return {k: (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu()
-            for k, t in model.state_dict().items()}
+    """The model's ``export_state_dict()`` (its state_dict at full precision: the fp32 masters
+    under mixed precision) with every tensor whole, float32, on the CPU. Sharded (DTensor) tensors
+    are gathered over their mesh: a collective, so every rank must call this."""
+    return {k: compat.full_tensor(t).detach().float().cpu() for k, t in model.export_state_dict().items()}
+
+
+@dataclass
+class PretrainedPart:
+    """This rank's tensors are part ``index`` of ``count`` of the model (a pipeline stage's),
+    the parts' ranks meet in ``group``, and this rank ``writes`` its part's files (one rank per part)."""
+    group: dist.ProcessGroup
+    index: int
+    count: int
+    writes: bool
 
 
 def write_pretrained(path: str, config: dict, tensors: dict[str, torch.Tensor],
-                     max_shard_mb: float | None = None) -> None:
+                     max_shard_mb: float | None = None, part: PretrainedPart | None = None) -> None:
     """Write ``path/config.json`` and the tensors: one ``model.safetensors``, or (when they
-    exceed ``max_shard_mb``) ``model-0000i-of-0000n.safetensors`` files and their index. Under
-    torch.distributed every rank calls it and global rank 0 writes; it returns when the files exist."""
+    exceed ``max_shard_mb``, or come from several parts) ``model-0000i-of-0000n.safetensors``
+    files and their index. Under torch.distributed every rank calls it and global rank 0 writes
+    (with ``part``, one rank per part writes that part's files; a tensor two parts hold, a tied
+    weight, is written by the first); it returns when the files exist. Whatever an earlier save
+    left in the other layout is removed: readers take model.safetensors before an index."""
     from safetensors.torch import save_file
     distributed = dist.is_available() and dist.is_initialized()
-    if not distributed or dist.get_rank() == 0:
+    sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    parts, mine, writes = [sizes], 0, not distributed or dist.get_rank() == 0
+    if part is not None:
+        parts, mine, writes = [None] * part.count, part.index, part.writes
+        dist.all_gather_object(parts, sizes, group=part.group)
+    kept: dict[str, int] = {}
+    shards = []   # (part, the keys of one file), in order
+    for i, held in enumerate(parts):
+        new = {k: n for k, n in held.items() if k not in kept}
+        kept.update(new)
+        shards += [(i, keys) for keys in _split(new, max_shard_mb)]
+    names = [WEIGHTS] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if writes:
         os.makedirs(path, exist_ok=True)
-        shards = _split(tensors, max_shard_mb)
-        if len(shards) == 1:
-            save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
-        else:
-            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-            for name, shard in zip(names, shards):
-                save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        for name, (i, keys) in zip(names, shards):
+            if i == mine:
+                save_file({k: tensors[k] for k in keys}, os.path.join(path, name), metadata={"format": "pt"})
+    if not distributed or dist.get_rank() == 0:
+        stale = os.path.join(path, INDEX if len(shards) == 1 else WEIGHTS)
+        if os.path.exists(stale):
+            os.remove(stale)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(kept.values())},
+                     "weight_map": {k: name for name, (_, keys) in zip(names, shards) for k in keys}}
             with open(os.path.join(path, INDEX), "w") as f:
                 json.dump(index, f, indent=2)
         with open(os.path.join(path, CONFIG), "w") as f:
@@ -93,19 +123,18 @@ def write_pretrained(path: str, config: dict, tensors: dict[str, torch.Tensor],
         dist.barrier()
 
 
-def _split(tensors: dict[str, torch.Tensor], max_shard_mb: float | None) -> list[dict[str, torch.Tensor]]:
-    """The tensors in order, cut into groups of at most max_shard_mb (a bigger tensor alone)."""
+def _split(sizes: dict[str, int], max_shard_mb: float | None) -> list[list[str]]:
+    """The tensors' names in order, cut into files of at most max_shard_mb (a bigger tensor alone)."""
     if max_shard_mb is None:
-        return [tensors]
-    limit, shards, size = max_shard_mb * 2**20, [{}], 0
-    for k, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+        return [list(sizes)] if sizes else []
+    limit, shards, size = max_shard_mb * 2**20, [[]], 0
+    for k, nbytes in sizes.items():
         if shards[-1] and size + nbytes > limit:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][k] = t
+        shards[-1].append(k)
         size += nbytes
-    return shards
+    return shards if shards[-1] else []
 
 
 def init_from_pretrained(model_class, path: str, vocab_size: int, seq_len: int, dropout: float):

@@ -154,4 +154,4 @@ def save_pretrained(model: Llama, path: str, max_shard_mb: float | None = None) 
     LlamaForCausalLM.from_pretrained. Under torch.distributed every rank calls it (sharded
     parameters are gathered) and global rank 0 writes; it returns when the files exist."""
     config = config_to_hf(model.config)
-    write_pretrained(path, config, hf_state_dict(model), max_shard_mb)
+    write_pretrained(path, config, hf_state_dict(model), max_shard_mb, model.pretrained_part)

@@ -23,21 +23,22 @@ torch.compile can trace them and CommDebugMode can count them.
 from __future__ import annotations
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
+
+from .. import compat
 
 
 def _wait(t: torch.Tensor) -> torch.Tensor:
     # Eager funcols return a lazy AsyncCollectiveTensor; autograd wants a plain tensor.
-    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
+    return t.wait() if isinstance(t, compat.AsyncCollectiveTensor) else t
 
 
 def all_reduce(x: torch.Tensor, mesh: DeviceMesh, op: str = "sum") -> torch.Tensor:
-    return _wait(funcol.all_reduce(x.contiguous(), op, mesh))
+    return _wait(compat.all_reduce(x.contiguous(), op, mesh))
 
 
 def all_gather(x: torch.Tensor, mesh: DeviceMesh, dim: int) -> torch.Tensor:
-    return _wait(funcol.all_gather_single(x.contiguous(), dim % x.dim(), mesh))
+    return _wait(compat.all_gather_single(x.contiguous(), dim % x.dim(), mesh))
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -74,7 +75,7 @@ class _GatherFromTP(torch.autograd.Function):
 
 
 def reduce_scatter(x: torch.Tensor, mesh: DeviceMesh, dim: int) -> torch.Tensor:
-    return _wait(funcol.reduce_scatter_single(x.contiguous(), "sum", dim % x.dim(), mesh))
+    return _wait(compat.reduce_scatter_single(x.contiguous(), "sum", dim % x.dim(), mesh))
 
 
 def _own_slice(x: torch.Tensor, mesh: DeviceMesh, dim: int) -> torch.Tensor:

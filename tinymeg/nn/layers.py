@@ -17,11 +17,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-from torch.distributed.tensor._utils import compute_global_tensor_info
-from torch.distributed.tensor.placement_types import _StridedShard
 from torch.nn.utils.stateless import _reparametrize_module
 
+from .. import compat
 from ..ops import LayerNorm as FusedLayerNorm
 from ..ops import RMSNorm as FusedRMSNorm
 from ..ops import layer_norm, rms_norm
@@ -54,9 +52,9 @@ class _LocalShard(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p: DTensor) -> torch.Tensor:
-        ctx.spec, ctx.local_stride = p._spec, p._local_tensor.stride()
+        ctx.spec, ctx.local_stride = compat.spec(p), compat.local_tensor(p).stride()
         ctx.set_materialize_grads(False)
-        return p._local_tensor.view_as(p._local_tensor)
+        return compat.local_tensor(p).view_as(compat.local_tensor(p))
 
     @staticmethod
     @once_differentiable
@@ -67,9 +65,9 @@ class _LocalShard(torch.autograd.Function):
         if grad.stride() == ctx.local_stride:  # laid out as the parameter: its global stride too
             spec = copy.copy(spec)  # not shared with the parameter: sharding propagation may change it
         else:
-            _, stride = compute_global_tensor_info(grad, spec.mesh, spec.placements)
-            spec = DTensorSpec(spec.mesh, spec.placements,
-                               tensor_meta=TensorMeta(spec.shape, tuple(stride), spec.tensor_meta.dtype))
+            _, stride = compat.compute_global_tensor_info(grad, spec.mesh, spec.placements)
+            spec = compat.DTensorSpec(spec.mesh, spec.placements,
+                                      tensor_meta=compat.TensorMeta(spec.shape, tuple(stride), spec.tensor_meta.dtype))
         return DTensor(grad, spec, requires_grad=False)
 
 
@@ -83,8 +81,8 @@ def row_shard(output_chunks: int, dim: int = 0):
     """Placement of a weight sharded on its output features (dim 0 of nn.Linear's weight,
     dim 1 of a transposed Conv1D's). A weight holding several stacked projections (GPT-2's
     q|k|v) is sharded within each projection: rank r holds the r-th slice of q, of k and of
-    v. _StridedShard says exactly that, so the global view stays the unsharded layout."""
-    return Shard(dim) if output_chunks == 1 else _StridedShard(dim, split_factor=output_chunks)
+    v. _StridedShard (compat.StridedShard) says exactly that, so the global view stays the unsharded layout."""
+    return Shard(dim) if output_chunks == 1 else compat.StridedShard(dim, split_factor=output_chunks)
 
 
 def is_transposed_linear(module: nn.Module) -> bool:
@@ -164,7 +162,7 @@ class ColumnParallelLinear(nn.Module):
                   if ignore_index != HF_IGNORE_INDEX else ""))
         check_index(targets, vocab_size, ignore=ignore_index, what="target", fix=fix)
         if not self.loss_parallel:
-            logits = self(x)[..., :vocab_size].flatten(0, -2)
+            logits = self(x)[..., :vocab_size].flatten(0, -2).float()  # the loss in float32, as the fused op
             targets = targets.flatten()
             # sum / count rather than reduction="mean", which is 0/0 = NaN when every target is ignored
             total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")

@@ -9,13 +9,18 @@ gradients are computed in the same pass: d logits = softmax - onehot on the loca
 whence this rank's slice of the weight gradient and a partial gradient of the hidden
 states, which the caller's copy_to_tp / gather_seq reduces over TP in backward (the
 all-reduce of the head's input gradient that TP has anyway). No rank ever holds (N, V).
+
+Dtypes and shapes as in the fused op: the matmuls run on the whole local shard of the padded
+weight (padded columns masked with -inf) in the inputs' dtype, cast to the autocast dtype under
+autocast; the softmax statistics and d logits in float32.
 """
 from __future__ import annotations
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..ops.cross_entropy import chunk_grad_, chunk_stats
+from ..ops import precision
+from ..ops.cross_entropy import chunk_grad_, chunk_stats, float_logits
 from .functional import all_reduce
 
 
@@ -24,9 +29,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, vocab_start, vocab_size, ignore_index, mesh):
         # Rows of this shard that are real tokens: padding rows (past vocab_size) take no part.
         real = max(0, min(weight.shape[0], vocab_size - vocab_start))
-        w = weight[:real].float()
-        logits = hidden.float() @ w.T                                    # (N, real): 1/tp of the logits
         if real:
+            logits = float_logits(hidden @ weight.T, real)               # (N, V/tp): 1/tp of the logits
             row_max, sum_exp, target_logit = chunk_stats(logits, targets, vocab_start)
         else:  # a shard made only of padding
             row_max = torch.full(targets.shape, float("-inf"), device=hidden.device)
@@ -39,14 +43,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         row_scale = valid.float() / valid.sum().clamp(min=1)             # mean over counted targets
         loss = ((lse - target_logit) * row_scale).sum()
 
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         if real:
-            dlogits = chunk_grad_(logits, lse, targets, row_scale, vocab_start)
-            grad_hidden = dlogits @ w                                    # partial: this shard's share
-            grad_weight[:real] = dlogits.T @ hidden.float()
+            dlogits = chunk_grad_(logits, lse, targets, row_scale, vocab_start).to(hidden.dtype)
+            grad_hidden = dlogits @ weight                               # partial: this shard's share
+            grad_weight = dlogits.T @ hidden                             # 0 in the padded rows
         else:
-            grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
+            grad_hidden, grad_weight = torch.zeros_like(hidden), torch.zeros_like(weight)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
     @staticmethod
@@ -61,5 +64,7 @@ def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     """Mean cross-entropy of hidden (..., C) against a vocab-sharded head: weight is this
     rank's (V/tp, C) slice, starting at vocab id vocab_start; hidden must be the same on
     every TP rank. Targets equal to ignore_index count for nothing (all ignored: 0)."""
-    return _VocabParallelCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                            targets.reshape(-1), vocab_start, vocab_size, ignore_index, mesh)
+    hidden, weight = precision.lower(hidden, weight)  # under autocast: a matmul's dtype, as F.linear
+    with precision.autocast_off(hidden.device.type):  # the function chose its dtypes: float32 statistics
+        return _VocabParallelCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                                targets.reshape(-1), vocab_start, vocab_size, ignore_index, mesh)

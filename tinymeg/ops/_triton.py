@@ -167,10 +167,11 @@ if AVAILABLE:
     # ---- linear_cross_entropy: cuBLAS for the matmuls, triton for softmax / loss / d logits ----
 
     @triton.jit
-    def _ce_kernel(Logits, stride, Targets, Loss, Scale, n_vocab, ignore_index,
+    def _ce_kernel(Logits, stride, Targets, Loss, Scale, n_vocab, n_cols, ignore_index,
                    COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-        # One row of a logits chunk: online max / sum-exp over the vocabulary, the loss, and
-        # (COMPUTE_GRAD) d loss / d logits = (softmax - onehot) * scale, written in place.
+        # One row of a logits chunk (n_cols: the padded vocabulary, of which the first n_vocab
+        # are classes): online max / sum-exp over the classes, the loss, and (COMPUTE_GRAD)
+        # d loss / d logits = (softmax - onehot) * scale, written in place, 0 in padded columns.
         row = tl.program_id(0).to(tl.int64)
         base = Logits + row * stride
         target = tl.load(Targets + row).to(tl.int64)
@@ -189,11 +190,12 @@ if AVAILABLE:
         tl.store(Loss + row, tl.where(valid, lse - target_logit, 0.0))
         if COMPUTE_GRAD:
             scale = tl.where(valid, tl.load(Scale), 0.0)
-            for start in range(0, n_vocab, BLOCK):
+            for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                mask = cols < n_vocab
+                mask = cols < n_cols
                 x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
                 p = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+                p = tl.where(cols < n_vocab, p, 0.0)
                 tl.store(base + cols, (p * scale).to(Logits.dtype.element_ty), mask=mask)
 
     # Logits chunk: at most 2^27 elements (256 MiB in bf16), so a GPT-2 batch of 8 x 1024 tokens
@@ -201,8 +203,9 @@ if AVAILABLE:
     _CE_CHUNK_ELEMENTS = 1 << 27
 
     def linear_cross_entropy_forward(hidden, weight, targets, vocab_size, ignore_index, reduction, compute_grad):
+        from .cross_entropy import chunk_rows  # (cross_entropy imports this module)
         N, C = hidden.shape
-        w = weight[:vocab_size].to(hidden.dtype)
+        V, w = weight.shape[0], weight  # the whole padded weight: its padded logits are masked
         valid = targets != ignore_index
         scale = (1.0 / valid.sum().clamp(min=1).float()) if reduction == "mean" else \
             torch.ones((), dtype=torch.float32, device=hidden.device)
@@ -210,20 +213,20 @@ if AVAILABLE:
         if compute_grad:
             grad_hidden = torch.empty_like(hidden)
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        rows = max(1, min(N, _CE_CHUNK_ELEMENTS // vocab_size))
-        block = min(8192, triton.next_power_of_2(vocab_size))
+        rows = chunk_rows(N, V, _CE_CHUNK_ELEMENTS)
+        block = min(8192, triton.next_power_of_2(V))
         for s in range(0, N, rows):
             h = hidden[s:s + rows]
             logits = h @ w.T  # (n, V) in the inputs' dtype; cuBLAS accumulates in float32
             _ce_kernel[(h.shape[0],)](logits, logits.stride(0), targets[s:s + rows], losses[s:s + rows], scale,
-                                      vocab_size, ignore_index, COMPUTE_GRAD=compute_grad, BLOCK=block,
+                                      vocab_size, V, ignore_index, COMPUTE_GRAD=compute_grad, BLOCK=block,
                                       num_warps=8)
             if compute_grad:  # logits now holds d loss / d logits
                 torch.mm(logits, w, out=grad_hidden[s:s + rows])
                 if logits.dtype == torch.float32:
-                    grad_weight[:vocab_size].addmm_(logits.T, h)
+                    grad_weight.addmm_(logits.T, h)
                 else:  # accumulate the chunks in float32: one bf16 rounding per chunk, not a running one
-                    grad_weight[:vocab_size] += logits.T @ h
+                    grad_weight += logits.T @ h
         loss = losses.sum() * scale
         if not compute_grad:
             return loss, hidden.new_empty(0), weight.new_empty(0)

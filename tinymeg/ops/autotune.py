@@ -46,24 +46,23 @@ step, or call ``get_default_tuner().forget()`` after changing them.
    through the custom op decides the op's kernels), and every rank's key. Where the keys differ
    (code that is not the same on every rank, wrapped all the same), every rank sees it at that
    same collective: each takes the default and the tuner makes no more collectives in this
-   process (rank 0 warns once). Outside that scope a multi-rank process uses choices made inside
-   it or the default, and never calls a collective: so sampling on one rank, uneven last batches
-   or rank-specific shapes cannot hang or diverge.
+   process (rank 0 warns once; a rank that meets more new keys than the others would still wait
+   on a collective they never make). Outside that scope a multi-rank process uses choices made
+   inside it or the default, and never calls a collective: so sampling on one rank, uneven last
+   batches or rank-specific shapes cannot hang or diverge.
 6. One process: the disk cache, else time the candidates, keep the default unless another beats
    it beyond the noise (``autotune_timing.py``), write the choice to disk.
 
-Timing: one call of each candidate first (it checks the output against the default's, within the
-rounding of the least precise dtype among the inputs and outputs), then the timing rounds of
-``autotune_timing.py``, at most ``warmup_iterations`` + ``measure_iterations`` calls of each,
-fewer so that all candidates of one key take about ``budget_s`` together. A key with one
-candidate is not timed.
+Before it is timed each candidate runs once and is checked against the default
+(``autotune_check.py``); then the rounds of ``autotune_timing.py``, at most ``warmup_iterations`` +
+``measure_iterations`` calls of each, fewer so that all candidates of one key take about
+``budget_s`` together. A key with one candidate is not timed. Candidates an op calls ``untuned``
+(the loss's reference, which holds the whole logits) are never timed and run only when forced.
 
-Nothing the tuner does can stop a run: a candidate that raises or whose output differs from the
-default's is left out with a one-line warning, so a broken kernel can never win; a timing that
-fails (a candidate that raises only on a later call, say) leaves the key to its default, with
-one line of warning, and is not cached, so a later run tries again. Candidates an op calls
-``untuned`` (the loss's reference, which holds the whole logits) are never timed and run only
-when forced. ``get_default_tuner`` / ``set_default_tuner`` reach the tuner the ops use.
+Nothing the tuner does can stop a run: a candidate that fails its check is left out with a
+one-line warning; a timing that fails (a candidate that raises only on a later call, say) leaves
+the key to its default, with one line of warning, and is not cached. ``get_default_tuner`` /
+``set_default_tuner`` reach the tuner the ops use.
 """
 from __future__ import annotations
 
@@ -80,15 +79,11 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
-from . import autotune_cache, autotune_timing
-from .autotune_cache import CACHE_VERSION, cache_path  # noqa: F401 - part of this module's API
+from . import autotune_cache, autotune_check, autotune_timing
+from .autotune_cache import cache_path
 
 DEFAULT_BUDGET_S = 0.25     # seconds of timing per key (all its candidates together)
 PATHS = ("plain", "op")     # the path names (paths.py); any other forced name is a kernel
-# How far a correct candidate's output may be from the default's, relative to the output's
-# largest value: the rounding of the least precise dtype the op computes in, among its inputs'
-# and outputs' (a bf16 layer norm's float32 statistics carry bf16 rounding).
-TOLERANCE = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 @functools.lru_cache(maxsize=8)
@@ -183,36 +178,6 @@ def _multi_rank() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _tolerance(args: tuple, expected) -> float:
-    dtypes = {t.dtype for t in tree_flatten((args, expected))[0]
-              if isinstance(t, torch.Tensor) and t.is_floating_point()}
-    return max((TOLERANCE.get(d, TOLERANCE[torch.bfloat16]) for d in dtypes), default=TOLERANCE[torch.float32])
-
-
-def _disagreement(out, expected, tol: float) -> str | None:
-    """Why out is not expected (same structure, shapes and dtypes, values within tol relative to
-    the largest), or None if it is."""
-    fa, fb = tree_flatten(out)[0], tree_flatten(expected)[0]
-    if len(fa) != len(fb):
-        return f"{len(fa)} outputs, not {len(fb)}"
-    for i, (x, y) in enumerate(zip(fa, fb)):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return f"output {i} is {type(x).__name__}, not {type(y).__name__}"
-        if isinstance(x, torch.Tensor):
-            if x.shape != y.shape or x.dtype != y.dtype:
-                return f"output {i} is {x.dtype}{list(x.shape)}, not {y.dtype}{list(y.shape)}"
-            x, y = x.float(), y.float()
-            scale = max(1.0, y.abs().max().item()) if y.numel() else 1.0
-            if not torch.allclose(x, y, atol=tol * scale, rtol=tol, equal_nan=True):
-                diff = (x - y).abs().nan_to_num(nan=float("inf")).max().item()
-                return f"output {i}: max |difference| {diff:.3g}, allowed {tol:g} x {scale:.3g}"
-    return None
-
-
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-
-
 class RuntimeAutoTuner:
     """Times each candidate implementation once per key and remembers the fastest, where it
     beats the default beyond the noise.
@@ -243,6 +208,7 @@ class RuntimeAutoTuner:
         self.tuning_s = 0.0                               # wall seconds spent timing, all keys
         self._synchronized = 0
         self._out_of_step = False                         # ranks asked different questions: no more collectives
+        self._referencing = False                         # a check's reference runs: ops take defaults
         self._depth = 0                                   # keys being timed (nested: a path's op)
         self._memo: dict[tuple, str] = {}                 # (op, exact signature) -> choice
         self._fresh: dict[str, str] | None = None         # rank 0: choices made while timing
@@ -298,8 +264,8 @@ class RuntimeAutoTuner:
         key = self.key(op, args, data_dependent)
         tuned = {k: f for k, f in candidates.items() if k not in untuned}
         if key not in self.choices:
-            if torch.compiler.is_compiling() or _capturing(device):
-                return default, False  # never time inside a trace or a graph capture
+            if torch.compiler.is_compiling() or _capturing(device) or self._referencing:
+                return default, False  # never time inside a trace, a graph capture or a check
             if not _multi_rank():
                 self.choices[key] = self._decide(key, op, tuned, args, default)
             elif self._fresh is not None:  # rank 0, timing for everyone: decide here, send it along
@@ -369,7 +335,7 @@ class RuntimeAutoTuner:
         if len(candidates) == 1:  # nothing to compare: no timing, nothing to remember on disk
             return next(iter(candidates))
         choice = self._tune(key, op, candidates, args, default)
-        if choice is None:  # the timing failed (warned): the default, not written, tried again next run
+        if choice is None:  # bad inputs, or the timing failed (warned): the default, not written
             return default
         self._load()[key] = choice
         autotune_cache.write(cache_path(self.cache_dir), key, choice)
@@ -387,7 +353,7 @@ class RuntimeAutoTuner:
     # ---- timing ----
 
     def _tune(self, key, op, candidates, args, default) -> str | None:
-        """The candidate to keep for key (autotune_timing.pick), or None if timing failed."""
+        """The candidate to keep for key (autotune_timing.pick); None if none ran or timing failed."""
         device = _device_of(args)
         started = time.perf_counter()
         clock = self.clock or (None if device.type == "cuda" else autotune_timing.cpu_clock())
@@ -397,13 +363,13 @@ class RuntimeAutoTuner:
                 ok = self._checked(key, op, candidates, args, default)
                 if len(ok) < 2:
                     self.timings[key] = {}
-                    return next(iter(ok), default)
+                    return next(iter(ok), None)
                 warmup, rounds = autotune_timing.rounds_in_budget(
                     ok, args, device, clock or time.perf_counter, self.warmup_iterations,
                     self.measure_iterations, self.budget_s)
-                samples = autotune_timing.measure(ok, args, device, clock, warmup, rounds)
+                samples = autotune_timing.measure(ok, args, device, clock, warmup, rounds, self.budget_s)
         except Exception as e:  # noqa: BLE001 - tuning must never stop a run
-            warnings.warn(f"tinymeg autotune: timing {key} failed ({_first_line(e)}); {op} keeps its "
+            warnings.warn(f"tinymeg autotune: timing {key} failed ({autotune_check.first_line(e)}); {op} keeps its "
                           f"default {default!r} for it", RuntimeWarning, stacklevel=2)
             return None
         finally:
@@ -414,25 +380,22 @@ class RuntimeAutoTuner:
         return autotune_timing.pick(samples, default)
 
     def _checked(self, key, op, candidates, args, default) -> dict[str, Callable]:
-        """The candidates that run on args and agree with the default (one call each, the
-        default's first); each one left out is warned about in one line."""
-        ok, expected = {}, None
-        for name in sorted(candidates, key=lambda k: k != default):
-            try:
-                out = candidates[name](*args)
-            except Exception as e:  # noqa: BLE001 - a broken candidate must not break training
-                warnings.warn(f"tinymeg autotune: {op} implementation {name!r} failed on {key} "
-                              f"({_first_line(e)}); leaving it out", RuntimeWarning, stacklevel=4)
-                continue
-            if name == default:
-                expected = out if self.verify else None
-            elif expected is not None and (why := _disagreement(out, expected, _tolerance(args, expected))):
-                warnings.warn(f"tinymeg autotune: {op} implementation {name!r} disagrees with {default!r} "
-                              f"on {key} ({why}); leaving it out", RuntimeWarning, stacklevel=4)
-                continue
-            ok[name] = candidates[name]
+        """autotune_check.checked, each candidate left out warned about in one line. Where none
+        runs the inputs are wrong: no warning, the op's own error follows when its default runs."""
+        ok, left_out = autotune_check.checked(candidates, args, default, self.verify, self._untuned)
+        for name, why in left_out.items() if ok else ():
+            warnings.warn(f"tinymeg autotune: {op} implementation {name!r} {why} on {key}; leaving it out",
+                          RuntimeWarning, stacklevel=4)
         return ok
 
+    @contextlib.contextmanager
+    def _untuned(self):
+        """Ops called in this block take their defaults (a check's float32 reference run)."""
+        self._referencing = True
+        try:
+            yield
+        finally:
+            self._referencing = False
 
 _default_tuner = RuntimeAutoTuner()
 

@@ -58,15 +58,19 @@ def rounds_in_budget(fns: dict[str, Callable], args: tuple, device: torch.device
 
 
 def measure(fns: dict[str, Callable], args: tuple, device: torch.device, clock: Callable[[], float] | None,
-            warmup: int, rounds: int) -> dict[str, list[float]]:
+            warmup: int, rounds: int, budget_s: float | None = None) -> dict[str, list[float]]:
     """Seconds of each timed call of each fn, calls interleaved: samples[name][i] is round i.
-    ``clock`` None on CUDA: CUDA events."""
+    ``clock`` None on CUDA: CUDA events. Past ``budget_s`` of the clock (the wall clock slows
+    with the machine's load after the estimate was made), no round beyond MIN_ROUNDS starts."""
+    deadline = None if clock is None or budget_s is None else clock() + budget_s
     for _ in range(warmup):
         for fn in fns.values():
             fn(*args)
     synchronize(device)
     samples: dict[str, list] = {name: [] for name in fns}
-    for _ in range(rounds):
+    for i in range(rounds):
+        if deadline is not None and i >= MIN_ROUNDS and clock() > deadline:
+            break
         for name, fn in fns.items():
             if clock is None:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -13,13 +13,18 @@ recomputing backward and the reason the op returns them.) With compute_grad=Fals
 grad) that work is skipped and the gradient outputs are empty.
 
 - Only the first ``vocab_size`` rows of weight are classes: GPT-2 pads its embedding to a
-  multiple of 64, and padded rows must stay out of the softmax. They get zero gradient.
+  multiple of 64, and padded rows must stay out of the softmax. They get zero gradient. The
+  matmuls run on the whole padded weight (50304 rows for GPT-2, never a 50257-row slice: an odd
+  dimension keeps cuBLAS off its fastest kernels) and the padded columns of the logits are
+  masked (-inf) before the softmax; chunks of tokens are multiples of 64 rows.
 - Targets equal to ignore_index (GPT-2: -1) count for nothing. With reduction="mean" the loss
   is divided by the number of counted targets; when there are none, loss and gradients are 0
   (F.cross_entropy returns NaN there).
-- The aten implementations compute logits in float32 whatever the inputs' dtype; the triton one
-  keeps them in the inputs' dtype as cuBLAS returns them (bf16 logits, as under autocast) and
-  reduces in float32. Gradients come back in the inputs' dtypes.
+- Dtypes: every matmul runs in the inputs' dtype (bf16 inputs: bf16 matmuls accumulating in
+  float32, as F.linear under autocast); the softmax, loss and d logits are computed in float32
+  (as F.cross_entropy under autocast), d logits cast back to the inputs' dtype for the gradient
+  matmuls. The loss is float32; the gradients come back in the inputs' dtypes. Under autocast
+  the op casts hidden and weight to the autocast dtype first (precision.py).
 - Memory: one chunk of logits, plus grad_hidden and grad_weight (the size of hidden and weight)
   kept from forward to backward, where scaling them makes a second copy for a moment. The
   reference implementation holds the whole float32 logits, so the tuner never picks it (it
@@ -45,7 +50,7 @@ from torch import Tensor
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 
-from . import _triton, paths
+from . import _triton, paths, precision
 from .autotune import dispatch
 
 REDUCTIONS = ("mean", "sum")
@@ -53,6 +58,15 @@ REDUCTIONS = ("mean", "sum")
 # GPT-2's vocabulary: smaller chunks made the bench's matmuls slower, larger ones were no
 # faster); on a GPU 256 MiB, so that each matmul fills the device.
 CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 26}
+# Rows per chunk are a multiple of this (or all the tokens, when fewer), so that a chunk's
+# matmuls run on tensor-core friendly shapes whatever the vocabulary.
+CHUNK_ROW_MULTIPLE = 64
+
+
+def chunk_rows(n_tokens: int, width: int, chunk_elements: int) -> int:
+    """Tokens per chunk: about chunk_elements logits of the given width, a multiple of 64 rows."""
+    rows = chunk_elements // width // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
+    return min(n_tokens, max(rows, CHUNK_ROW_MULTIPLE))
 
 
 def _check(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, reduction: str) -> None:
@@ -73,6 +87,9 @@ def _check(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, red
         raise TypeError(f"linear_cross_entropy: targets must be int64 or int32, got {targets.dtype}")
     if not (hidden.is_floating_point() and weight.is_floating_point()):
         raise TypeError(f"linear_cross_entropy: hidden and weight must be floating point")
+    if hidden.dtype != weight.dtype:  # as F.linear: one dtype (under torch.autocast the op casts both)
+        raise TypeError(f"linear_cross_entropy: hidden and weight must have one dtype, got {hidden.dtype} "
+                        f"and {weight.dtype}; cast one, or run under torch.autocast")
 
 
 def _check_targets(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
@@ -104,10 +121,21 @@ def _local_targets(targets: Tensor, vocab_start: int, width: int) -> tuple[Tenso
     return local.clamp(0, width - 1), (local >= 0) & (local < width)
 
 
+def float_logits(logits: Tensor, classes: int) -> Tensor:
+    """logits (rows, v) as float32 (a copy unless they are float32 already), with the columns
+    from ``classes`` on (the padded rows of the weight) set to -inf: out of the softmax, and
+    zero in its gradient."""
+    logits = logits.float()
+    if classes < logits.shape[1]:
+        logits[:, classes:] = float("-inf")
+    return logits
+
+
 def chunk_stats(logits: Tensor, targets: Tensor, vocab_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """For float32 logits (rows, v) of vocab ids [vocab_start, vocab_start + v): each row's max,
     sum of exp(logit - max), and its target's logit (0 where the target is outside the range:
-    ignored, or in another shard). logits are left as they are, for chunk_grad_."""
+    ignored, or in another shard). logits are left as they are, for chunk_grad_. Columns masked
+    with -inf (float_logits) count for nothing; a row needs one that is not masked."""
     row_max = logits.max(-1).values
     sum_exp = (logits - row_max.unsqueeze(-1)).exp_().sum(-1)
     column, inside = _local_targets(targets, vocab_start, logits.shape[1])
@@ -149,11 +177,10 @@ def forward_ref(hidden, weight, targets, vocab_size, ignore_index, reduction, co
 
 def forward_chunked(hidden, weight, targets, vocab_size, ignore_index, reduction, compute_grad,
                     chunk_elements=None):
-    """Token chunks of about chunk_elements logits: one matmul for a chunk's logits, loss and
-    d logits from it in place, then its share of both gradients."""
-    N = hidden.shape[0]
-    w = weight[:vocab_size]
-    w = w if w.dtype == torch.float32 else w.float()   # (V, C) float32 once, never (N, V)
+    """Token chunks of about chunk_elements logits: one matmul for a chunk's logits (the padded
+    vocabulary, in the inputs' dtype), loss and d logits from them in float32, in place, then
+    its share of both gradients (two matmuls in the inputs' dtype)."""
+    N, dtype = hidden.shape[0], hidden.dtype
     valid = targets != ignore_index
     row_scale = valid.float() * _scale(valid, reduction)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -161,17 +188,20 @@ def forward_chunked(hidden, weight, targets, vocab_size, ignore_index, reduction
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     chunk_elements = chunk_elements or CHUNK_ELEMENTS.get(hidden.device.type, CHUNK_ELEMENTS["cpu"])
-    rows = max(1, chunk_elements // vocab_size)
+    rows = chunk_rows(N, weight.shape[0], chunk_elements)
     for s in range(0, N, rows):
-        h, t, scale = hidden[s:s + rows].float(), targets[s:s + rows], row_scale[s:s + rows]
-        logits = h @ w.T
+        h, t, scale = hidden[s:s + rows], targets[s:s + rows], row_scale[s:s + rows]
+        logits = float_logits(h @ weight.T, vocab_size)
         row_max, sum_exp, target_logit = chunk_stats(logits, t)
         lse = row_max + sum_exp.log()
         loss += ((lse - target_logit) * scale).sum()
         if compute_grad:
-            dlogits = chunk_grad_(logits, lse, t, scale)
-            grad_hidden[s:s + rows] = dlogits @ w
-            grad_weight[:vocab_size].addmm_(dlogits.T, h)
+            dlogits = chunk_grad_(logits, lse, t, scale).to(dtype)
+            torch.mm(dlogits, weight, out=grad_hidden[s:s + rows])
+            if dtype == torch.float32:
+                grad_weight.addmm_(dlogits.T, h)
+            else:  # accumulate the chunks in float32: one rounding per chunk, not a running one
+                grad_weight += dlogits.T @ h
     if not compute_grad:
         return (loss, *_empty_grads(hidden, weight))
     return loss, grad_hidden, grad_weight.to(weight.dtype)
@@ -257,6 +287,10 @@ def _backward(ctx, grad_loss, _g1, _g2):
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast: the head's matmul in the autocast dtype; the loss is float32 inside the op.
+AUTOCAST = {"cpu": precision.LOWER, "cuda": precision.LOWER}
+precision.register_autocast(linear_cross_entropy_op, AUTOCAST)
+precision.register_autocast(linear_cross_entropy_backward_op, precision.BACKWARD)
 
 
 # ---- sharding: [outputs...], [inputs...] (None for non-tensors) ----
@@ -280,12 +314,13 @@ def _(grad_loss, grad_hidden, grad_weight):
 
 def plain_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_size: int,
                                ignore_index: int, reduction: str) -> Tensor:
-    """What a model written with F.cross_entropy runs, with the op's semantics: the logits of
-    the first vocab_size rows in float32, the same checks, and 0 (not NaN) when every target is
-    ignored (a sum divided by the count of targets, at least 1)."""
+    """What a model written with F.linear and F.cross_entropy runs, with the op's semantics: the
+    logits of the whole padded weight in the inputs' dtype (autocast's under autocast), their
+    first vocab_size columns' loss in float32, the same checks, and 0 (not NaN) when every
+    target is ignored (a sum divided by the count of targets, at least 1)."""
     _check(hidden, weight, targets, vocab_size, reduction)
     _check_targets(targets, vocab_size, ignore_index)
-    logits = F.linear(hidden.float(), weight[:vocab_size].float())
+    logits = F.linear(hidden, weight)[:, :vocab_size].float()
     loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
     return loss / (targets != ignore_index).sum().clamp(min=1) if reduction == "mean" else loss
 
@@ -316,6 +351,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_
     never holds the logits (see paths.py). Returns 0 (not NaN) when every target is ignored."""
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
     args = (hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), vocab_size, ignore_index, reduction)
+    args = precision.cast_for(AUTOCAST, args)  # under autocast: as the op casts them (precision.py)
     path = default_path(args[0].shape[0], vocab_size)
     return PATHS[paths.choose("linear_cross_entropy", PATHS, args, path, untuned=() if path == "plain"
                               else ("plain",))](*args)

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 
-from . import _triton, paths
+from . import _triton, paths, precision
 from .autotune import dispatch
 
 _K = math.sqrt(2.0 / math.pi)
@@ -150,6 +150,10 @@ def _backward(ctx, grad_y):
 
 
 bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast: the bias add of a matmul (addmm adds it in the autocast dtype), then GELU on that.
+AUTOCAST = {"cpu": precision.LOWER, "cuda": precision.LOWER}
+precision.register_autocast(bias_gelu_op, AUTOCAST)
+precision.register_autocast(bias_gelu_backward_op, precision.BACKWARD)
 
 
 # ---- sharding: [outputs...], [inputs...] ----
@@ -191,7 +195,7 @@ DEFAULT_PATH = "plain"
 
 def bias_gelu_path(x: Tensor, bias: Tensor) -> str:
     """The path bias_gelu(x, bias) takes: "plain" or "op" (decided on the first call, then a lookup)."""
-    return paths.choose("bias_gelu", PATHS, (x, bias), DEFAULT_PATH)
+    return paths.choose("bias_gelu", PATHS, precision.cast_for(AUTOCAST, (x, bias)), DEFAULT_PATH)
 
 
 def bias_gelu(x: Tensor, bias: Tensor | None) -> Tensor:
@@ -199,4 +203,5 @@ def bias_gelu(x: Tensor, bias: Tensor | None) -> Tensor:
     whichever the tuner finds faster (see paths.py); plain GELU when bias is None."""
     if bias is None:
         return F.gelu(x, approximate="tanh")
+    x, bias = precision.cast_for(AUTOCAST, (x, bias))  # under autocast: as the op casts them (precision.py)
     return PATHS[bias_gelu_path(x, bias)](x, bias)

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 
-from . import _triton, paths
+from . import _triton, paths, precision
 from .autotune import dispatch
 from .norm import candidates
 
@@ -126,6 +126,9 @@ def _backward(ctx, grad_y):
 
 
 swiglu_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast, as silu(gate) * up (on neither device's list): the inputs' own dtypes.
+precision.register_autocast(swiglu_op, precision.BACKWARD)
+precision.register_autocast(swiglu_backward_op, precision.BACKWARD)
 
 
 # ---- sharding: [outputs...], [inputs...] ----

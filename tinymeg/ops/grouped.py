@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 
+from . import precision
 from .autotune import dispatch
 
 
@@ -147,6 +148,10 @@ def _backward(ctx, grad_y):
 
 
 grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast: a matmul, in the autocast dtype.
+AUTOCAST = {"cpu": precision.LOWER, "cuda": precision.LOWER}
+precision.register_autocast(grouped_mm_op, AUTOCAST)
+precision.register_autocast(grouped_mm_backward_op, precision.BACKWARD)
 
 
 # ---- sharding: [outputs...], [inputs...] ----

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 
-from . import _triton, paths
+from . import _triton, paths, precision
 from .autotune import dispatch
 
 
@@ -152,6 +152,10 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
 
 
 layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast, as aten's layer_norm: float32 on CUDA, the inputs' dtypes on the CPU.
+AUTOCAST = {"cpu": precision.KEEP, "cuda": precision.FP32}
+precision.register_autocast(layer_norm_op, AUTOCAST)
+precision.register_autocast(layer_norm_backward_op, precision.BACKWARD)
 
 
 # ---- sharding: every placement lists [outputs...] then [inputs...] (None for non-tensors) ----
@@ -197,7 +201,7 @@ DEFAULT_PATH = "plain"
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """LayerNorm over x's last dim (F.layer_norm with normalized_shape=(x.shape[-1],)), by the
     plain path or tinymeg::layer_norm, whichever the tuner finds faster (see paths.py)."""
-    args = (x, weight, bias, eps)
+    args = precision.cast_for(AUTOCAST, (x, weight, bias, eps))  # under autocast: as the op casts them
     return PATHS[paths.choose("layer_norm", PATHS, args, DEFAULT_PATH)](*args)
 
 

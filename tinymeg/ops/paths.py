@@ -34,8 +34,8 @@ from typing import Callable, Collection, Mapping
 
 import torch
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import _disable_current_modes
 
+from .. import compat
 from .autotune import PATHS, forced_choice, get_default_tuner
 
 
@@ -76,7 +76,7 @@ def unobserved():
     checkpointing's cache, CommDebugMode, FlopCounterMode) and no saved-tensor hooks (activation
     checkpointing's, which would otherwise recompute a whole block when a candidate's backward
     runs) apply inside."""
-    with _disable_current_modes(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+    with compat.disable_dispatch_modes(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
         yield
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 
-from . import _triton, paths
+from . import _triton, paths, precision
 from .autotune import dispatch
 from .norm import candidates
 
@@ -160,6 +160,9 @@ def _backward(ctx, grad_y, _grad_rstd):
 
 
 rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast, as aten's rms_norm (on neither device's list): the inputs' own dtypes.
+precision.register_autocast(rms_norm_op, precision.BACKWARD)
+precision.register_autocast(rms_norm_backward_op, precision.BACKWARD)
 
 
 # ---- sharding: every placement lists [outputs...] then [inputs...] (None for non-tensors) ----

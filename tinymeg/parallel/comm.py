@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .. import compat
+
 _funcol = torch.ops._c10d_functional
 _c10d = torch.ops.c10d
 
@@ -47,7 +49,7 @@ class CommCounter(TorchDispatchMode):
 
     def _group(self, group) -> tuple[str, int]:
         pg = dist.ProcessGroup.unbox(group) if not isinstance(group, str) else \
-            dist.distributed_c10d._resolve_process_group(group)
+            compat.resolve_process_group(group)
         return self.group_dims.get(pg.group_name, pg.group_name), pg.size()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -29,10 +29,11 @@ the CUDA flash/efficient/cudnn kernels do), and it works by monkey-patching
 **Loss and gradients.** Weights are replicated over cp: cp ranks are data-parallel for the
 weights, and DP averages gradients over dp x cp (``ctx.dp_cp_mesh``). The model's loss is the
 mean over all tokens of the sequences, the same number on every cp rank (an all-reduce of
-(sum, count), so unevenly ignored targets count right); its backward gives each rank cp x its
-own tokens' share, so that the average over cp is the whole gradient (Megatron-LM scales its
-CP loss by cp for the same reason). Logits, when asked for, are all-gathered back into
-sequence order, with the same rule in backward.
+(sum, count), so unevenly ignored targets count right; inside ``tinymeg.parallel.token_mean``
+that mean's share of the step's), and MoE balancing losses are added to it whole; its backward
+gives each rank cp x its own tokens' share, so that the average over cp is the whole gradient
+(Megatron-LM scales its CP loss by cp for the same reason). Logits, when asked for, are
+all-gathered back into sequence order, with the same rule in backward.
 
 **What it needs from a model.** Attention's token-mixing step must be a
 ``tinymeg.models.CausalAttention`` module (GPT-2's ``attn.core_attention``, Llama's
@@ -42,6 +43,8 @@ layout's, so learned position embeddings (GPT-2) and rotary angles (Llama) alike
 the tokens' places in the whole sequence. Grouped key/value heads must be repeated to the query
 heads before the core (Llama's attention does). Attention dropout is refused (the ring would
 need each block's dropout mask again in backward).
+The loss goes through the model's ``loss_share`` (tinymeg.models.base.CausalLM), which this
+mixin overrides.
 
 **Generation** runs without CP (``model.generate`` turns it off): every cp rank holds the whole
 model, so it samples alone, with plain attention on the whole context.
@@ -60,8 +63,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
+from .. import compat
 from ..context import ParallelContext
-from ..models.base import CausalAttention
+from ..models.base import CausalAttention, CausalLM, token_share
+from ..ops import precision
 from ..nn.functional import all_gather, all_reduce
 from .tensor_parallel import sequence_parallel_size
 
@@ -152,8 +157,11 @@ def _resolve_block(block: str, device: torch.device) -> str:
     return block
 
 
+# "math" keeps SDPA's dtypes: its matmuls in the inputs' dtype (bf16 under bf16 or autocast),
+# the scores, softmax and the running output in float32.
+
 def _scores(q, k, causal, scale):
-    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    s = torch.matmul(q, k.transpose(-2, -1)).float() * scale
     if causal:  # square diagonal block: query i sees keys 0..i
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     return s
@@ -166,7 +174,7 @@ def _block_forward(block, q, k, v, causal, scale) -> tuple[Tensor, Tensor]:
         return out.float(), lse.float()
     s = _scores(q, k, causal, scale)
     lse = torch.logsumexp(s, dim=-1)
-    return torch.matmul((s - lse.unsqueeze(-1)).exp(), v.float()), lse
+    return torch.matmul((s - lse.unsqueeze(-1)).exp().to(v.dtype), v).float(), lse
 
 
 def _block_backward(block, dout, q, k, v, out, lse, causal, scale) -> tuple[Tensor, Tensor, Tensor]:
@@ -178,11 +186,10 @@ def _block_backward(block, dout, q, k, v, out, lse, causal, scale) -> tuple[Tens
         return tuple(g.float() for g in grads)
     s = _scores(q, k, causal, scale)
     p = (s - lse.unsqueeze(-1)).exp()
-    dout = dout.float()
-    dv = torch.matmul(p.transpose(-2, -1), dout)
-    dp = torch.matmul(dout, v.float().transpose(-2, -1))
-    ds = p * (dp - (dout * out.float()).sum(-1, keepdim=True)) * scale
-    return torch.matmul(ds, k.float()), torch.matmul(ds.transpose(-2, -1), q.float()), dv
+    dv = torch.matmul(p.to(dout.dtype).transpose(-2, -1), dout).float()
+    dp = torch.matmul(dout, v.transpose(-2, -1)).float()
+    ds = (p * (dp - (dout.float() * out.float()).sum(-1, keepdim=True)) * scale).to(q.dtype)
+    return torch.matmul(ds, k).float(), torch.matmul(ds.transpose(-2, -1), q).float(), dv
 
 
 def _merge_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
@@ -208,7 +215,7 @@ def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, group_name: str, scale: f
                       block: str) -> tuple[Tensor, Tensor]:
     """Causal attention of this rank's queries (B, H, T/cp, D) in the load-balanced layout
     against every cp rank's keys and values. Returns (out, log-sum-exp (B, H, T/cp) fp32)."""
-    group = dist.distributed_c10d._resolve_process_group(group_name)
+    group = compat.resolve_process_group(group_name)
     n, rank, half = group.size(), group.rank(), q.size(2) // 2
     block = _resolve_block(block, q.device)
     kv = torch.stack([k, v])
@@ -243,7 +250,7 @@ def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                                group_name: str, scale: float, block: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ring_attention: (k, v) go around the ring again; the dK/dV of the
     k/v a rank holds travel with them (fp32) and reach their owner after the last hop."""
-    group = dist.distributed_c10d._resolve_process_group(group_name)
+    group = compat.resolve_process_group(group_name)
     n, rank, half = group.size(), group.rank(), q.size(2) // 2
     block = _resolve_block(block, q.device)
     kv = torch.stack([k, v])
@@ -288,6 +295,10 @@ def _backward(ctx, dout, _dlse):
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
+# Under autocast, as SDPA: q, k and v in the autocast dtype.
+AUTOCAST = {"cpu": precision.LOWER, "cuda": precision.LOWER}
+precision.register_autocast(ring_attention_op, AUTOCAST)
+precision.register_autocast(ring_attention_backward_op, precision.BACKWARD)
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, mesh: DeviceMesh, block: str = "auto") -> Tensor:
@@ -340,20 +351,25 @@ class RingAttention(nn.Module):
 
 
 class _MeanOverCP(torch.autograd.Function):
-    """The mean loss over all tokens of the cp group, from each rank's mean over its own.
-    Backward: cp x this rank's share (DP averages the gradients over cp)."""
+    """(the mean loss over all tokens of the cp group, their count), from each rank's mean over
+    its own. Backward: cp x this rank's share (DP averages the gradients over cp)."""
 
     @staticmethod
     def forward(ctx, local_mean, count, mesh):
-        local_sum = torch.where(count > 0, local_mean * count, torch.zeros_like(local_mean))
-        total_sum, total_count = all_reduce(torch.stack([local_sum, count.to(local_mean.dtype)]), mesh)
-        ctx.save_for_backward(mesh.size() * count.to(local_mean.dtype) / total_count.clamp(min=1))
-        return total_sum / total_count.clamp(min=1)
+        # in float32 whatever the loss's dtype: bf16 holds integers exactly only up to 256
+        count = count.float()
+        local_sum = torch.where(count > 0, local_mean.float() * count, torch.zeros_like(count))
+        total_sum, total_count = all_reduce(torch.stack([local_sum, count]), mesh)
+        ctx.save_for_backward(mesh.size() * count / total_count.clamp(min=1))
+        ctx.dtype = local_mean.dtype
+        total_count = total_count.round().long()
+        ctx.mark_non_differentiable(total_count)
+        return total_sum / total_count.clamp(min=1), total_count
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_count):
         scale, = ctx.saved_tensors
-        return grad * scale, None, None
+        return (grad * scale).to(ctx.dtype), None, None
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -395,11 +411,18 @@ class ContextParallelMixin:
         local_targets = None if targets is None else targets.index_select(1, index)
         logits, loss = super().forward(idx.index_select(1, index), local_targets, *args,
                                        **{**kwargs, "pos": index})
-        if loss is not None:
-            loss = _MeanOverCP.apply(loss, (local_targets != -1).sum(), state.mesh)
         if logits is not None:
             logits = _GatherSequence.apply(logits, state)
         return logits, loss
+
+    def loss_share(self, ce: Tensor, targets: Tensor) -> Tensor:
+        """CausalLM.loss_share over the cp group's chunks together: their mean (the loss of the
+        whole sequences, the same on every cp rank), as one forward's share of the step's
+        token mean. MoE balancing losses are added after it, whole (they are global already)."""
+        if not self.context_parallel.enabled:
+            return super().loss_share(ce, targets)
+        mean, count = _MeanOverCP.apply(ce, (targets != -1).sum(), self.context_parallel.mesh)
+        return token_share(mean, count, self.loss_tokens)
 
     @contextlib.contextmanager
     def context_parallel_disabled(self):
@@ -435,6 +458,9 @@ def apply_context_parallel(model: nn.Module, ctx: ParallelContext, block: str = 
         raise TypeError(f"{type(model).__name__}.forward takes no pos: context parallelism gives each rank "
                         f"its tokens and their positions in the whole sequence as forward(idx, targets, "
                         f"pos=...), as tinymeg's GPT2Model and Llama take them (tinymeg.models.base)")
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"context parallelism takes the loss over the cp ranks' chunks through CausalLM.loss_share, "
+                        f"but {type(model).__name__} is not a tinymeg.models.CausalLM (GPT2Model, Llama)")
     for name in cores:
         core = model.get_submodule(name)
         if core.dropout.p > 0:

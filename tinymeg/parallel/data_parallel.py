@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from ..context import ParallelContext
 from ..nn.layers import local as _local
 from .grad_sync import GradSync
-from .zero import ZeroState, fully_shard_model, make_holders, recover_fsdp, shard_dims
+from .zero import ZeroState, fully_shard_model, make_holders, master_state_dict, recover_fsdp, shard_dims
 
 DEFAULT_BUCKET_MB = 25.0
 PARAM_DTYPES = {None: None, "fp32": None, "float32": None, torch.float32: None,
@@ -58,13 +58,18 @@ class DataParallelMixin:
         finally:
             self.grad_sync.enabled = previous
 
+    def export_state_dict(self) -> dict:
+        """What GPT2Model.save_pretrained writes: the fp32 masters under mixed precision, not the
+        bf16 working copies (zero.master_state_dict)."""
+        return master_state_dict(self)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """nn.Module.zero_grad, and the gradients accumulated in the data-parallel buckets."""
         if self.grad_sync is None:
             recover_fsdp(self)
+        else:
+            self.grad_sync.zero_grad()   # (first: it drops the GradientElsewhere that zero_() would reject)
         super().zero_grad(set_to_none)
-        if self.grad_sync is not None:
-            self.grad_sync.zero_grad()
 
 
 def apply_data_parallel(model: nn.Module, ctx: ParallelContext, bucket_mb: float = DEFAULT_BUCKET_MB,

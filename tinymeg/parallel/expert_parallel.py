@@ -23,7 +23,8 @@ model for the mesh, after tensor parallelism and before data parallelism:
   ranks that hold other tokens of the batch (``ctx.dp_cp_mesh``, and ``tp`` under sequence
   parallelism), so the aux losses are those of the one-process model on the whole batch.
 - **Tensor parallelism** shards attention (and dense MLPs); MoE layers are not TP-sharded:
-  router and experts are replicated over tp. Without sequence parallelism every tp rank routes
+  router and experts are replicated over tp (tp rank 0's copy, broadcast at apply time, as TP
+  replicates every other parameter). Without sequence parallelism every tp rank routes
   the same tokens (the expert compute is repeated on each tp rank); with it each tp rank routes
   its own T/tp tokens, and the router's and experts' gradients are summed over tp (``copy_to_tp``).
 
@@ -35,12 +36,13 @@ GPU, as in every dropless MoE), which torch.compile captures as symbolic sizes.
 from __future__ import annotations
 
 import torch
-import torch.distributed._functional_collectives as funcol
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from .. import compat
 from ..context import ParallelContext
 from ..models.moe import GroupedExperts, MoE, expert_mlp, moe_layers
 from ..nn.functional import _wait, all_reduce, copy_to_tp
@@ -69,6 +71,10 @@ def apply_expert_parallel(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     tp_mesh = ctx.tp_mesh if sp else None
     for m in layers:
         experts, router = m.experts, m.router
+        if ctx.tp_size > 1:  # replicated over tp: rank 0's copy on every tp rank, as TP does for the rest
+            with torch.no_grad():
+                for p in m.parameters():
+                    dist.broadcast(p, group=ctx.tp_mesh.get_group(), group_src=0)
         if ep > 1:  # every parameter of the layer on the ep mesh: optimizers see one kind of tensor
             for pname, p in list(experts.named_parameters(recurse=False)):
                 sharded = distribute_parameter(p, ctx.ep_mesh, Shard(0))
@@ -143,11 +149,11 @@ def all_to_all_experts(x: torch.Tensor, counts: torch.Tensor, mesh: DeviceMesh, 
     ep = mesh.size()
     local_experts = counts.numel() // ep
     # 1. How many slots each rank sends to each of my experts: [source rank, local expert].
-    recv_counts = _wait(funcol.all_to_all_single(counts, None, None, mesh)).view(ep, local_experts)
+    recv_counts = _wait(compat.all_to_all_single(counts, None, None, mesh)).view(ep, local_experts)
     send_splits = counts.view(ep, local_experts).sum(1).tolist()  # splits must be known on the host
     recv_splits = recv_counts.sum(1).tolist()
     # 2. Slots to their experts' ranks; rows arrive by source rank, then by local expert.
-    received = _wait(funcol.all_to_all_single_autograd(x, recv_splits, send_splits, mesh))
+    received = _wait(compat.all_to_all_single_autograd(x, recv_splits, send_splits, mesh))
     # 3. Grouped by local expert for the grouped matmul, computed, put back in arrival order.
     expert_of_row = torch.repeat_interleave(
         torch.arange(local_experts, device=x.device).repeat(ep), recv_counts.flatten(),
@@ -155,7 +161,7 @@ def all_to_all_experts(x: torch.Tensor, counts: torch.Tensor, mesh: DeviceMesh, 
     order = expert_of_row.argsort(stable=True)
     y = compute(received[order], recv_counts.sum(0))[order.argsort()]
     # 4. Back to where each slot came from, in the order it left.
-    return _wait(funcol.all_to_all_single_autograd(y, send_splits, recv_splits, mesh))
+    return _wait(compat.all_to_all_single_autograd(y, send_splits, recv_splits, mesh))
 
 
 class GlobalBatchSum:

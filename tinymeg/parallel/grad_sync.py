@@ -34,7 +34,9 @@ Where the averaged gradient goes:
 - ZeRO 1-2, or mixed precision (``holders``: parameter -> the tensor its optimizer steps: its dp
   shard and/or fp32 master): every backward, ``no_sync()`` or not, adds each gradient into its
   bucket in the reduction dtype (fp32 accumulation of bf16 gradients) and frees it; the reduced
-  shard lands in ``holder.grad``. The model's own ``p.grad`` stay None.
+  shard lands in ``holder.grad``. The model's own ``p.grad`` becomes a ``GradientElsewhere``,
+  which any use turns into an error that says where the gradient is (``torch.nn.utils.
+  clip_grad_norm_(model.parameters())`` would otherwise find no gradient and clip nothing).
 
 State is per backward (keyed by the autograd graph task), so a backward that raises, caught and
 retried (as after an out-of-memory error), leaves nothing stale behind; the gradients it may have
@@ -199,7 +201,7 @@ class GradSync:
         # Nothing to do for replicas of one rank (tp only), unless gradients go to holders.
         if holders is not None or any(data_parallel_mesh(p, default_mesh).size() > 1 for p in params):
             for p in params:
-                _register_hook(p, self._on_grad_ready)
+                _register_hook(p, self._on_grad_ready, before=_clear_elsewhere if holders is not None else None)
 
     # ---------------------------------------------------------------- buckets
 
@@ -356,6 +358,7 @@ class GradSync:
                 holder.grad = grad
             else:                             # a second synced backward before the step
                 holder.grad += grad
+            p.grad = GradientElsewhere(p)
         if self.holders is not None:
             bucket.fresh = True
             bucket.output = None
@@ -380,19 +383,53 @@ class GradSync:
     def zero_grad(self) -> None:
         """Forget gradients accumulated in the buckets (holders mode): the next backward starts
         from zeros. Called by the model's and the sharded optimizer's zero_grad()."""
+        for p in self.params:
+            _clear_elsewhere(p)
         for bucket in self.buckets:
             bucket.fresh = True
             if not self.keep_buffers:
                 bucket.buffer = None
 
 
-def _register_hook(p: nn.Parameter, hook) -> None:
-    """Post-accumulate-grad hook on p, even if p is frozen now: it fires once p is unfrozen."""
+class GradientElsewhere(torch.Tensor):
+    """``p.grad`` of a parameter whose averaged gradient was delivered to the tensor its optimizer
+    steps (``zero.optimizer_param(p)``: its ZeRO shard and/or fp32 master). It has p's shape and
+    dtype and no data: any op on it raises, saying where the gradient is, so that code reading
+    ``p.grad`` (torch's clip_grad_norm_, an optimizer not handed to shard_optimizer) fails instead
+    of finding no gradient and silently doing nothing. zero_grad() and the next backward clear it."""
+
+    @staticmethod
+    def __new__(cls, p: nn.Parameter):
+        return torch.Tensor._make_wrapper_subclass(cls, p.shape, dtype=p.dtype, device=_local(p).device)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(
+            f"{func}: this parameter's gradient is not in p.grad: under ZeRO-1/2 or bf16 master weights it "
+            f"is delivered to the tensor the optimizer steps, tinymeg.parallel.zero.optimizer_param(p).grad. "
+            f"Clip with tinymeg.train.clip_grad_norm_(model.parameters(), max_norm) (or torch's on the "
+            f"optimizer's parameters), and build the optimizer through tm.shard_optimizer")
+
+    def __repr__(self) -> str:
+        return f"GradientElsewhere(shape={tuple(self.shape)})"
+
+
+def _clear_elsewhere(p: nn.Parameter, grad=None) -> None:
+    """Drop p's GradientElsewhere, before a backward accumulates into p.grad (a tensor hook)."""
+    if isinstance(p.grad, GradientElsewhere):
+        p.grad = None
+
+
+def _register_hook(p: nn.Parameter, hook, before=None) -> None:
+    """Post-accumulate-grad hook on p (and ``before(p, grad)``, a hook before the gradient is
+    accumulated), even if p is frozen now: they fire once p is unfrozen."""
     frozen = not p.requires_grad
     if frozen:
         p.requires_grad_(True)    # torch refuses hooks on tensors that do not require grad
     try:
         p.register_post_accumulate_grad_hook(hook)
+        if before is not None:
+            p.register_hook(lambda grad, p=p: before(p, grad))
     finally:
         if frozen:
             p.requires_grad_(False)

@@ -47,6 +47,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from ..context import ParallelContext
 from ..models.base import CausalLM, check_sampling, lm_head_loss, sample_token, token_share
+from ..models.hf_io import PretrainedPart
 from ..nn.layers import local
 from .tensor_parallel import sequence_parallel_size
 from .zero import optimizer_param
@@ -224,6 +225,14 @@ class PipelineParallelMixin:
     def num_params(self) -> int:
         """The whole model's parameters (every stage's; the tied weight once), as CausalLM counts them."""
         return self.pipeline.whole_num_params
+
+    @property
+    def pretrained_part(self) -> PretrainedPart:
+        """For save_pretrained (tinymeg.models.hf_io.write_pretrained): this stage's tensors are
+        part pp_rank of the model, written by the stage's first rank, in files of their own."""
+        ctx = self.pipeline.ctx
+        return PretrainedPart(self.pipeline.group, ctx.pp_rank, ctx.pp_size,
+                              writes=ctx.dp_rank == ctx.cp_rank == ctx.tp_rank == 0)
 
     # ---- training
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import Callable
 
 import torch.nn as nn
 
@@ -67,9 +68,12 @@ OPTION_KEYS = {"sequence_parallel", "sequence_parallel_entry", "sequence_paralle
                "sharded_attributes"}
 
 
-def normalize_plan(tp_config: dict, model: nn.Module) -> dict[str, Style]:
+def normalize_plan(tp_config: dict, model: nn.Module,
+                   vocab_shardable: Callable[[str, nn.Module], bool] = lambda name, module: True) -> dict[str, Style]:
     """Turn either plan form into {pattern: style}. Without vocab_embedding_patterns, the
-    model's tied embedding (an Embedding whose weight a Linear shares) is vocab-parallel."""
+    model's tied embedding (an Embedding whose weight a Linear shares) is vocab-parallel, if
+    ``vocab_shardable`` says it can be (else it stays replicated, and so does its tied head:
+    the default never refuses what it chose itself)."""
     if not isinstance(tp_config, dict):
         raise TypeError(f"tp_config must be a dict, got {type(tp_config).__name__}")
     plan: dict[str, Style] = {}
@@ -91,7 +95,8 @@ def normalize_plan(tp_config: dict, model: nn.Module) -> dict[str, Style]:
     if "vocab_embedding_patterns" not in tp_config and not any(
             isinstance(s, VocabParallel) for s in plan.values()):
         for name in tied_embedding_names(model):
-            plan[name] = VocabParallel()
+            if vocab_shardable(name, model.get_submodule(name)):
+                plan[name] = VocabParallel()
     return plan
 
 
@@ -127,9 +132,13 @@ def resolve_plan(plan: dict[str, Style], model: nn.Module) -> dict[str, Style]:
 
 
 def tied_embedding_names(model: nn.Module) -> list[str]:
-    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Embedding) and id(m.weight) in linear_weights]
+    """The Embeddings whose weight nn.Linear heads share, and nothing else (check_ties' rule)."""
+    users: dict[int, list[nn.Module]] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            users.setdefault(id(p), []).append(m)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and len(users[id(m.weight)]) > 1
+            and all(type(u).forward is nn.Linear.forward for u in users[id(m.weight)] if u is not m)]
 
 
 def check_pairing(model: nn.Module, plan: dict[str, Style]) -> None:
@@ -175,3 +184,31 @@ def check_pairing(model: nn.Module, plan: dict[str, Style]) -> None:
                 f"{where} is RowParallel to take it back. Plan the layer that consumes its output as "
                 f"RowParallel (modules there: {linears}), or use ColumnParallel(gather_output=True) "
                 f"to gather its output on every rank")
+
+
+def check_ties(model: nn.Module, plan: dict[str, Style]) -> None:
+    """A planned layer whose weight another module shares (GPT-2's lm_head, tied to wte) is sharded
+    with it or not at all: a VocabParallel embedding takes its tied nn.Linear heads along (each
+    becomes a column-parallel head on the same sharded weight, so it must compute nn.Linear's
+    forward), and a ColumnParallel head follows a VocabParallel embedding. Any other sharing
+    would be split into separate parameters, silently untied, or lose a module's own forward."""
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            users.setdefault(id(p), []).append(name)
+    for name, style in plan.items():
+        others = [n for n in users.get(id(getattr(model.get_submodule(name), "weight", None)), []) if n != name]
+        if isinstance(style, VocabParallel):
+            bad = [n for n in others if not (type(model.get_submodule(n)).forward is nn.Linear.forward
+                                             and isinstance(plan.get(n, ColumnParallel()), ColumnParallel))]
+            if bad:
+                raise ValueError(
+                    f"{name!r} shares its weight with {bad} (tied), which VocabParallel cannot shard along: "
+                    f"only nn.Linear heads (nn.Linear's own forward) follow a vocab-parallel embedding. "
+                    f"Leave {name!r} out of the plan (both are then replicated)")
+        elif others and not (isinstance(style, ColumnParallel) and all(isinstance(plan.get(n), VocabParallel) for n in others)):
+            raise ValueError(
+                f"{name!r} shares its weight with {others} (tied), which the plan does not shard as "
+                f"VocabParallel: sharding {name!r} alone would untie them into two parameters. Plan "
+                f"{others[0]!r} as VocabParallel() (the tied {name!r} then follows it), or leave {name!r} "
+                f"out of the plan (both are then replicated)")

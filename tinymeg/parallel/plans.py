@@ -17,7 +17,10 @@ as is, so a plan can be edited before use. Options:
 
 - ``sequence_parallel``: activations sharded on the sequence between the blocks' projections;
 - ``vocab_parallel`` (default True): shard the embedding and LM head over the vocabulary,
-  which must then divide by tp (GPT-2's 50257 does not: pass False to replicate them);
+  which must then divide by tp (the Llama-family plans name the embedding, so a vocabulary tp
+  does not divide is an error: pass False to replicate it; the GPT-2 plans leave the tied
+  embedding to the default rule, which replicates it where tp does not divide it, as GPT-2's
+  50257 at tp=2);
 - ``loss_parallel`` (tinymeg's models only): the loss from vocab-sharded logits.
 
 The plans for tinymeg's models depend on the model's config: a model whose every block's MLP is
@@ -64,8 +67,10 @@ def _hf_gpt2(vocab_parallel: bool, config=None) -> dict:
         "mlp.c_fc": ColumnParallel(), "mlp.c_proj": RowParallel(),
         "sharded_attributes": ["attn.split_size"],   # c_attn's output is split into q, k, v at this width
     }
-    # The tied lm_head follows wte (apply_tensor_parallel finds the tie).
-    plan["vocab_embedding_patterns"] = ["wte"] if vocab_parallel else []
+    # vocab_parallel: the default rule shards the tied wte, and the lm_head with it, where tp divides
+    # its rows (GPT-2's 50257 at tp=2 stays replicated rather than refused)
+    if not vocab_parallel:
+        plan["vocab_embedding_patterns"] = []
     return plan
 
 

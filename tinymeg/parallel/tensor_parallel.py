@@ -11,8 +11,8 @@ from ..nn.functional import gather_from_tp, split_seq
 from ..nn.layers import (ColumnParallelLinear, ParallelDropout, RowParallelLinear, VocabParallelEmbedding,
                          is_transposed_linear, replicate_module)
 from ..nn.region import RESIDUAL, Region
-from .plan import (ColumnParallel, RowParallel, Style, VocabParallel, check_pairing, matches, normalize_plan,
-                   resolve_plan)
+from .plan import (ColumnParallel, RowParallel, Style, VocabParallel, check_pairing, check_ties, matches,
+                   normalize_plan, resolve_plan)
 from .plans import for_model
 
 SEQ_DIM = 1
@@ -40,7 +40,9 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
     _check_model(model, ctx)
     config = for_model(model) if tp_config is None else tp_config
     mesh, tp = ctx.mesh["tp"], ctx.tp_size
-    plan = normalize_plan(config, model)
+    # The default (no vocab_embedding_patterns) makes tied embeddings vocab-parallel where it can; one
+    # it cannot shard (a subclass with its own forward, rows not divisible by tp) it leaves replicated
+    plan = normalize_plan(config, model, lambda name, m: _shard_problem(name, m, VocabParallel(), tp) is None)
     if getattr(model, "pipeline", None) is not None:
         # a pipeline stage holds some of the model: patterns for the other stages' modules match nothing here
         names = [n for n, _ in model.named_modules() if n]
@@ -50,6 +52,7 @@ def apply_tensor_parallel(model: nn.Module, ctx: ParallelContext, tp_config: dic
         _check_shardable(name, model.get_submodule(name), style, tp)
     _check_heads(model, plan, tp)
     check_pairing(model, plan)
+    check_ties(model, plan)
     attributes = _sharded_attributes(model, config.get("sharded_attributes", ()), tp)
     sp = bool(config.get("sequence_parallel"))
     span = _sp_span(model, plan, config.get("sequence_parallel_entry")) if sp else None
@@ -249,33 +252,41 @@ def _plannable(module: nn.Module, base: type) -> bool:
 
 
 def _check_shardable(name: str, module: nn.Module, style: Style, tp: int) -> None:
+    problem = _shard_problem(name, module, style, tp)
+    if problem is not None:
+        raise problem
+
+
+def _shard_problem(name: str, module: nn.Module, style: Style, tp: int) -> Exception | None:
+    """Why ``module`` cannot be sharded as ``style`` (the error to raise), or None."""
     cls = type(module).__name__
     if isinstance(style, VocabParallel):
         if not _plannable(module, nn.Embedding):
-            raise TypeError(f"{name!r} is a {cls}{_own_forward(module, nn.Embedding)}; VocabParallel "
-                            f"shards nn.Embedding (or a subclass that keeps its forward) only")
+            return TypeError(f"{name!r} is a {cls}{_own_forward(module, nn.Embedding)}; VocabParallel "
+                             f"shards nn.Embedding (or a subclass that keeps its forward) only")
         if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
-            raise TypeError(f"{name!r} uses max_norm/scale_grad_by_freq/sparse, which VocabParallel does "
-                            f"not shard: leave it out of the plan (it is then replicated)")
+            return TypeError(f"{name!r} uses max_norm/scale_grad_by_freq/sparse, which VocabParallel does "
+                             f"not shard: leave it out of the plan (it is then replicated)")
         if module.num_embeddings % tp:
-            raise ValueError(
+            return ValueError(
                 f"{name!r} has {module.num_embeddings} rows, not divisible by tp={tp}: pad the "
                 f"vocabulary (GPTConfig(vocab_multiple=64) does) or choose a tp that divides it, or "
                 f"leave the embedding out of the plan (it is then replicated)")
-        return
+        return None
     if not (_plannable(module, nn.Linear) or is_transposed_linear(module)):
-        raise TypeError(f"{name!r} is a {cls}{_own_forward(module, nn.Linear)}; {type(style).__name__} "
-                        f"shards nn.Linear (or a subclass that keeps its forward) and Hugging Face's "
-                        f"Conv1D only. Leave it out of the plan to replicate it")
+        return TypeError(f"{name!r} is a {cls}{_own_forward(module, nn.Linear)}; {type(style).__name__} "
+                         f"shards nn.Linear (or a subclass that keeps its forward) and Hugging Face's "
+                         f"Conv1D only. Leave it out of the plan to replicate it")
     in_features, out_features = (module.weight.shape if is_transposed_linear(module)
                                  else (module.in_features, module.out_features))
     if isinstance(style, ColumnParallel):
         chunks = style.output_chunks or getattr(module, "output_chunks", 1)
         if out_features % (chunks * tp):
-            raise ValueError(f"{name!r} has {out_features} output features in {chunks} "
-                             f"chunk(s), not divisible by tp={tp} per chunk")
+            return ValueError(f"{name!r} has {out_features} output features in {chunks} "
+                              f"chunk(s), not divisible by tp={tp} per chunk")
     elif in_features % tp:
-        raise ValueError(f"{name!r} has {in_features} input features, not divisible by tp={tp}")
+        return ValueError(f"{name!r} has {in_features} input features, not divisible by tp={tp}")
+    return None
 
 
 def _own_forward(module: nn.Module, base: type) -> str:

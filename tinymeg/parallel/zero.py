@@ -38,16 +38,14 @@ import types
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import _init_optim_state
 from torch.distributed.checkpoint.state_dict import get_state_dict as _torch_get_state_dict
 from torch.distributed.checkpoint.state_dict import set_state_dict as _torch_set_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch.distributed.tensor.placement_types import _StridedShard
 
+from .. import compat
 from ..nn.layers import local as _local
-from .grad_sync import MAX_IN_FLIGHT, GradSync, ShardLayout, as_like, data_parallel_mesh
+from .grad_sync import MAX_IN_FLIGHT, GradientElsewhere, GradSync, ShardLayout, as_like, data_parallel_mesh
 
 ELEMENTWISE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
                           torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop,
@@ -62,7 +60,7 @@ def optimizer_param(p: nn.Parameter) -> torch.Tensor:
 
 
 def _is_shard(pl) -> bool:
-    return isinstance(pl, (Shard, _StridedShard))
+    return isinstance(pl, (Shard, compat.StridedShard))
 
 
 def stacked_count(module: nn.Module, p: nn.Parameter) -> int:
@@ -73,7 +71,7 @@ def stacked_count(module: nn.Module, p: nn.Parameter) -> int:
     if isinstance(p, DTensor):
         names = p.device_mesh.mesh_dim_names or ("tp",) * p.device_mesh.ndim
         k = next((pl.split_factor for name, pl in zip(names, p.placements)
-                  if name == "tp" and isinstance(pl, _StridedShard)), k)
+                  if name == "tp" and isinstance(pl, compat.StridedShard)), k)
     return k
 
 
@@ -94,7 +92,7 @@ def shard_placements(p: torch.Tensor, dim: int) -> tuple:
     for pl, size in zip(tp, p.device_mesh.mesh.shape if tp else ()):
         if _is_shard(pl) and pl.dim == dim:
             split *= size
-    return ((_StridedShard(dim, split_factor=split) if split > 1 else Shard(dim)),) + tp
+    return ((compat.StridedShard(dim, split_factor=split) if split > 1 else Shard(dim)),) + tp
 
 
 _MESHES: dict = {}
@@ -105,7 +103,7 @@ def _dp_tp_mesh(dp_mesh: DeviceMesh, p: torch.Tensor) -> DeviceMesh:
         return dp_mesh
     key = (dp_mesh, p.device_mesh)
     if key not in _MESHES:
-        _MESHES[key] = DeviceMesh._concatenate([dp_mesh, p.device_mesh])   # as FSDP2 does
+        _MESHES[key] = compat.concatenate([dp_mesh, p.device_mesh])   # as FSDP2 does
     return _MESHES[key]
 
 
@@ -321,12 +319,9 @@ def get_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer):
     if state is None or not state.holders:
         model_sd, optim_sd = _torch_get_state_dict(model, optimizer)
     else:
-        _init_optim_state(optimizer)
+        compat.init_optim_state(optimizer)
         names = _names(model)
-        model_sd = model.state_dict()
-        if state.param_dtype is not None:
-            for name, p in model.named_parameters(remove_duplicate=False):
-                model_sd[name] = state.holders[p].detach()
+        model_sd = master_state_dict(model)
         held = {id(h): names[p] for p, h in state.holders.items()}
         optim_sd = {"state": {held[id(h)]: dict(s) for h, s in optimizer.state.items()},
                     "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
@@ -339,6 +334,22 @@ def get_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer):
             optim_sd["state"][name] = {key: _gather_dp(value, group, p.shape)
                                        for key, value in optim_sd["state"][name].items()}
     return model_sd, optim_sd
+
+
+def master_state_dict(model: nn.Module) -> dict:
+    """model.state_dict() with every parameter at full precision: under mixed precision at stages
+    0-2 its fp32 master (a DTensor sharded over dp at stages 1-2) in place of the bf16 working
+    copy (stage 3 keeps fp32 parameters itself); entries whose dp shard is not one box of the
+    global tensor gathered over dp. ``full_tensor()`` gives each entry whole."""
+    state: ZeroState | None = getattr(model, "zero_state", None)
+    sd = model.state_dict()
+    if state is not None and state.param_dtype is not None and state.holders:
+        for name, p in model.named_parameters(remove_duplicate=False):
+            sd[name] = state.holders[p].detach()
+    for name, p, group in _unboxed(model):
+        if name in sd:
+            sd[name] = _gather_dp(sd[name], group, p.shape)
+    return sd
 
 
 def set_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, *, model_state_dict: dict,
@@ -418,7 +429,7 @@ def _gather_dp(t: torch.Tensor, group: str, shape: torch.Size) -> torch.Tensor:
         return t
     mesh = t.device_mesh
     tp_mesh = mesh[mesh.mesh_dim_names[1:]] if mesh.ndim > 1 else None
-    tp_shape = compute_local_shape_and_global_offset(t.shape, tp_mesh, t.placements[1:])[0] \
+    tp_shape = compat.compute_local_shape_and_global_offset(t.shape, tp_mesh, t.placements[1:])[0] \
         if tp_mesh is not None else tuple(t.shape)
     layout = ShardLayout(tp_shape, t.placements[0].dim, mesh.size(0))
     local = _local(t)
@@ -466,7 +477,8 @@ def memory_mb(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) 
     sync = getattr(model, "grad_sync", None)
     buffers = [t for b in (sync.buckets if sync else []) for t in (b.buffer, b.output)]
     param_mb = size(params)
-    grad_mb = size([p.grad for p in params] + [p.grad for p in opt_params] + buffers)
+    grad_mb = size([p.grad for p in params if not isinstance(p.grad, GradientElsewhere)]
+                   + [p.grad for p in opt_params] + buffers)
     states = [v for s in (optimizer.state.values() if optimizer else []) for v in s.values() if torch.is_tensor(v)]
     optim_mb = size(opt_params + states)
     return {"param_mb": param_mb, "grad_mb": grad_mb, "optim_mb": optim_mb}

@@ -58,9 +58,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
 from tqdm import tqdm
 
+from ..compat import StridedShard
 from ..data import CharTokenizer, GPT2Tokenizer
 from ..models import MODELS, CausalLM, model_name
 # torch's get/set_state_dict, extended to ZeRO shards and fp32 master weights (any stage, any mesh)
@@ -186,7 +186,7 @@ def _stacked_counts(model: nn.Module) -> dict[str, int]:
 
 
 def _stacked_placement(pl, k: int):
-    if isinstance(pl, _StridedShard):
+    if isinstance(pl, StridedShard):
         if pl.dim != 0 or pl.split_factor != k:
             raise NotImplementedError(f"cannot checkpoint placement {pl} of a {k}-projection weight")
         return Shard(1)

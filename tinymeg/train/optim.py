@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
 
+from ..compat import StridedShard
 from ..models.moe import moe_layers
 from ..nn.layers import local as _local
 from ..parallel.zero import optimizer_param, shard_optimizer
@@ -114,7 +114,7 @@ def clip_grad_norm_(params, max_norm: float, group: dist.ProcessGroup | None = N
         if not count:
             continue
         groups = tuple(g.device_mesh.get_group(i) for i, pl in enumerate(g.placements)
-                       if isinstance(pl, (Shard, _StridedShard))) if isinstance(g, DTensor) else ()
+                       if isinstance(pl, (Shard, StridedShard))) if isinstance(g, DTensor) else ()
         sums[groups] = sums.get(groups, torch.zeros((), dtype=torch.float32, device=device)) \
             + _local(g).float().pow(2).sum()
     total = torch.zeros((), dtype=torch.float32, device=device)

@@ -29,7 +29,7 @@ from ..data import TokenizerUnavailable, eval_batch, get_batch, load_corpus
 from ..models import MODELS, CausalLM
 from ..models.hf_io import init_from_pretrained
 from ..ops import synchronized
-from ..parallel import compile_model, parallelize
+from ..parallel import compile_model, parallelize, token_mean
 from ..parallel.zero import memory_mb
 from . import report
 from .checkpoint import Checkpointer, maybe_inject_fault
@@ -162,21 +162,10 @@ def train_step(step: int, model, step_fn, optimizer, tokens: torch.Tensor, cfg: 
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)  # also clears what a step that raised left behind
-    loss_sum = torch.zeros((), device=ctx.device)
-    for micro in range(cfg.grad_accum):
-        x, y = get_batch(tokens, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed,
-                         step=step, micro_step=micro, grad_accum=cfg.grad_accum,
-                         dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
-        last = micro == cfg.grad_accum - 1
-        with contextlib.nullcontext() if last else model.no_sync():  # one gradient reduction per step
-            if ctx.pp_size > 1:  # pipeline: the schedule runs every microbatch's forward and backward
-                loss = model.train_step(x.to(ctx.device), y.to(ctx.device), grad_scale=1 / cfg.grad_accum)
-            else:
-                loss = step_fn(x.to(ctx.device), y.to(ctx.device), return_logits=False)[1]
-                (loss / cfg.grad_accum).backward()  # the mean over the global batch
-        loss_sum += loss.detach()
-        if routing is not None:
-            routing.add()
+    batches = [get_batch(tokens, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed, step=step,
+                         micro_step=micro, grad_accum=cfg.grad_accum, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
+               for micro in range(cfg.grad_accum)]
+    loss = forward_backward(model, batches, ctx, step_fn, routing)
     norm_args = model.grad_norm_args() if ctx.pp_size > 1 else {}  # pp: summed over the stages
     grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip, **norm_args) if cfg.grad_clip > 0 else None
     (optimizer_step or optimizer.step)()
@@ -184,7 +173,32 @@ def train_step(step: int, model, step_fn, optimizer, tokens: torch.Tensor, cfg: 
     optimizer.zero_grad(set_to_none=True)
     if routing is not None:
         extras.update(routing.summary())
-    return _dp_mean(loss_sum / cfg.grad_accum, ctx), grad_norm, lr, extras
+    return loss, grad_norm, lr, extras
+
+
+def forward_backward(model, batches: list[tuple[torch.Tensor, torch.Tensor]], ctx: ParallelContext,
+                     step_fn=None, routing: RoutingLog | None = None) -> float:
+    """Forward and backward of one optimizer step's micro-batches (this rank's (x, y) pairs, one per
+    accumulation micro-step), gradients reduced once, after the last. Returns the step's loss, the
+    same on every rank: the mean over the counted targets of the global batch (``token_mean``:
+    whatever the mesh, the micro-steps and the pipeline's microbatches), plus the MoE balancing
+    losses' mean over the micro-steps. ``step_fn``: the model's (compiled) forward."""
+    step_fn = step_fn or model
+    accum = len(batches)
+    loss_sum = torch.zeros((), device=ctx.device)
+    with token_mean(model, ctx, [y for _, y in batches]):
+        for micro, (x, y) in enumerate(batches):
+            x, y = x.to(ctx.device), y.to(ctx.device)
+            with contextlib.nullcontext() if micro == accum - 1 else model.no_sync():  # one reduction per step
+                if ctx.pp_size > 1:  # pipeline: the schedule runs every microbatch's forward and backward
+                    loss = model.train_step(x, y, grad_scale=1 / accum)
+                else:
+                    loss = step_fn(x, y, return_logits=False)[1]
+                    (loss / accum).backward()
+            loss_sum += loss.detach()
+            if routing is not None:
+                routing.add()
+    return _dp_mean(loss_sum / accum, ctx)
 
 
 @torch.no_grad()
