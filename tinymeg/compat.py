@@ -1,5 +1,5 @@
-"""The private DeviceMesh, DTensor, functional-collective and c10d APIs tinymeg uses, in one
-place, so that a torch upgrade touches one file.
+"""The private DeviceMesh, DTensor, functional-collective, c10d and dispatch APIs tinymeg uses, in
+one place, so that a torch upgrade touches one file.
 
 tinymeg supports torch 2.11 to 2.13 (pyproject.toml). What differs between them:
 
@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._utils import compute_global_tensor_info, compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import _StridedShard as StridedShard
+from torch.utils._python_dispatch import _disable_current_modes as disable_dispatch_modes
 
 AsyncCollectiveTensor = funcol.AsyncCollectiveTensor
 all_reduce = funcol.all_reduce
@@ -104,6 +105,6 @@ def spec(t) -> DTensorSpec:
 
 __all__ = ["AsyncCollectiveTensor", "DTensorSpec", "StridedShard", "TensorMeta", "all_gather_single",
            "all_reduce", "all_to_all_single", "all_to_all_single_autograd", "compute_global_tensor_info",
-           "compute_local_shape_and_global_offset", "concatenate", "flatten", "full_tensor", "init_optim_state",
-           "local_tensor",
+           "compute_local_shape_and_global_offset", "concatenate", "disable_dispatch_modes", "flatten", "full_tensor",
+           "init_optim_state", "local_tensor",
            "reduce_scatter_single", "resolve_process_group", "set_process_group_timeout", "spec", "unflatten"]

@@ -85,20 +85,17 @@ def peak_memory(fn, device: torch.device) -> int:
     return peak
 
 
-def saved_activation_bytes(fn, exclude=()) -> int:
-    """Bytes autograd keeps for backward while fn() runs its forward (each storage counted once;
-    tensors in ``exclude``, e.g. the parameters, left out): the activation memory."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
+def activation_memory(forward_backward, optimizer, device: torch.device) -> int:
+    """Peak bytes of forward_backward() above the parameters, their gradients and the optimizer's
+    states: the activations (and backward's temporaries). One step first allocates the gradients
+    and the states, which then stay allocated (zeroed in place, not freed), so the peak does not
+    count them. The step changes the parameters: call it on a benchmark's own model."""
+    forward_backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    peak = peak_memory(forward_backward, device)
+    optimizer.zero_grad(set_to_none=False)
+    return peak
 
 
 def gpt2_small(args) -> tm.models.GPT2Model:

@@ -1,17 +1,19 @@
-"""memory: what each rank holds at ZeRO 0-3 (launches torchrun itself, once per dp size)."""
+"""memory: what each rank holds at ZeRO 0-3 (launches torchrun itself, once per dp size), and the
+activation memory and step time of each activation checkpointing mode (one process)."""
 from __future__ import annotations
 
 import argparse
 import os
 import tempfile
+import time
 
 import torch
 
 import tinymeg as tm
 
-from benchmarks.common import BENCH, format_table, peak_memory
+from benchmarks.common import BENCH, activation_memory, format_table, peak_memory, time_side_by_side
 
-HELP = "ZeRO 0-3: parameter, gradient, optimizer and peak memory per rank"
+HELP = "ZeRO 0-3: parameter, gradient, optimizer and peak memory per rank; activation checkpointing modes"
 
 
 def _memory_worker(args) -> None:
@@ -51,11 +53,18 @@ def _memory_worker(args) -> None:
 
 
 def run(args) -> None:
+    if "RANK" in os.environ:
+        return _memory_worker(args)
+    if "zero" in args.tables:
+        _zero_table(args)
+    if "ac" in args.tables:
+        _ac_table(args)
+
+
+def _zero_table(args) -> None:
     import json
     import subprocess
     import sys
-    if "RANK" in os.environ:
-        return _memory_worker(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dp in args.dp:
@@ -85,7 +94,53 @@ def run(args) -> None:
           "step, activations included)")
 
 
+def _ac_table(args) -> None:
+    """Each activation checkpointing mode on the same model and batch, one process, for GPT-2 and
+    Llama at the same width: the activation memory of a training step (common.activation_memory)
+    and the step time, both as ratios to ac="none". Steps timed side by side, interleaved."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # CPU: the process's CPU time (all its threads), which other processes' load barely moves
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    unit = "s" if device.type == "cuda" else "CPU s"
+    idx = torch.randint(0, 65, (args.ac_batch, args.ac_seq), generator=torch.Generator().manual_seed(0)).to(device)
+    rows, described = [], []
+    for name in args.ac_models:
+        model_cls, config_cls = tm.models.MODELS[name]
+        shape = dict(block_size=args.ac_seq, vocab_size=65, n_layer=args.ac_n_layer, n_head=args.ac_n_embd // 64,
+                     n_embd=args.ac_n_embd)
+        cfg = config_cls(**shape, **({"n_kv_head": args.ac_n_embd // 256} if name == "llama" else {}))
+        steps, activation_mb = {}, {}
+        for mode in ("none", "full", "selective"):
+            torch.manual_seed(0)
+            model = tm.apply_activation_checkpointing(model_cls(cfg).to(device), mode)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def forward_backward(model=model):
+                model(idx, idx, return_logits=False)[1].backward()
+
+            def step(forward_backward=forward_backward, optimizer=optimizer):
+                forward_backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=False)
+            activation_mb[mode] = activation_memory(forward_backward, optimizer, device) / 2**20
+            steps[mode] = step
+        times = time_side_by_side(steps, device, repeats=args.ac_repeats, clock=clock)
+        rows += [[name, mode, activation_mb[mode], f"{activation_mb[mode] / activation_mb['none']:.2f}", times[mode],
+                  f"{times[mode] / times['none']:.2f}"] for mode in steps]
+        described.append(f"{name} {model.num_params() / 1e6:.1f}M parameters"
+                         + (f" ({cfg.kv_heads} key/value heads, MLP {cfg.ffn_hidden_size})" if name == "llama" else ""))
+        del steps, model, optimizer  # one model's three copies at a time
+    print(f"\n# activation checkpointing: {args.ac_n_layer} layers, width {args.ac_n_embd}, {args.ac_n_embd // 64} "
+          f"heads, vocabulary 65: {', '.join(described)}; fp32, batch {args.ac_batch} x {args.ac_seq}, one "
+          f"process on {device.type} ({torch.get_num_threads()} threads)\n")
+    print(format_table(["model", "ac", "activation MiB", "activation / none", f"step {unit}", "step / none"], rows))
+    print(f"\n(activation: the peak of forward + backward above the parameters, gradients and AdamW states; "
+          f"step: forward, backward and AdamW, median of interleaved runs, {unit})")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tables", nargs="+", default=["zero", "ac"], choices=["zero", "ac"],
+                   help="zero: ZeRO 0-3 per rank (torchrun at each --dp); ac: activation checkpointing modes")
     p.add_argument("--dp", type=int, nargs="+", default=[2, 4], help="data-parallel sizes (one torchrun each)")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=256)
@@ -95,4 +150,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--bucket-mb", type=float, default=2.0,
                    help="DP buckets (stages 0-2); small for this small model, as 25 MB is for GPT-2 small")
+    p.add_argument("--ac-models", nargs="+", default=["gpt2", "llama"], choices=sorted(tm.models.MODELS),
+                   help="the AC table's models")
+    p.add_argument("--ac-n-layer", type=int, default=12, help="their layers")
+    p.add_argument("--ac-n-embd", type=int, default=768,
+                   help="their width (GPT-2 small's; heads of 64, Llama with a key/value head per 4)")
+    p.add_argument("--ac-seq", type=int, default=256, help="their sequence length")
+    p.add_argument("--ac-batch", type=int, default=2, help="their batch (sequences)")
+    p.add_argument("--ac-repeats", type=int, default=3, help="timed steps per mode")
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)

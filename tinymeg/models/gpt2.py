@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..ops import LayerNorm, bias_gelu, bias_gelu_path
 from ..ops.gelu import DEFAULT_PATH as BIAS_GELU_DEFAULT_PATH
-from ..ops.paths import forced_path
+from ..ops.paths import forced_path, unobserved
 from .base import CausalAttention, CausalLM, KVCache, LMConfig, init_weights
 from .moe import MoE
 
@@ -88,18 +88,28 @@ def linear_pre_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
 def linear_gelu(linear: nn.Module, x: torch.Tensor, bias_in_matmul: dict) -> torch.Tensor:
     """gelu(linear(x), tanh), the bias added where it costs least: in the GELU pass of
     tinymeg::bias_gelu where the tuner picked that op for these shapes, else in the matmul (addmm
-    beats an add of its own). bias_in_matmul remembers per input what bias_gelu chose on the first
-    call, when the product without the bias was made to ask it."""
+    beats an add of its own). bias_in_matmul remembers per input what bias_gelu chose."""
     if torch.compiler.is_compiling():  # a graph takes bias_gelu's compile-time path, see ops/paths.py
         plain = (forced_path("bias_gelu") or BIAS_GELU_DEFAULT_PATH) == "plain"
     else:
-        plain = bias_in_matmul.get((x.shape, x.dtype, x.device, torch.is_grad_enabled()))
+        key = (x.shape, x.dtype, x.device, torch.is_grad_enabled())
+        plain = bias_in_matmul.get(key)
+        if plain is None:
+            plain = bias_in_matmul[key] = _bias_in_matmul(linear, x)
     if plain:
         return F.gelu(linear(x), approximate="tanh")
-    h, bias = linear_pre_bias(linear, x)
-    if bias is not None and not torch.compiler.is_compiling():
-        bias_in_matmul[x.shape, x.dtype, x.device, torch.is_grad_enabled()] = bias_gelu_path(h, bias) == "plain"
-    return bias_gelu(h, bias)
+    return bias_gelu(*linear_pre_bias(linear, x))
+
+
+def _bias_in_matmul(linear: nn.Module, x: torch.Tensor) -> bool:
+    """Does bias_gelu take its plain path on linear's product with x? Asked once per input, on a
+    product made for the question alone (no gradient, unobserved), so that the first call computes
+    what every later one does: activation checkpointing runs it again in backward, and must get
+    the same ops."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in linear.parameters()))
+    with unobserved(), torch.no_grad():
+        h, bias = linear_pre_bias(linear, x)
+    return bias is None or bias_gelu_path(h.requires_grad_(grad), bias) == "plain"
 
 
 class MLP(nn.Module):

@@ -47,6 +47,14 @@ class Region:
         self.where = RESIDUAL   # RESIDUAL, GATHERED or SHARDED
         self.opened_from = RESIDUAL  # where the current SHARDED region was entered from
 
+    def state(self) -> tuple:
+        """Where the activations are now: activation checkpointing replays a block's forward
+        (in backward) from the state its first run started in."""
+        return self.seq, self.where, self.opened_from
+
+    def restore(self, state: tuple) -> None:
+        self.seq, self.where, self.opened_from = state
+
     def ranks_differ(self) -> bool:
         """Do the TP ranks hold different data here (their tokens, or their heads)?"""
         return self.where == SHARDED or (self.where == RESIDUAL and self.seq)

@@ -22,14 +22,20 @@ in what is timed. Training (gradients wanted) and evaluation (no gradient) are s
   op is opaque to it), and for the loss plain while its logits are small, the op beyond
   (``linear_cross_entropy.default_path``): there the op wins on memory and time.
 - DTensor arguments always take the op: its registered sharding rule decides the communication.
+
+The tuner times its candidates ``unobserved()``: outside whatever watches the model's forward, so
+that activation checkpointing, which runs a block's forward again in backward (where the choice
+is a lookup), sees the same ops both times.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Collection, Mapping
 
 import torch
 from torch.distributed.tensor import DTensor
 
+from .. import compat
 from .autotune import PATHS, forced_choice, get_default_tuner
 
 
@@ -59,7 +65,23 @@ def choose(op: str, paths: Mapping[str, Callable], args: tuple, default: str,
         return "op"
     grad = name.endswith("fwd+bwd")
     candidates = {k: (forward_backward(f) if grad else f) for k, f in paths.items()}
-    return tuner.choose(name, candidates, args, default, untuned)
+    with unobserved():
+        return tuner.choose(name, candidates, args, default, untuned)
+
+
+@contextlib.contextmanager
+def unobserved():
+    """Run work that is not part of the model's computation (timing candidates, probing a shape)
+    unseen by what observes that computation: no dispatch mode (selective activation
+    checkpointing's cache, CommDebugMode, FlopCounterMode) and no saved-tensor hooks (activation
+    checkpointing's, which would otherwise recompute a whole block when a candidate's backward
+    runs) apply inside."""
+    with compat.disable_dispatch_modes(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        yield
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _requires_grad(args: tuple) -> bool:
@@ -96,4 +118,4 @@ def forward_backward(fn: Callable) -> Callable:
     return run
 
 
-__all__ = ["PATHS", "choose", "forced_path", "forward_backward"]
+__all__ = ["PATHS", "choose", "forced_path", "forward_backward", "unobserved"]

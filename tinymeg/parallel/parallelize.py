@@ -12,10 +12,14 @@ A recipe builds the plain single-device model and calls ``parallelize(model, ctx
 3. **context** (cp): swap attention's core for ring attention and split the sequence; it reads
    the TP model (sequence parallelism splits each cp rank's tokens again over tp).
 4. **experts** (ep): shard the experts over the ep ranks carved out of dp.
-5. **compile**: ``torch.compile`` the forward in place (``fullgraph=True``), after the modules
+5. **activation checkpointing** (``ac="full"`` or ``"selective"``): each block, now holding its
+   final (sharded) layers, keeps less for backward and recomputes the rest
+   (``apply_activation_checkpointing``); compile then traces the checkpoints, and FSDP2 shards the
+   checkpointed blocks.
+6. **compile**: ``torch.compile`` the forward in place (``fullgraph=True``), after the modules
    are final and before DP hooks into the parameters (ZeRO-3: after DP, block by block, since
    FSDP2's hooks run between compiled blocks).
-6. **data** (dp, and cp for the weights; ZeRO stage ``zero``, mixed precision ``param_dtype``):
+7. **data** (dp, and cp for the weights; ZeRO stage ``zero``, mixed precision ``param_dtype``):
    last, because it hooks the gradients of the final parameters and averages them over dp x cp.
    Always applied (``no_sync`` then exists on every mesh); with one data-parallel rank it
    communicates nothing.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..context import ParallelContext
+from .activation_checkpoint import apply_activation_checkpointing, check_ac_mode
 from .context_parallel import apply_context_parallel
 from .data_parallel import DEFAULT_BUCKET_MB, apply_data_parallel, compile_model
 from ..models.moe import moe_layers
@@ -38,7 +43,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
                 sequence_parallel: bool = False, loss_parallel: bool = False,
                 bucket_mb: float = DEFAULT_BUCKET_MB, zero: int = 0, param_dtype=None, compile: bool = False,
                 cp_block: str = "auto",
-                pipeline: dict | None = None) -> nn.Module:
+                pipeline: dict | None = None, ac: str = "none") -> nn.Module:
     """Apply every dim of ``ctx`` that is on to ``model`` (in place) and return it.
 
     ``plan``: the tensor-parallel plan (either form of ``apply_tensor_parallel``; default
@@ -49,7 +54,9 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
     ``cp_block``: see ``apply_context_parallel``. ``pipeline``: the
     keyword arguments of ``apply_pipeline_parallel`` (schedule, microbatches, stages_per_rank,
     split_points, uneven) when pp > 1; train a pipelined model with ``model.train_step``.
+    ``ac``: activation checkpointing, "none", "full" or "selective" (see ``apply_activation_checkpointing``).
     """
+    check_ac_mode(ac)  # before anything changes
     # 1. Pipeline parallelism: this rank keeps its stages' layers.
     if ctx.pp_size > 1:  # compile: per stage when the schedule is built; ZeRO-3: per block, below
         model = apply_pipeline_parallel(model, ctx, **(pipeline or {}), compile=compile and zero != 3)
@@ -61,7 +68,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
         tp_config = dict(for_model(model) if plan is None else plan)
         tp_config["sequence_parallel"] = sequence_parallel or tp_config.get("sequence_parallel", False)
         tp_config["loss_parallel"] = loss_parallel or tp_config.get("loss_parallel", False)
-        model = apply_tensor_parallel(model, ctx, tp_config, sync_replicas=False)  # step 6 broadcasts
+        model = apply_tensor_parallel(model, ctx, tp_config, sync_replicas=False)  # step 7 broadcasts
     # 3. Context parallelism.
     if ctx.cp_size > 1:
         model = apply_context_parallel(model, ctx, cp_block)
@@ -71,10 +78,12 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
     elif ctx.ep_size > 1 and not moe_layers(model):
         raise ValueError(f"ep={ctx.ep_size} shards experts, but {type(model).__name__} has no MoE layers: "
                          f"build it with experts (n_experts=E in its config) or leave ep out")
-    # 5. Compile, in place: the module keeps its identity, class and state_dict keys.
+    # 5. Activation checkpointing, block by block.
+    model = apply_activation_checkpointing(model, ac)
+    # 6. Compile, in place: the module keeps its identity, class and state_dict keys.
     if compile and zero != 3 and ctx.pp_size == 1:
         model.compile(fullgraph=True)
-    # 6. Data parallelism over dp x cp, last.
+    # 7. Data parallelism over dp x cp, last.
     model = apply_data_parallel(model, ctx, bucket_mb, zero=zero, param_dtype=param_dtype)
     if compile and zero == 3:
         compile_model(model)  # each FSDP block's forward, in place

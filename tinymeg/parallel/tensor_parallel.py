@@ -146,13 +146,13 @@ def _sp_span(model: nn.Module, plan: dict[str, Style], entry: str | None) -> lis
     start = _get(model, entry, "sequence_parallel_entry")
     parent_name, _, index = entry.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    if _holds_blocks(parent) and index.isdigit():
+    if holds_blocks(parent) and index.isdigit():
         blocks = list(parent.values()) if isinstance(parent, nn.ModuleDict) else list(parent)
         return blocks[[m is start for m in blocks].index(True):]
     return [start]
 
 
-def _holds_blocks(module: nn.Module) -> bool:
+def holds_blocks(module: nn.Module) -> bool:
     """A ModuleList, or a ModuleDict keyed by block indices (a pipeline stage's blocks)."""
     return isinstance(module, nn.ModuleList) or (
         isinstance(module, nn.ModuleDict) and len(module) > 0 and all(k.isdigit() for k in module.keys()))
@@ -161,7 +161,7 @@ def _holds_blocks(module: nn.Module) -> bool:
 def _default_sp_entry(model: nn.Module, plan: dict[str, Style]) -> str:
     columns = [n for n, s in plan.items() if isinstance(s, ColumnParallel)]
     for name, module in model.named_modules():
-        if _holds_blocks(module):
+        if holds_blocks(module):
             for i in (module.keys() if isinstance(module, nn.ModuleDict) else range(len(module))):
                 if any(c.startswith(f"{name}.{i}.") for c in columns):
                     return f"{name}.{i}"

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ..context import resolve_sizes
 from ..models import MODELS
+from ..parallel.activation_checkpoint import check_ac_mode
 from ..parallel.context_parallel import check_seq_len
 from ..parallel.pipeline_parallel import check_pipeline
 
@@ -89,6 +90,10 @@ def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
     need(not (cfg.n_experts and cfg.init_from),
          f"--init-from loads a dense model's weights, and --n-experts {cfg.n_experts} asks for a "
          f"mixture-of-experts model: drop one of them")
+    try:
+        check_ac_mode(cfg.ac)
+    except ValueError as e:
+        raise ConfigError(f"--ac: {e}") from None
     if pp > 1:
         _check_pipeline_config(cfg, pp)
     need(not cfg.tensorboard or importlib.util.find_spec("tensorboard") is not None,

@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 import torch.distributed as dist
 
+from ..parallel.activation_checkpoint import AC_MODES
 from ..suggest import did_you_mean
 from .checkpoint import MODEL_SHAPE_FIELDS, resume_source, verify
 from .checks import (DEFAULT_WARMUP, ConfigError, PeerError, check_config, default_warmup, rank_from_env,
@@ -130,6 +131,9 @@ def build_parser(base: TrainConfig, recipe_defaults: dict) -> argparse.ArgumentP
         help="with --tp > 1: shard activations on the sequence dim outside TP regions")
     add("--loss-parallel", action=argparse.BooleanOptionalAction, default=base.loss_parallel,
         help="with --tp > 1: compute the loss from vocab-sharded logits")
+    add("--ac", default=base.ac, choices=list(AC_MODES),
+        help="activation checkpointing: full keeps each block's input only and recomputes the block in "
+             "backward; selective keeps matmul, attention and communication outputs and recomputes the rest")
     add("--bucket-mb", type=float, default=base.bucket_mb, help="DP gradient all-reduce bucket size (MiB)")
     add("--zero", type=int, default=base.zero, choices=[0, 1, 2, 3],
         help="ZeRO stage over dp: 0 replicated, 1 optimizer states sharded, 2 + gradients, 3 + parameters (FSDP2)")

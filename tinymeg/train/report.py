@@ -111,7 +111,8 @@ def banner(cfg, ctx, model, corpus, *, peak: tuple[float, str], start_step: int,
                      ("bf16 (fp32 master weights)", cfg.dtype == "bf16"),
                      ("sequence parallel", cfg.sequence_parallel),
                      ("loss parallel", cfg.loss_parallel),
-                     ("torch.compile", cfg.compile)) if on)),
+                     ("torch.compile", cfg.compile),
+                     (f"{cfg.ac} activation checkpointing", cfg.ac != "none")) if on)),
         ("batch", f"{cfg.global_batch} sequences per step = dp {cfg.dp} x micro-batch {cfg.micro_batch} x "
                   f"grad-accum {cfg.grad_accum}; {cfg.global_batch * cfg.seq_len:,} tokens per step"),
         ("data", f"{data}, {tok}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "

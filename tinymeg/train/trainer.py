@@ -86,6 +86,7 @@ class TrainConfig:
     dtype: str = "fp32"            # fp32 | bf16 (bf16 compute, fp32 master weights/states/grad reduction)
     sequence_parallel: bool = False  # tp > 1: shard activations on the sequence outside TP regions
     loss_parallel: bool = False      # tp > 1: keep the logits vocab-sharded in the loss
+    ac: str = "none"               # activation checkpointing: none | full | selective
     progress: bool = True          # tqdm bar on rank 0 (the banner, eval lines and summary print anyway)
     timeout_s: float = 600.0       # collective timeout: a dead peer is an error after this long
     peak_tflops: float = 0.0       # one device's peak, for MFU; 0: a GPU table, or measured on CPU
@@ -131,7 +132,8 @@ def model_config(cfg: TrainConfig, vocab_size: int):
 
 def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> CausalLM:
     """The same seed on every rank builds the same model; then ``tm.parallelize`` applies
-    every dim that is on, in DESIGN.md's order (TP + SP/loss parallel, CP, EP, DP/ZeRO)."""
+    every dim that is on, in DESIGN.md's order (TP + SP/loss parallel, CP, EP, activation
+    checkpointing, DP/ZeRO)."""
     torch.manual_seed(cfg.seed)
     model_class = MODELS[cfg.model][0]
     if cfg.init_from:  # published weights: a dense model (checks refuse --n-experts with it)
@@ -141,7 +143,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, ctx: ParallelContext) -> Caus
     return parallelize(model.to(ctx.device), ctx, sequence_parallel=cfg.sequence_parallel,
                        loss_parallel=cfg.loss_parallel, bucket_mb=cfg.bucket_mb, zero=cfg.zero,
                        param_dtype=cfg.dtype, compile=cfg.compile and cfg.pp > 1,  # pp: per stage
-                       pipeline=pipeline_args(cfg) if cfg.pp > 1 else None)
+                       pipeline=pipeline_args(cfg) if cfg.pp > 1 else None, ac=cfg.ac)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
