@@ -433,7 +433,8 @@ class PipelineParallelMixin:
             logits = self._from_last_stage(logits, (B, T, self.config.vocab_size), self._act_dtype())
         if targets is not None:
             if st.last and return_logits:
-                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+                # in float32, as the models' own loss (bf16 logits would round the loss to 3 digits)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
             elif st.last and cp is not None:  # the mean over every cp rank's counted targets
                 mine = targets.index_select(1, index)
                 loss = mean_over_cp(lm_head_loss(self._head, hidden, mine, self.config.vocab_size),
