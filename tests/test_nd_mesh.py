@@ -4,7 +4,7 @@ Each mesh trains a few steps through ``tinymeg.train.trainer.train`` (which buil
 through ``tm.parallelize``: pp, tp, cp, ep, dp in DESIGN.md's order) on the same global batch as
 one process, and must log the same losses, gradient norms and validation loss (fp32, rel 1e-5);
 where the parameters are cheap to gather, the final parameters too. One 8-rank pool call per
-mesh. Pipeline x context parallelism and pipeline x MoE are refused (tested at the end).
+mesh. (Every pair of dims, through tinymeg.train.verify: tests/test_compose.py.)
 """
 from types import SimpleNamespace
 
@@ -16,7 +16,6 @@ import tinymeg as tm
 from rank_pool import get_ctx, world
 from test_tensor_parallel import full
 from tinymeg.train import TrainConfig, train
-from tinymeg.train.checks import ConfigError, check_config
 
 GLOBAL_BATCH = 8
 BASE = dict(steps=3, n_layer=2, n_head=4, n_embd=32, seq_len=16, lr=3e-3, min_lr=3e-4, warmup=1,
@@ -91,27 +90,19 @@ def test_dp4_ep2_tp2_moe_equals_one_process():
         _assert_equal(got, ref, "dp4 ep2 tp2 moe", params=False)  # experts are laid out over ep
 
 
-# ---- what pipeline parallelism does not compose with yet: refused before anything starts
-
-@pytest.mark.parametrize("kw, message", [
-    (dict(pp=2, cp=2, dp=1), r"--pp 2 with --cp 2: pipeline parallelism with context parallelism is not built"),
-    (dict(pp=2, dp=2, n_experts=4), r"--pp 2 with --n-experts 4: pipeline parallelism of a mixture-of-experts"),
-    (dict(pp=2, dp=2, zero=3), r"--pp 2 with --zero 3: ZeRO-3 \(FSDP2\) .* use --zero 0, 1 or 2"),
-])
-def test_pipeline_combinations_not_built_are_config_errors(kw, message):
-    cfg = TrainConfig(**{**BASE, "micro_batch": 2, **kw})
-    with pytest.raises(ConfigError, match=message):
-        from tinymeg.train.trainer import mesh_sizes
-        check_config(cfg, 4, mesh_sizes(cfg))
-
-
-def test_parallelize_refuses_pipeline_with_zero3_and_moe():
-    ctx = SimpleNamespace(pp_size=2, cp_size=1)
-    with pytest.raises(ValueError, match=r"zero=3 with pp=2: ZeRO-3 \(FSDP2\)"):
-        tm.parallelize(tm.models.GPT2Model(tm.models.GPTConfig.tiny()), ctx, zero=3)
-    moe = tm.models.GPT2Model(tm.models.GPTConfig.tiny(n_experts=4))
-    with pytest.raises(NotImplementedError, match=r"mixture-of-experts model \(n_experts=4\) is not built yet"):
-        tm.parallelize(moe, ctx)
+def test_pp2_with_moe_ep_and_with_zero3_equal_one_process():
+    """pp2 dp2 ep2 with a MoE model: a forward is one pipeline microbatch of every dp rank (the
+    batch is laid out so: tinymeg.data.get_batch's microbatches), so one process on the same global
+    batch runs grad_accum x microbatches = 4 micro-steps of dp x micro_batch / microbatches = 2
+    sequences. And pp2 dp2 with ZeRO-3: FSDP2 on each stage."""
+    moe = dict(n_experts=4, top_k=2)
+    ref_moe = world(1).run(_train_body, [dict(micro_batch=2, grad_accum=4, **moe)], False)[0][0]
+    ref = _reference()
+    runs = [dict(pp=2, dp=2, ep=2, micro_batch=2, grad_accum=2, **moe),
+            dict(pp=2, dp=2, zero=3, micro_batch=2, grad_accum=2, pp_schedule="gpipe")]
+    for moe_run, zero3_run in world(4).run(_train_body, runs, False):
+        _assert_equal(moe_run, ref_moe, "pp2 dp2 ep2 moe", params=False)
+        _assert_equal(zero3_run, ref, "pp2 dp2 zero3", params=False)
 
 
 def test_parallelize_refuses_pipeline_options_without_pp():

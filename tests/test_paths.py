@@ -10,13 +10,12 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
 import tinymeg as tm
 from rank_pool import get_ctx, world
-from tinymeg.ops import cross_entropy, gelu, norm, paths
+from tinymeg.ops import cross_entropy, gelu, norm
 from tinymeg.ops.autotune import RuntimeAutoTuner
 from tinymeg.ops.autotune_timing import MIN_ROUNDS
 

@@ -19,6 +19,7 @@ from test_data_parallel import (_raise_then_retry_body, _rank_dependent_body, _u
                                 assert_matches_reference, build_dp_pair, full_value)
 from test_tensor_parallel import assert_close
 from tinymeg.nn import local as _local
+from tinymeg.parallel.zero import whole_value
 from tinymeg.train.optim import clip_grad_norm_
 
 MESHES = [(1, 2), (1, 4), (2, 2)]   # (tp, dp)
@@ -418,7 +419,8 @@ def _own_mesh_body(zero):
     expert-dp ranks): its gradient is summed over those 2 ranks only and divided by dp=4 (each
     rank's loss is a quarter of the global one), the rest's averaged over all 4. Checked with SGD
     (lr 1: the step is minus the reduced gradient) against local gradients computed by a plain
-    copy of the model. Stage 3 would need FSDP2's PREMUL_SUM divide factor: refused on gloo."""
+    copy of the model. At stage 3 FSDP2 divides by dp after summing over the parameter's own mesh
+    (on gloo, which has no PREMUL_SUM, a forced sum and then the division)."""
     ctx, pairs = get_ctx(dp=4), get_ctx(dp=2, tp=2)   # pairs.mesh["dp"]: ranks {0, 2} and {1, 3}
 
     def build():
@@ -438,7 +440,7 @@ def _own_mesh_body(zero):
     opt = tm.shard_optimizer(model, torch.optim.SGD(model.parameters(), lr=1.0))
     loss(model).backward()
     opt.step()
-    ours = dict(model.named_parameters())
+    ours = {name: whole_value(p) for name, p in model.named_parameters()}   # FSDP2 shards at stage 3
     for name, p in plain.named_parameters():
         group = (pairs.mesh["dp"] if name.startswith("extra") else ctx.mesh["dp"]).get_group()
         share = p.grad.clone()   # summed over the parameter's mesh, divided by the model's dp size
@@ -447,23 +449,9 @@ def _own_mesh_body(zero):
         assert_close(p.detach() - ours[name].detach(), share, f"{name}: step vs summed local gradient / dp")
 
 
-@pytest.mark.parametrize("zero", [0, 2])
+@pytest.mark.parametrize("zero", [0, 2, 3])
 def test_a_parameter_reduced_over_its_own_mesh(zero):
     world(4).run(_own_mesh_body, zero)
-
-
-def _own_mesh_stage3_body():
-    ctx, pairs = get_ctx(dp=4), get_ctx(dp=2, tp=2)
-    model = tm.models.GPT2Model(tm.models.GPTConfig.tiny(n_layer=1))
-    model.extra = torch.nn.Linear(32, 32)
-    for p in model.extra.parameters():
-        p.data_parallel_mesh = pairs.mesh["dp"]
-    with pytest.raises(NotImplementedError, match="PREMUL_SUM reduction that gloo does not have"):
-        tm.apply_data_parallel(model, ctx, zero=3)
-
-
-def test_stage3_refuses_a_parameter_on_its_own_mesh_on_gloo():
-    world(4).run(_own_mesh_stage3_body)
 
 
 # ---- any nn.Module: uneven shards, a 0-dim parameter, no ModuleList; a checkpoint round trip ----

@@ -274,7 +274,7 @@ def run(args) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.tp}", BENCH, "e2e",
                "--part", "tp", "--repeats", str(args.repeats), "--sizes", *sizes]
         if subprocess.run(cmd).returncode:
-            print(f"(the TP half failed: its output above says why)")
+            print("(the TP half failed: its output above says why)")
     print(f"\n(ms: wall-clock medians; (cpu): the same ratio by the process's CPU time, which the load "
           f"of other processes barely moves; total {time.perf_counter() - started:.0f} s)")
 

@@ -297,8 +297,8 @@ def global_batch(tokens: torch.Tensor, *, seq_len: int, batch_size: int, seed: i
 
 
 def get_batch(tokens: torch.Tensor, *, seq_len: int, micro_batch: int, seed: int, step: int,
-              micro_step: int = 0, grad_accum: int = 1, dp_rank: int = 0, dp_size: int = 1
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              micro_step: int = 0, grad_accum: int = 1, dp_rank: int = 0, dp_size: int = 1,
+              microbatches: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's micro-batch: ``(x, y)``, each int64 ``(micro_batch, seq_len)``, where row i is
     ``tokens[s : s + seq_len]`` and ``tokens[s + 1 : s + 1 + seq_len]`` for a random start s.
 
@@ -317,6 +317,12 @@ def get_batch(tokens: torch.Tensor, *, seq_len: int, micro_batch: int, seed: int
       gradient up to float summation order. Which rank/micro-step gets which row is the same only
       when (dp_size, grad_accum, micro_batch) is the same too.
     - A different seed or step gives a different batch; changing B changes every row.
+
+    ``microbatches`` (pipeline parallelism cuts each micro-batch into that many): the rows are laid
+    out as ``[grad_accum, microbatches, dp_size, micro_batch / microbatches]`` instead, so that
+    each pipeline microbatch of every dp rank is one contiguous block of the global batch: one
+    process running ``grad_accum x microbatches`` micro-steps of ``dp_size x micro_batch /
+    microbatches`` rows makes the same forwards (which MoE layers' balancing statistics depend on).
     """
     _check_tokens(tokens)
     if micro_batch < 1 or grad_accum < 1 or dp_size < 1:
@@ -326,10 +332,13 @@ def get_batch(tokens: torch.Tensor, *, seq_len: int, micro_batch: int, seed: int
         raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
     if not 0 <= micro_step < grad_accum:
         raise ValueError(f"micro_step={micro_step} is not in [0, grad_accum={grad_accum})")
+    if microbatches < 1 or micro_batch % microbatches:
+        raise ValueError(f"microbatches={microbatches} must be >= 1 and divide micro_batch={micro_batch}")
     batch_size = dp_size * grad_accum * micro_batch
     starts = _offsets(len(tokens), seq_len=seq_len, batch_size=batch_size, seed=seed, step=step)
     # Offsets are cheap to draw for the whole batch; gather tokens for this rank's rows only.
-    mine = starts.view(grad_accum, dp_size, micro_batch)[micro_step, dp_rank]
+    mine = starts.view(grad_accum, microbatches, dp_size, micro_batch // microbatches)[micro_step, :, dp_rank]
+    mine = mine.reshape(-1)
     return _gather(tokens, mine, seq_len)
 
 

@@ -1,5 +1,6 @@
 from .base import CausalAttention, CausalLM, LMConfig
 from .gpt2 import GPT2Model, GPTConfig
+from .hf_causal_lm import TransformersCausalLM, from_transformers
 from .llama import Llama, LlamaConfig
 from .moe import MoE
 
@@ -16,4 +17,4 @@ def model_name(model) -> str:
 
 
 __all__ = ["GPT2Model", "GPTConfig", "Llama", "LlamaConfig", "CausalAttention", "CausalLM", "LMConfig", "MoE",
-           "MODELS", "model_name"]
+           "MODELS", "model_name", "TransformersCausalLM", "from_transformers"]

@@ -12,8 +12,9 @@ with a KV cache, the sampling step, the parameter count.
   blocks; ``NORM``, ``HEAD``: the final norm and the LM head (the last stage keeps them). Any
   other module (Llama's rotary frequencies) is needed by every stage.
 - ``embed(idx, pos)``: (B, T) ids at positions ``pos`` (T,) -> hidden states (B, T, C);
-  ``block_args(pos)``: what each block takes after its input, ``block(x, *block_args(pos))``
-  (GPT-2: nothing; Llama: the rotary cos and sin of the positions).
+  ``block_args(pos)``: what each block takes after its input (``call_block``): a tuple,
+  ``block(x, *args)`` (GPT-2: nothing; Llama: the rotary cos and sin of the positions), or a
+  dict, ``block(x, **args)`` (a transformers decoder layer's keywords, tinymeg/models/hf_causal_lm.py).
 - ``forward(idx, targets, return_logits, pos)``: ``pos`` are the tokens' positions in their
   sequence, 0..T-1 by default; context parallelism passes its layout's, generation later ones.
 - ``config``: ``block_size``, ``vocab_size``, ``padded_vocab_size``, ``n_experts`` (``LMConfig``).
@@ -186,6 +187,11 @@ def lm_head_loss(head: nn.Module, x: torch.Tensor, targets: torch.Tensor, vocab_
     return linear_cross_entropy(x, head.weight, targets, vocab_size, ignore_index=-1)
 
 
+def call_block(block: nn.Module, x: torch.Tensor, args: tuple | dict) -> torch.Tensor:
+    """One block on x with what ``block_args`` gave: positional arguments (a tuple) or keywords (a dict)."""
+    return block(x, **args) if isinstance(args, dict) else block(x, *args)
+
+
 def init_weights(model: nn.Module, n_layer: int, residual_projections: tuple[str, ...]) -> None:
     """GPT-2's init, which tinymeg's Llama uses too: every Linear and Embedding N(0, 0.02), biases
     zero, and the residual projections (names ending with one of ``residual_projections``)
@@ -218,7 +224,7 @@ class CausalLM(nn.Module):
     def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def block_args(self, pos: torch.Tensor) -> tuple:
+    def block_args(self, pos: torch.Tensor) -> tuple | dict:
         return ()
 
     def num_params(self) -> int:
@@ -256,7 +262,7 @@ class CausalLM(nn.Module):
         x = self.embed(idx, pos)
         args = self.block_args(pos)
         for block in self.get_submodule(self.BLOCKS):
-            x = block(x, *args)
+            x = call_block(block, x, args)
         x = self.get_submodule(self.NORM)(x)
         head, vocab = self.get_submodule(self.HEAD), self.config.vocab_size
         if not return_logits:

@@ -86,7 +86,7 @@ def _check(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, red
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"linear_cross_entropy: targets must be int64 or int32, got {targets.dtype}")
     if not (hidden.is_floating_point() and weight.is_floating_point()):
-        raise TypeError(f"linear_cross_entropy: hidden and weight must be floating point")
+        raise TypeError("linear_cross_entropy: hidden and weight must be floating point")
     if hidden.dtype != weight.dtype:  # as F.linear: one dtype (under torch.autocast the op casts both)
         raise TypeError(f"linear_cross_entropy: hidden and weight must have one dtype, got {hidden.dtype} "
                         f"and {weight.dtype}; cast one, or run under torch.autocast")

@@ -44,7 +44,14 @@ the tokens' places in the whole sequence. Grouped key/value heads must be repeat
 heads before the core (Llama's attention does). Attention dropout is refused (the ring would
 need each block's dropout mask again in backward).
 The loss goes through the model's ``loss_share`` (tinymeg.models.base.CausalLM), which this
-mixin overrides.
+mixin overrides. A transformers Llama, Qwen2 or Mistral qualifies once adapted
+(``tm.models.from_transformers``: its attention goes through transformers' attention interface to
+a CausalAttention, its rotary angles follow the positions given).
+
+**Under pipeline parallelism** the cores are swapped the same way, and the pipeline places the
+tokens: each microbatch's ids and targets are taken in this rank's layout before the schedule
+runs, every stage computes its positions from the layout, and stages pass the sequence shards
+(tinymeg.parallel.pipeline_parallel).
 
 **Generation** runs without CP (``model.generate`` turns it off): every cp rank holds the whole
 model, so it samples alone, with plain attention on the whole context.
@@ -52,7 +59,6 @@ model, so it samples alone, with plain attention on the whole context.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -390,6 +396,32 @@ class _GatherSequence(torch.autograd.Function):
         return grad.index_select(1, state.index(grad.size(1), grad.device)) * state.size, None
 
 
+def mean_over_cp(local_mean: Tensor, count: Tensor, mesh: DeviceMesh) -> Tensor:
+    """The mean over every cp rank's counted tokens from each rank's mean over its ``count``
+    (backward: cp x this rank's share, see _MeanOverCP)."""
+    return _MeanOverCP.apply(local_mean, count, mesh)[0]
+
+
+def gather_sequence(x: Tensor, state: ContextParallelState) -> Tensor:
+    """(B, T/cp, ...) in this rank's layout -> (B, T, ...) in sequence order on every cp rank."""
+    return _GatherSequence.apply(x, state)
+
+
+@contextlib.contextmanager
+def context_parallel_disabled(model: nn.Module):
+    """Run ``model`` on whole sequences with plain attention, each rank alone (no communication);
+    a model without context parallelism is left as it is."""
+    state = getattr(model, "context_parallel", None)
+    if state is None:
+        yield
+        return
+    previous, state.enabled = state.enabled, False
+    try:
+        yield
+    finally:
+        state.enabled = previous
+
+
 class ContextParallelMixin:
     """Mixed into the model's class by apply_context_parallel (as DP's mixin is): the model
     is called with whole sequences, the same on every cp rank, and keeps its own chunks."""
@@ -412,7 +444,7 @@ class ContextParallelMixin:
         logits, loss = super().forward(idx.index_select(1, index), local_targets, *args,
                                        **{**kwargs, "pos": index})
         if logits is not None:
-            logits = _GatherSequence.apply(logits, state)
+            logits = gather_sequence(logits, state)
         return logits, loss
 
     def loss_share(self, ce: Tensor, targets: Tensor) -> Tensor:
@@ -424,18 +456,9 @@ class ContextParallelMixin:
         mean, count = _MeanOverCP.apply(ce, (targets != -1).sum(), self.context_parallel.mesh)
         return token_share(mean, count, self.loss_tokens)
 
-    @contextlib.contextmanager
-    def context_parallel_disabled(self):
-        """Run on whole sequences with plain attention, each rank alone (no communication)."""
-        previous, self.context_parallel.enabled = self.context_parallel.enabled, False
-        try:
-            yield
-        finally:
-            self.context_parallel.enabled = previous
-
     def generate(self, *args, **kwargs):
         """Sampling runs without CP: each rank holds the whole model (see the module docstring)."""
-        with self.context_parallel_disabled():
+        with context_parallel_disabled(self):
             return super().generate(*args, **kwargs)
 
 
@@ -454,13 +477,13 @@ def apply_context_parallel(model: nn.Module, ctx: ParallelContext, block: str = 
     state = ContextParallelState(ctx.mesh["cp"])
     cores = [name for name, m in model.named_modules() if isinstance(m, CausalAttention)]
     _check_attention(model, cores)
-    if "pos" not in inspect.signature(model.forward).parameters:
-        raise TypeError(f"{type(model).__name__}.forward takes no pos: context parallelism gives each rank "
-                        f"its tokens and their positions in the whole sequence as forward(idx, targets, "
-                        f"pos=...), as tinymeg's GPT2Model and Llama take them (tinymeg.models.base)")
     if not isinstance(model, CausalLM):
-        raise TypeError(f"context parallelism takes the loss over the cp ranks' chunks through CausalLM.loss_share, "
-                        f"but {type(model).__name__} is not a tinymeg.models.CausalLM (GPT2Model, Llama)")
+        raise TypeError(f"{type(model).__name__} is not a tinymeg.models.CausalLM: context parallelism gives each "
+                        f"rank its tokens and their positions in the whole sequence (forward's pos) and takes "
+                        f"the loss's mean over the cp ranks (loss_share), as tinymeg's GPT2Model and Llama "
+                        f"(tinymeg.models.base) do; adapt a transformers Llama, Qwen2 or Mistral with "
+                        f"tm.models.from_transformers(model)")
+    pipelined = getattr(model, "pipeline", None) is not None  # its stages place the tokens themselves
     for name in cores:
         core = model.get_submodule(name)
         if core.dropout.p > 0:
@@ -471,7 +494,8 @@ def apply_context_parallel(model: nn.Module, ctx: ParallelContext, block: str = 
 
     state.tp_seq = sequence_parallel_size(model)
     model.context_parallel = state
-    model.__class__ = type(f"ContextParallel{type(model).__name__}", (ContextParallelMixin, type(model)), {})
+    if not pipelined:  # a pipeline splits each microbatch by the layout itself (pipeline_parallel.py)
+        model.__class__ = type(f"ContextParallel{type(model).__name__}", (ContextParallelMixin, type(model)), {})
     return model
 
 

@@ -45,6 +45,10 @@ class DataParallelMixin:
         """Skip the gradient reduction: gradients accumulate locally (use on every micro-step
         of a gradient accumulation but the last). ZeRO 1-2 and mixed precision accumulate them
         in the fp32 buckets; stage 3 in FSDP2's unsharded gradients."""
+        if self.grad_sync is None and getattr(self, "pipeline", None) is not None:
+            with super().no_sync():   # the pipeline's: its stages keep FSDP2's gradients unreduced
+                yield
+            return
         if self.grad_sync is None:
             self.set_requires_gradient_sync(False)
             try:

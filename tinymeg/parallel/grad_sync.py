@@ -91,8 +91,8 @@ class ShardLayout:
         return max(0, min(self.size, self.n - r * self.size))
 
     def chunk(self, t: torch.Tensor, r: int) -> torch.Tensor:
-        """Rank r's chunk of t (a view)."""
-        return t.reshape(self.shape).narrow(self.dim, r * self.size, self.length(r))
+        """Rank r's chunk of t (a view; empty for a rank past the end: fewer rows than ranks)."""
+        return t.reshape(self.shape).narrow(self.dim, min(r * self.size, self.n), self.length(r))
 
     def _as_chunks(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (parts, row_numel) seen as (parts, *chunk_shape)."""

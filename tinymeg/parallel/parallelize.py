@@ -5,7 +5,8 @@ A recipe builds the plain single-device model and calls ``parallelize(model, ctx
 
 1. **pipeline** (pp): split the model into stages first, so every later step sees only this
    stage's layers (``pipeline=dict(schedule=, microbatches=, ...)``: apply_pipeline_parallel's
-   options). Under pp, compile is per stage (when the schedule is built) and ZeRO-3 is refused.
+   options). Under pp, compile is per stage (when the schedule is built; ZeRO-3: per block), and
+   ZeRO-3 shards each stage as an FSDP2 root of its own.
 2. **tensor** (tp, + sequence and loss parallel): swap Linears/Embeddings for sharded ones; the
    parameters become DTensors on the tp mesh.
 3. **context** (cp): swap attention's core for ring attention and split the sequence; it reads
@@ -57,13 +58,8 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
     """
     check_ac_mode(ac)  # before anything changes
     # 1. Pipeline parallelism: this rank keeps its stages' layers.
-    if ctx.pp_size > 1:
-        if zero == 3:
-            raise ValueError(f"zero=3 with pp={ctx.pp_size}: ZeRO-3 (FSDP2) gathers parameters in hooks on "
-                             f"the model's forward, which pipeline stages do not run as one; use zero 0, 1 or 2 "
-                             f"with pipeline parallelism")
-        model = apply_pipeline_parallel(model, ctx, **(pipeline or {}), compile=compile)
-        compile = False  # per stage, when the schedule is built
+    if ctx.pp_size > 1:  # compile: per stage when the schedule is built; ZeRO-3: per block, below
+        model = apply_pipeline_parallel(model, ctx, **(pipeline or {}), compile=compile and zero != 3)
     elif pipeline:
         raise ValueError(f"pipeline options {sorted(pipeline)} given, but the mesh has pp=1: pass a "
                          f"ParallelContext with pp > 1, or leave pipeline out")
@@ -72,7 +68,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
         tp_config = dict(for_model(model) if plan is None else plan)
         tp_config["sequence_parallel"] = sequence_parallel or tp_config.get("sequence_parallel", False)
         tp_config["loss_parallel"] = loss_parallel or tp_config.get("loss_parallel", False)
-        model = apply_tensor_parallel(model, ctx, tp_config, sync_replicas=False)  # step 6 broadcasts
+        model = apply_tensor_parallel(model, ctx, tp_config, sync_replicas=False)  # step 7 broadcasts
     # 3. Context parallelism.
     if ctx.cp_size > 1:
         model = apply_context_parallel(model, ctx, cp_block)
@@ -85,7 +81,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, plan: dict | None = None
     # 5. Activation checkpointing, block by block.
     model = apply_activation_checkpointing(model, ac)
     # 6. Compile, in place: the module keeps its identity, class and state_dict keys.
-    if compile and zero != 3:
+    if compile and zero != 3 and ctx.pp_size == 1:
         model.compile(fullgraph=True)
     # 7. Data parallelism over dp x cp, last.
     model = apply_data_parallel(model, ctx, bucket_mb, zero=zero, param_dtype=param_dtype)

@@ -31,6 +31,20 @@ gradient scaled by 1/(microbatches x grad_accum) on the way back, so accumulatin
 flushes (DP all-reduce, then the tied sum), and the forward-only path (eval, sampling), a plain
 stage-to-stage send/recv: its shapes change with every sampled token, which torch's stages,
 built for one shape, do not allow.
+
+Every other dim composes with it:
+
+- **Context parallelism**: ``train_step`` and eval take each microbatch's tokens in this cp rank's
+  layout (tinymeg.parallel.context_parallel) before the stages run; each stage computes its
+  positions from the layout and runs ring attention; stages pass sequence shards. Each cp rank's
+  chunks are a forward of their own in the token mean (their shares sum to the microbatch's).
+- **Mixture of experts / EP**: only the last stage has the loss, so each MoE layer's aux losses
+  ride on its output into backward (``_AuxLossGrad``, Megatron's MoEAuxLossAutoScaler), weighted
+  as the microbatch's loss; their statistics are one forward's, a microbatch of every dp rank.
+  EP's all-to-alls stay inside a stage.
+- **ZeRO-3**: data parallelism makes each of this rank's stages an FSDP2 root (``_Stage``: its
+  blocks and its end modules), and torch's PipelineStage reduce-scatters once after the last
+  microbatch's backward (``_MeasuredStage.perform_reduce_grad``: not inside ``no_sync()``).
 """
 from __future__ import annotations
 
@@ -46,9 +60,11 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from ..context import ParallelContext
-from ..models.base import CausalLM, check_sampling, lm_head_loss, sample_token, token_share
+from ..models.base import CausalLM, call_block, check_sampling, lm_head_loss, sample_token, token_share
 from ..models.hf_io import PretrainedPart
+from ..models.moe import moe_layers
 from ..nn.layers import local
+from .context_parallel import check_seq_len, context_parallel_disabled, gather_sequence, mean_over_cp
 from .tensor_parallel import sequence_parallel_size
 from .zero import optimizer_param
 
@@ -114,10 +130,17 @@ def check_pipeline(n_layer: int, pp: int, schedule: str, microbatches: int, stag
 class _Stage(nn.Module):
     """One pipeline stage as torch's PipelineStage runs it: (embeddings,) some blocks (, the final
     norm), as CausalLM.forward runs them. Its modules are the rank's model's own (not copies),
-    taken when it is built: after TP, which replaces some of them (PipelineParallelMixin._stages
-    builds it when it is needed). The model is not its child, so the model's parameter names stay
-    the unsharded ones. The LM head and the loss run in the schedule's loss function, on the last
-    stage's output."""
+    taken when it is built: after TP, CP and EP, which replace some of them
+    (PipelineParallelMixin._stages builds it when it is needed; under ZeRO-3, data parallelism
+    builds it and shards it with FSDP2, as torchtitan shards each model chunk). The model is not
+    its child, so the model's parameter names stay the unsharded ones. The LM head and the loss
+    run in the schedule's loss function, on the last stage's output; the head is registered here
+    (``ends``: every module the stage holds besides its blocks) so that every parameter of the rank
+    belongs to exactly one stage (FSDP2 keeps a root's parameters gathered through the loss).
+
+    Positions: the whole sequence's 0..T-1, or under context parallelism this cp rank's tokens'
+    places in it (the load-balanced layout), so rotary angles and learned positions follow the
+    tokens on every stage."""
 
     def __init__(self, model: CausalLM, layers: range, first: bool, last: bool):
         super().__init__()
@@ -126,7 +149,13 @@ class _Stage(nn.Module):
         self.region = getattr(model, "tp_region", None)  # TP's activation state (tinymeg.nn.region)
         # a stage after the first receives its input on sequence shards under sequence parallelism
         self.seq_shards = 1 if first else sequence_parallel_size(model)
-        self.embeddings = nn.ModuleList(model.get_submodule(n) for n in model.EMBEDDINGS) if first else None
+        # the first stage's embeddings, the last's norm and head, and wherever the split kept
+        # them, the tied pair (apply_pipeline_parallel)
+        ends = ((*model.EMBEDDINGS, model.HEAD) if first else ()) + ((model.NORM, model.HEAD, *model.EMBEDDINGS)
+                                                                     if last else ())
+        held = {n for n, _ in model.named_modules()}
+        self.ends = nn.ModuleDict({n.replace(".", "_"): model.get_submodule(n) for n in dict.fromkeys(ends)
+                                   if n in held})
         blocks = model.get_submodule(model.BLOCKS)
         self.blocks = nn.ModuleList(blocks[str(i)] for i in layers)
         self.norm = model.get_submodule(model.NORM) if last else None
@@ -134,14 +163,17 @@ class _Stage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.region is not None:  # as the model's root does at every forward
             self.region.reset()
-        # the tokens' positions, clamped as CausalLM.generate's: its right padding may pass
-        # block_size (never attended to)
-        pos = torch.arange(x.size(1) * self.seq_shards, device=x.device).clamp(max=self.block_size - 1)
+        n = x.size(1) * self.seq_shards  # this rank's tokens: the sequence, or its cp share
+        cp = getattr(self.model, "context_parallel", None)
+        if cp is not None and cp.enabled:
+            pos = cp.index(n * cp.size, x.device)
+        else:  # clamped as CausalLM.generate's: its right padding may pass block_size (never attended to)
+            pos = torch.arange(n, device=x.device).clamp(max=self.block_size - 1)
         if self.first:  # token ids -> hidden states
             x = self.model.embed(x, pos)
         args = self.model.block_args(pos)
         for block in self.blocks:
-            x = block(x, *args)
+            x = call_block(block, x, args)
         return self.norm(x) if self.last else x
 
 
@@ -157,6 +189,30 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * ctx.scale, None
+
+
+class _AuxLossGrad(torch.autograd.Function):
+    """Identity on a MoE layer's output; backward also gives the layer's aux loss (balancing and
+    z-loss) the gradient it gets as a term of the loss, ``scale`` (Megatron-LM's
+    MoEAuxLossAutoScaler). Only the last stage computes the loss, so each stage's aux losses reach
+    its parameters this way, in its own backward, without crossing stages."""
+
+    @staticmethod
+    def forward(ctx, out, aux, scale):
+        ctx.scale, ctx.aux_dtype = scale, aux.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.full((), ctx.scale, dtype=ctx.aux_dtype, device=grad.device), None
+
+
+def _attach_aux_loss(layer: nn.Module, out: torch.Tensor, state: "PipelineState") -> torch.Tensor | None:
+    """A MoE layer's forward hook under pipeline parallelism: its aux loss, weighted as the
+    microbatch's loss is (1/(microbatches x grad_accum) of a step), rides on its output."""
+    if layer.aux_loss is None or not torch.is_grad_enabled():
+        return None
+    return _AuxLossGrad.apply(out, layer.aux_loss, state.grad_scale)
 
 
 @dataclass
@@ -177,6 +233,10 @@ class PipelineState:
     loss_tokens: torch.Tensor | None = None   # token_share's (total, forwards) for this train_step's microbatches
     schedule: object = None                   # built at the first train_step (after TP, DP)
     schedule_shape: tuple = ()
+    stage_modules: list | None = None         # ZeRO-3: this rank's stages, FSDP2 roots (built by DP)
+    aux_sum: torch.Tensor | float = 0.0       # MoE: this rank's aux losses over this train_step's forwards
+    aux_loss: torch.Tensor | None = None      # MoE: the last train_step's aux loss (every stage's layers)
+    expert_counts: dict = field(default_factory=dict)  # MoE: id(layer) -> token slots per expert, this step
     # Measurements of the last train_step, for tests and recipes/bench.py pp:
     peak_in_flight: int = 0                   # most microbatches held for backward at once
     measure: bool = False                     # also time this rank's compute (syncs CUDA: slower)
@@ -243,23 +303,46 @@ class PipelineParallelMixin:
                              f"{x.size(0)} sequences: choose --pp-microbatches dividing --micro-batch")
         if x.size(1) > self.config.block_size:
             raise ValueError(f"sequence length {x.size(1)} exceeds block_size {self.config.block_size}")
-        schedule = self._schedule_for(tuple(x.shape))
-        st.grad_scale = grad_scale / st.microbatches
         # Each microbatch's loss is its share of the token mean: of the step's batch inside token_mean
-        # (loss_tokens set), else of (x, y); either way split into `microbatches` more forwards.
+        # (loss_tokens set), else of (x, y); either way split into `microbatches` more forwards, and
+        # under context parallelism into cp more: each cp rank's chunks count as a forward of their own
+        # (its share, summed over the cp ranks, is the microbatch's; DP averages over dp x cp).
+        cp = self._cp_state()
         own = torch.stack([(y != -1).sum(), torch.ones((), dtype=torch.long, device=y.device)])
         tokens = torch.where(self.loss_tokens[1] > 0, self.loss_tokens, own.to(self.loss_tokens.device))
-        st.loss_tokens = tokens * tokens.new_tensor([1, st.microbatches])
+        st.loss_tokens = tokens * tokens.new_tensor([1, st.microbatches * (cp.size if cp else 1)])
+        if cp is not None:  # this rank's tokens of the layout, every stage on its sequence shard
+            index = self._cp_index(x.size(1), x.device)
+            x, y = x.index_select(1, index), y.index_select(1, index)
+        schedule = self._schedule_for(tuple(x.shape))
+        st.grad_scale = grad_scale / st.microbatches
         st.peak_in_flight = st._in_flight = 0
-        st.compute_s = 0.0
+        st.compute_s, st.aux_sum = 0.0, 0.0
+        st.expert_counts.clear()
         losses: list[torch.Tensor] = []
         sync = self._sync_enabled()
         with self._no_dp_sync():  # one reduction after the flush, not one per microbatch
             schedule.step(x, target=y, losses=losses, return_outputs=False)
         if sync:
             self.reduce_gradients()
-        loss = torch.stack([l.detach().float() for l in losses]).mean() if st.last else None
-        return self._from_last_stage(loss, (), torch.float32)
+        return self._step_loss(losses)
+
+    def _step_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """The loss of a train_step on every rank (float32): the mean of the microbatches' shares
+        (the last stage's; under CP summed over the cp ranks' shares, each a forward of its own)
+        plus the MoE layers' aux losses, each stage adding its own layers'."""
+        st = self.pipeline
+        cp = self._cp_state()
+        forwards = st.microbatches * (cp.size if cp else 1)
+        ce = torch.stack([l.detach().float() for l in losses]).sum() / forwards if st.last else None
+        total = torch.zeros((), dtype=torch.float32, device=st.ctx.device) if ce is None else ce
+        if cp is not None:
+            dist.all_reduce(total, group=cp.mesh.get_group())
+        aux = torch.as_tensor(st.aux_sum, dtype=torch.float32, device=total.device) / st.microbatches
+        parts = torch.stack([total, aux])
+        dist.all_reduce(parts, group=st.group)   # the stages' parts: the last's cross-entropy, everyone's aux
+        st.aux_loss = parts[1]
+        return parts.sum()
 
     def reduce_gradients(self) -> None:
         """After the last microbatch of an optimizer step: gradients averaged over dp x cp
@@ -334,17 +417,30 @@ class PipelineParallelMixin:
             raise ValueError("return_logits=False returns only the loss, so it needs targets")
         if idx.size(1) > self.config.block_size:
             raise ValueError(f"sequence length {idx.size(1)} exceeds block_size {self.config.block_size}")
-        hidden = self._forward_stages(idx)
         st, B, T = self.pipeline, *idx.shape
+        cp = self._cp_state()
+        if cp is not None:  # every stage on this rank's tokens of the layout (ring attention)
+            index = self._cp_index(T, idx.device)
+            hidden = self._forward_stages(idx.index_select(1, index))
+        else:
+            hidden = self._forward_stages(idx)
         logits = loss = None
         if return_logits:
             if st.last:
                 logits = self._head(hidden)[..., : self.config.vocab_size]
+                if cp is not None:  # back into sequence order, whole on every cp rank
+                    logits = gather_sequence(logits, cp)
             logits = self._from_last_stage(logits, (B, T, self.config.vocab_size), self._act_dtype())
         if targets is not None:
-            if st.last:
-                loss = (lm_head_loss(self._head, hidden, targets, self.config.vocab_size) if not return_logits
-                        else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
+            if st.last and return_logits:
+                # in float32, as the models' own loss (bf16 logits would round the loss to 3 digits)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            elif st.last and cp is not None:  # the mean over every cp rank's counted targets
+                mine = targets.index_select(1, index)
+                loss = mean_over_cp(lm_head_loss(self._head, hidden, mine, self.config.vocab_size),
+                                    (mine != -1).sum(), cp.mesh)
+            elif st.last:
+                loss = lm_head_loss(self._head, hidden, targets, self.config.vocab_size)
             loss = self._from_last_stage(loss, (), torch.float32)
         return logits, loss
 
@@ -361,6 +457,10 @@ class PipelineParallelMixin:
         if idx.size(1) < 1:
             raise ValueError("generate needs a prompt of at least one token")
         check_sampling(max_new_tokens, temperature, top_k)  # on every stage, before any of them waits
+        with context_parallel_disabled(self):  # every cp rank holds its stages whole: each samples alone
+            return self._generate(idx, max_new_tokens, temperature, top_k, generator, context_multiple)
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, generator, context_multiple):
         st = self.pipeline
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]
@@ -392,7 +492,21 @@ class PipelineParallelMixin:
 
     def _stages(self) -> list[_Stage]:
         st = self.pipeline
+        if st.stage_modules is not None:   # ZeRO-3: the FSDP2 roots data parallelism built
+            return st.stage_modules
         return [_Stage(self, st.layers[s], first=s == 0, last=s == st.n_stages - 1) for s in st.stage_ids]
+
+    def _cp_state(self):
+        """Context parallelism's state when it splits the sequences, else None."""
+        cp = getattr(self, "context_parallel", None)
+        return cp if cp is not None and cp.enabled else None
+
+    def _cp_index(self, seq_len: int, device) -> torch.Tensor:
+        """The positions this cp rank holds of sequences of seq_len tokens (checked: the layout
+        cuts them into 2 x cp chunks, and sequence parallelism each rank's share again)."""
+        cp = self.context_parallel
+        check_seq_len(seq_len, cp.size, cp.tp_seq)
+        return cp.index(seq_len, device)
 
     def _send_activation(self, x: torch.Tensor, group_dst: int) -> None:
         group = self.pipeline.group
@@ -428,10 +542,16 @@ class _MeasuredStage(PipelineStage):
     def __init__(self, *args, state: PipelineState, **kwargs):
         super().__init__(*args, **kwargs)
         self._state = state
+        self._moe = moe_layers(self.submod)
 
     def forward_one_chunk(self, *args, **kwargs):
         with _timed(self._state):
             out = super().forward_one_chunk(*args, **kwargs)
+        for layer in self._moe:   # what the step logs: its layers' aux losses and routing
+            if layer.aux_loss is not None:
+                self._state.aux_sum = self._state.aux_sum + layer.aux_loss.detach()
+                counts = self._state.expert_counts
+                counts[id(layer)] = counts.get(id(layer), 0) + layer.tokens_per_expert
         if self.has_backward:
             self._state._in_flight += 1
             self._state.peak_in_flight = max(self._state.peak_in_flight, self._state._in_flight)
@@ -442,6 +562,13 @@ class _MeasuredStage(PipelineStage):
             out = super().backward_one_chunk(*args, **kwargs)
         self._state._in_flight -= 1
         return out
+
+    def perform_reduce_grad(self, grad_scale_factor: int):
+        """After the last microbatch: FSDP2 (ZeRO-3) reduce-scatters the stage's gradients, unless
+        this train_step is one of a step's accumulation micro-steps (inside ``no_sync()``): they
+        then stay unreduced until the step's last one, so a step reduces once."""
+        if self._state.sync:
+            super().perform_reduce_grad(grad_scale_factor)
 
 
 @contextlib.contextmanager
@@ -490,20 +617,13 @@ def apply_pipeline_parallel(model: CausalLM, ctx: ParallelContext, schedule: str
     if not isinstance(model, CausalLM):
         raise TypeError(f"apply_pipeline_parallel splits a model by the parts it names (embeddings, blocks, "
                         f"final norm, head: tinymeg.models.CausalLM, as GPT2Model and Llama are), got "
-                        f"{type(model).__name__}")
+                        f"{type(model).__name__}: adapt a transformers Llama, Qwen2 or Mistral with "
+                        f"tm.models.from_transformers(model)")
     if isinstance(model, PipelineParallelMixin):
         raise ValueError("pipeline parallelism was already applied to this model; apply it once")
     if any(isinstance(p, DTensor) for p in model.parameters()) or hasattr(model, "grad_sync"):
         raise ValueError("apply_pipeline_parallel must come first, on a plain model: split the stages, "
                          "then apply tensor and data parallelism to each rank's part")
-    if ctx.cp_size > 1:
-        raise NotImplementedError(f"pipeline parallelism with context parallelism (cp={ctx.cp_size}) is not "
-                                  f"built or tested yet (the stages' loss would need CP's): use cp=1 with pp > 1")
-    if model.config.n_experts:
-        raise NotImplementedError(
-            f"pipeline parallelism of a mixture-of-experts model (n_experts={model.config.n_experts}) is not "
-            f"built yet: the MoE layers' balancing loss is added to the LM loss, which only the last stage "
-            f"computes. Use pp=1 with --n-experts (expert parallelism: --ep), or a dense model with pp > 1")
     pp = ctx.pp_size
     microbatches = pp if microbatches is None else microbatches
     blocks = model.get_submodule(model.BLOCKS)
@@ -534,9 +654,11 @@ def apply_pipeline_parallel(model: CausalLM, ctx: ParallelContext, schedule: str
         with torch.no_grad():  # the last stage's copy starts as the first stage's
             dist.broadcast(head.weight, group=tied_group, group_src=0)
 
-    model.pipeline = PipelineState(ctx, schedule, microbatches, stages_per_rank, layers, stage_ids,
-                                   ctx.mesh["pp"].get_group(), tied_group if (first or last) else None,
-                                   compile=compile, whole_num_params=whole_num_params)
+    model.pipeline = state = PipelineState(ctx, schedule, microbatches, stages_per_rank, layers, stage_ids,
+                                           ctx.mesh["pp"].get_group(), tied_group if (first or last) else None,
+                                           compile=compile, whole_num_params=whole_num_params)
+    for layer in moe_layers(model):  # each stage's balancing losses reach its gradients in backward
+        layer.register_forward_hook(lambda module, args, out: _attach_aux_loss(module, out, state))
     model.__class__ = type(f"Pipelined{type(model).__name__}", (PipelineParallelMixin, type(model)), {})
     return model
 

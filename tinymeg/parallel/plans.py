@@ -4,7 +4,8 @@
 | name           | model                                   | sharded                                    |
 |----------------|-----------------------------------------|--------------------------------------------|
 | `tinymeg-gpt2` | tinymeg's `GPT2Model`                   | c_attn (by heads), c_fc / c_proj; tied wte |
-| `tinymeg-llama`| tinymeg's `Llama`                       | as `llama`; the head gathers the sequence  |
+| `tinymeg-llama`| tinymeg's `Llama`, and a transformers   | as `llama`; the head gathers the sequence  |
+|                | model adapted by `from_transformers`    |                                            |
 | `llama`        | transformers `LlamaForCausalLM`         | q/k/v, gate/up / o, down; embed_tokens,    |
 | `qwen2`        | transformers `Qwen2ForCausalLM`         | lm_head (vocabulary; tied or not)          |
 | `mistral`      | transformers `MistralForCausalLM`       |                                            |
@@ -121,9 +122,11 @@ def for_model(model: nn.Module, **options) -> dict:
     """The shipped plan for this model: tinymeg's GPT2Model or Llama (for its config), or a
     transformers model whose ``config.model_type`` has a plan (llama, qwen2, mistral, gpt2).
     Options as for ``get``."""
-    from ..models import MODELS, model_name
+    from ..models import MODELS, TransformersCausalLM, model_name
     if isinstance(model, tuple(cls for cls, _ in MODELS.values())):
         return get(f"tinymeg-{model_name(model)}", config=model.config, **options)
+    if isinstance(model, TransformersCausalLM):  # transformers' names, tinymeg's forward and loss
+        return get("tinymeg-llama", config=model.config, **options)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _MODEL_TYPES:
         raise ValueError(f"no shipped tensor-parallel plan for {type(model).__name__} (model_type "

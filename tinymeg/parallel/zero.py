@@ -85,9 +85,17 @@ def shard_dims(model: nn.Module) -> dict[int, int]:
     return dims
 
 
-def shard_placements(p: torch.Tensor, dim: int) -> tuple:
+def _inside_dp(p: torch.Tensor, dp_mesh: DeviceMesh) -> bool:
+    """p is a DTensor replicated over ranks of its own dp mesh (an expert-parallel router: ep is
+    carved out of dp): its dp shard is one box of it on the dp mesh alone."""
+    if not isinstance(p, DTensor) or not all(pl.is_replicate() for pl in p.placements):
+        return False
+    return len(set(p.device_mesh.mesh.flatten().tolist()) & set(dp_mesh.mesh.flatten().tolist())) > 1
+
+
+def shard_placements(p: torch.Tensor, dim: int, dp_mesh: DeviceMesh | None = None) -> tuple:
     """FSDP2's placements for p split over dp on dim inside its TP placements: (dp, *tp)."""
-    tp = tuple(p.placements) if isinstance(p, DTensor) else ()
+    tp = tuple(p.placements) if isinstance(p, DTensor) and not _inside_dp(p, dp_mesh) else ()
     split = 1
     for pl, size in zip(tp, p.device_mesh.mesh.shape if tp else ()):
         if _is_shard(pl) and pl.dim == dim:
@@ -99,7 +107,7 @@ _MESHES: dict = {}
 
 
 def _dp_tp_mesh(dp_mesh: DeviceMesh, p: torch.Tensor) -> DeviceMesh:
-    if not isinstance(p, DTensor):
+    if not isinstance(p, DTensor) or _inside_dp(p, dp_mesh):
         return dp_mesh
     key = (dp_mesh, p.device_mesh)
     if key not in _MESHES:
@@ -188,7 +196,7 @@ def make_holders(params: list[nn.Parameter], default_mesh: DeviceMesh, stage: in
             if param_dtype is not None:
                 piece = piece.detach().float().clone()
             shape = p.shape if local.dim() else torch.Size([1])      # a 0-dim parameter as (1,)
-            held = DTensor.from_local(piece, _dp_tp_mesh(mesh, p), shard_placements(p, layout.dim),
+            held = DTensor.from_local(piece, _dp_tp_mesh(mesh, p), shard_placements(p, layout.dim, mesh),
                                       shape=shape, stride=p.stride() if local.dim() else (1,),
                                       run_check=False)
         else:
@@ -253,27 +261,58 @@ def shard_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch
 def fully_shard_model(model: nn.Module, default_mesh: DeviceMesh, param_dtype: torch.dtype | None,
                       dims: dict[int, int]) -> None:
     """ZeRO-3 with FSDP2: one FSDP group per module holding parameters that declare another
-    data-parallel mesh (experts), per element of every ModuleList (the blocks), and the root."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    data-parallel mesh (experts), per element of every ModuleList (the blocks), and the root.
+
+    A pipelined model has one root per stage of this rank (tinymeg.parallel.pipeline_parallel's
+    _Stage: its blocks, and its embeddings, or its final norm and head), as torchtitan shards each
+    model chunk: torch's PipelineStage then keeps the gradients unreduced through the microbatches
+    and reduce-scatters them once, after the last backward."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
     scalars = [name for name, p in model.named_parameters() if p.dim() == 0]
     if scalars:
         raise ValueError(f"zero=3 (FSDP2) cannot shard 0-dim parameters ({', '.join(scalars)}): make each a "
                          f"1-element 1-D tensor, or use zero=1 or 2, which shard them")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) \
         if param_dtype is not None else MixedPrecisionPolicy()
+    pipeline = getattr(model, "pipeline", None)
+    if pipeline is None:
+        _fully_shard_root(model, default_mesh, policy, dims)
+        return
+    stages = model._stages()
+    staged = {id(p) for stage in stages for p in stage.parameters()}
+    outside = [name for name, p in model.named_parameters() if id(p) not in staged]
+    if outside:
+        raise ValueError(f"zero=3 under pipeline parallelism shards each stage's modules, but {', '.join(outside)} "
+                         f"belong to none (a model's parameters must live in the parts it names: EMBEDDINGS, "
+                         f"BLOCKS, NORM, HEAD); use zero 0, 1 or 2")
+    for stage in stages:
+        _fully_shard_root(stage, default_mesh, policy, dims)
+    pipeline.stage_modules = stages
+
+
+def fsdp_roots(model: nn.Module) -> list:
+    """The FSDP2 roots of a ZeRO-3 model: the model, or a pipelined model's stages."""
+    pipeline = getattr(model, "pipeline", None)
+    return [model] if pipeline is None else pipeline.stage_modules
+
+
+def _fully_shard_root(model: nn.Module, default_mesh: DeviceMesh, policy, dims: dict[int, int]) -> None:
+    from torch.distributed.fsdp import fully_shard
 
     def shard(module: nn.Module, mesh: DeviceMesh) -> None:
         fully_shard(module, mesh=mesh, mp_policy=policy,
                     shard_placement_fn=lambda p: Shard(dims.get(id(p), 0)))
         if mesh.size() != default_mesh.size():  # summed over its own mesh, divided as every gradient
-            if dist.get_backend(mesh.get_group()) == "gloo":   # (grad_sync's docstring)
-                raise NotImplementedError(
-                    f"zero=3 with parameters on their own data-parallel mesh (expert parallelism: "
-                    f"{type(module).__name__}) divides their gradients by the dp size with FSDP2's "
-                    f"gradient divide factor, a PREMUL_SUM reduction that gloo does not have: use "
-                    f"zero=1 or 2 here, or NCCL")
-            module.set_gradient_divide_factor(float(default_mesh.size()))
+            module.set_gradient_divide_factor(float(default_mesh.size()))   # (grad_sync's docstring)
+            # gloo has no PREMUL_SUM: sum, then divide (a 1-rank mesh reduces nothing: FSDP2 divides
+            # as it copies, and would divide again after a forced sum)
+            if mesh.size() > 1 and dist.get_backend(mesh.get_group()) == "gloo":
+                module.set_force_sum_reduction_for_comms(True)
 
+    for module in list(model.modules()):
+        for name, p in list(module.named_parameters(recurse=False)):
+            if _inside_dp(p, data_parallel_mesh(p, default_mesh)):   # FSDP2 shards it over dp alone
+                setattr(module, name, nn.Parameter(p.to_local(), requires_grad=p.requires_grad))
     for module in list(model.modules()):
         meshes = {data_parallel_mesh(p, default_mesh) for p in module.parameters(recurse=False)}
         if meshes and meshes != {default_mesh}:
@@ -301,9 +340,10 @@ def recover_fsdp(model: nn.Module) -> None:
     of the failed backward would have: it reduce-scatters what that backward had accumulated
     (on every rank that failed at the same point), so zero_grad() after this forgets it.
     Called by zero_grad() and before each forward."""
-    state = model._get_fsdp_state()
-    if state._state_ctx.post_backward_final_callback_queued and torch._C._current_graph_task_id() == -1:
-        state._root_post_backward_final_callback()
+    for root in fsdp_roots(model):
+        state = root._get_fsdp_state()
+        if state._state_ctx.post_backward_final_callback_queued and torch._C._current_graph_task_id() == -1:
+            state._root_post_backward_final_callback()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -419,6 +459,17 @@ def _is_dp_sharded(t: torch.Tensor, group: str) -> bool:
     """t is a DTensor split over the dp group named group (its mesh dim 0)."""
     return (isinstance(t, DTensor) and _is_shard(t.placements[0])
             and t.device_mesh.get_group(0).group_name == group)
+
+
+@torch.no_grad()
+def whole_value(t: torch.Tensor) -> torch.Tensor:
+    """The global value of a parameter, gradient or optimizer state, however it is sharded: over
+    tp, ep, and over dp by ZeRO/FSDP2 (whose dp dim comes first in the mesh). DTensor's
+    full_tensor alone misplaces the dp shards of a 1-D tensor that stacks projections (GPT-2's
+    c_attn.bias), so those are gathered over dp first. A collective over the tensor's meshes."""
+    if isinstance(t, DTensor) and t.device_mesh.mesh_dim_names[0] != "tp":
+        t = _gather_dp(t, t.device_mesh.get_group(0).group_name, t.shape)
+    return compat.full_tensor(t)
 
 
 @torch.no_grad()

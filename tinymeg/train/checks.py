@@ -95,7 +95,7 @@ def check_config(cfg, world_size: int, mesh: dict[str, int] | None = None):
     except ValueError as e:
         raise ConfigError(f"--ac: {e}") from None
     if pp > 1:
-        _check_pipeline_config(cfg, pp, cp)
+        _check_pipeline_config(cfg, pp)
     need(not cfg.tensorboard or importlib.util.find_spec("tensorboard") is not None,
          f"--tensorboard {cfg.tensorboard} needs the tensorboard package, which is not installed: "
          f"pip install -e \".[tensorboard]\" (or pip install tensorboard), or drop --tensorboard")
@@ -151,17 +151,7 @@ def pipeline_args(cfg) -> dict:
                 stages_per_rank=cfg.pp_stages_per_rank, split_points=points, uneven=cfg.pp_uneven)
 
 
-def _check_pipeline_config(cfg, pp: int, cp: int) -> None:
-    if cp > 1:
-        raise ConfigError(f"--pp {pp} with --cp {cp}: pipeline parallelism with context parallelism is not "
-                          f"built yet; use --cp 1 with --pp, or --pp 1 with --cp")
-    if cfg.n_experts:
-        raise ConfigError(f"--pp {pp} with --n-experts {cfg.n_experts}: pipeline parallelism of a "
-                          f"mixture-of-experts model is not built yet (its balancing loss spans the stages); "
-                          f"use --pp 1 with --n-experts (and --ep), or a dense model with --pp")
-    if cfg.zero == 3:
-        raise ConfigError(f"--pp {pp} with --zero 3: ZeRO-3 (FSDP2) gathers parameters in hooks on the "
-                          f"model's forward, which pipeline stages do not run as one; use --zero 0, 1 or 2")
+def _check_pipeline_config(cfg, pp: int) -> None:
     try:
         check_pipeline(cfg.n_layer, pp, micro_batch=cfg.micro_batch, **pipeline_args(cfg))
     except ValueError as e:

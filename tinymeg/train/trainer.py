@@ -163,8 +163,10 @@ def train_step(step: int, model, step_fn, optimizer, tokens: torch.Tensor, cfg: 
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)  # also clears what a step that raised left behind
+    microbatches = model.pipeline.microbatches if ctx.pp_size > 1 else 1  # pp: each forward's rows together
     batches = [get_batch(tokens, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed, step=step,
-                         micro_step=micro, grad_accum=cfg.grad_accum, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
+                         micro_step=micro, grad_accum=cfg.grad_accum, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+                         microbatches=microbatches)
                for micro in range(cfg.grad_accum)]
     loss = forward_backward(model, batches, ctx, step_fn, routing)
     norm_args = model.grad_norm_args() if ctx.pp_size > 1 else {}  # pp: summed over the stages
