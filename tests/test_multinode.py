@@ -36,7 +36,7 @@ def test_two_nodes_on_localhost_train_as_one_node(tmp_path):
     outputs = [p.communicate(timeout=300) for p in launchers]
     for p, (_, err) in zip(launchers, outputs):
         assert p.returncode == 0, err[-3000:]
-    assert "dp=2 on 2 process(es)" in "".join(out for out, _ in outputs)
+    assert "dp=2 on 2 processes" in "".join(out for out, _ in outputs)
     two = _losses(tmp_path / "two.jsonl")
     assert [s for s, _, _ in two] == [1, 2, 3, 4]
     assert two == _losses(tmp_path / "one.jsonl")   # the same mesh: the same numbers, bit for bit

@@ -133,8 +133,22 @@ def test_banner_names_zero_bf16_and_init_from():
     ctx = types.SimpleNamespace(describe=lambda: "dp=2", world_size=2, device=torch.device("cpu"))
     corpus = types.SimpleNamespace(tokenizer=None, train=range(100), val=range(10))
     text = report.banner(cfg, ctx, model, corpus, peak=(1e9, "test"), start_step=0, resumed_from=None)
-    assert "mesh | dp=2 on 2 process(es), cpu (gloo), ZeRO-2, bf16 (fp32 master weights)" in text, text
+    assert "mesh | dp=2 on 2 processes, cpu (gloo), ZeRO-2, bf16 (fp32 master weights)" in text, text
     assert "; weights from gpt2_hf (--init-from)" in text, text
     plain = report.banner(TrainConfig(dp=2, steps=10), ctx, model, corpus, peak=(1e9, "test"), start_step=0,
                           resumed_from=None)
     assert "ZeRO" not in plain and "bf16" not in plain and "--init-from" not in plain
+
+
+def test_banner_counts_processes_in_words():
+    """One process is "1 process" (it said "1 process on 1 process(es)"), more are "N processes"."""
+    from tinymeg.train import TrainConfig
+    model = GPT2Model(GPTConfig.tiny())
+    corpus = types.SimpleNamespace(tokenizer=None, train=range(100), val=range(10))
+    for world, describe, want in ((1, "1 process", "mesh | 1 process, cpu (gloo)"),
+                                  (4, "dp=4", "mesh | dp=4 on 4 processes, cpu (gloo)")):
+        ctx = types.SimpleNamespace(describe=lambda d=describe: d, world_size=world, device=torch.device("cpu"))
+        text = report.banner(TrainConfig(dp=world, steps=10), ctx, model, corpus, peak=(1e9, "test"), start_step=0,
+                             resumed_from=None)
+        assert want in text, text
+    assert report.processes(1) == "1 process" and report.processes(2) == "2 processes"

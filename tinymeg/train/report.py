@@ -31,6 +31,10 @@ GPU_PEAK_TFLOPS = {
 }
 
 
+def processes(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes"
+
+
 def flops_per_token(model, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), PaLM's estimate: the model's own count
     (GPT2Model/Llama.flops_per_token; global sizes, also under TP and PP)."""
@@ -104,7 +108,8 @@ def banner(cfg, ctx, model, corpus, *, peak: tuple[float, str], start_step: int,
                   + f", width {c.n_embd}, context {c.block_size}, vocabulary {c.vocab_size}"
                   + (f" (padded to {c.padded_vocab_size})" if c.padded_vocab_size != c.vocab_size else "")
                   + (f"; weights from {cfg.init_from} (--init-from)" if cfg.init_from and not resumed_from else "")),
-        ("mesh", f"{ctx.describe()} on {ctx.world_size} process(es), {ctx.device.type} "
+        ("mesh", (f"{ctx.describe()} on {processes(ctx.world_size)}" if ctx.world_size > 1 else "1 process")
+                 + f", {ctx.device.type} "
                  f"({'nccl' if ctx.device.type == 'cuda' else 'gloo'})"
                  + "".join(f", {name}" for name, on in (
                      (f"ZeRO-{cfg.zero}", cfg.zero),

@@ -256,7 +256,7 @@ def train(cfg: TrainConfig, ctx: ParallelContext | None = None) -> dict:
     cfg = check_config(cfg, world, mesh_sizes(cfg))
     wall_start = time.perf_counter()
     asked = " x ".join(f"{d}={s}" for d, s in mesh_sizes(cfg).items() if s != 1)
-    _say(ctx, f"tinymeg: {world} process(es){', ' + asked if asked else ''}: setting up the mesh, the data and "
+    _say(ctx, f"tinymeg: {report.processes(world)}{', ' + asked if asked else ''}: setting up the mesh, the data and "
               f"the model...")
     ctx = ctx or build_context(cfg)
     want = resolve_sizes(mesh_sizes(cfg), ctx.world_size)
