@@ -155,9 +155,18 @@ def test_readme_block(block, workdir):
         argv = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.group(1)}", script.name]
                 if launch else [sys.executable, script.name])
     status, out, err, cpu_s = _run(argv, work, {**env, "PET_MASTER_PORT": str(_free_port())})
+    if status != 0 and block.lang == "python" and TEARDOWN_ABORT in err:
+        # torch's known abort at interpreter exit (README: "Clean exits"; the recipes avoid it with
+        # exit_process, a bare example script does not): once more, so that only this signature,
+        # and only once, is forgiven; any other failure fails at once
+        status, out, err, more_s = _run(argv, work, {**env, "PET_MASTER_PORT": str(_free_port())})
+        cpu_s += more_s
     print(f"{block.id}: {cpu_s:.0f} CPU seconds")  # what the block costs CI (pytest -s shows it)
     assert status == 0, (f"{block.id} failed ({'timed out' if status is None else f'status {status}'}):\n"
                          f"{block.code}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-6000:]}")
+
+
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def _run(argv: list[str], cwd: Path, env: dict) -> tuple[int | None, str, str, float]:
