@@ -72,7 +72,8 @@ def test_short_runs_get_a_short_default_warmup_and_a_long_explicit_one_is_an_err
     (["--tp", "2", "--seq-len", "63", "--sequence-parallel"], 2, "--seq-len 63 is not divisible by 2: pass --seq-len 62"),
     (["--sequence-parallel"], 2, "--sequence-parallel shards over the tensor-parallel ranks, but tp=1"),
     (["--loss-parallel"], 1, "--loss-parallel shards over the tensor-parallel ranks, but tp=1"),
-    (["--device", "cuda"], 1, "--device cuda, but this torch is built without CUDA"),
+    (["--device", "cuda"], 1, "--device cuda, but this torch is built without CUDA" if torch.version.cuda is None
+     else "--device cuda, but torch sees no CUDA device"),   # a CUDA build on a machine without a GPU
     (["--micro-batch", "0"], 1, "--micro-batch must be an integer >= 1, got 0"),
     (["--min-lr", "1"], 1, "0 <= --min-lr <= --lr"),
 ])

@@ -226,7 +226,10 @@ def _local_grads_body(seed):
     mesh = get_ctx(tp=2).mesh["tp"]
     torch.manual_seed(seed)
     full_w = torch.randn(12, 8)
-    for placement in (Shard(0), Shard(1), Replicate(), _StridedShard(0, split_factor=3)):
+    placements = [Shard(0), Shard(1), Replicate()]
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13):  # the reference, torch 2.11's
+        placements.append(_StridedShard(0, split_factor=3))                  # to_local backward, fails on it
+    for placement in placements:
         p = torch.nn.Parameter(distribute_tensor(full_w, mesh, [placement]))
         c = torch.randn(p.to_local().t().shape)
         # as is, transposed (a non-contiguous gradient), and both (a tied weight: the grads accumulate)

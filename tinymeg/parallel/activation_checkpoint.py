@@ -56,7 +56,9 @@ _aten, _c10d, _tinymeg = torch.ops.aten, torch.ops._c10d_functional, torch.ops.t
 # What selective checkpointing keeps: the outputs of the ops that cost most to redo.
 # Linear layers' products (and the experts' grouped one): kept, except those back to the
 # residual stream's width (see ``policy``).
-PRODUCTS = {_aten.mm.default, _aten.addmm.default, _tinymeg.grouped_mm.default}
+# Each maps to the position of its right-hand matrix, whose last dim is the product's width
+# (read from the inputs: torch 2.11's policy context has no op_output).
+PRODUCTS = {_aten.mm.default: 1, _aten.addmm.default: 2, _tinymeg.grouped_mm.default: 1}
 SAVED_OPS = {
     # batched matmuls (attention's math path)
     _aten.bmm.default, _aten.baddbmm.default,
@@ -83,7 +85,7 @@ def policy(width: int, ctx, op, *args, **kwargs) -> CheckpointPolicy:
     the same rule, for the same trade.)"""
     if op in SAVED_OPS:
         return CheckpointPolicy.MUST_SAVE
-    if op in PRODUCTS and ctx.op_output.size(-1) != width:
+    if op in PRODUCTS and args[PRODUCTS[op]].size(-1) != width:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

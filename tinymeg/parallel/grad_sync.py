@@ -54,6 +54,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from .. import compat
 from ..nn.layers import local as _local
 
 DATA_PARALLEL_MESH_ATTR = "data_parallel_mesh"
@@ -320,8 +321,8 @@ class GradSync:
             bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True)
         else:
             bucket.output = torch.empty(bucket.row, dtype=bucket.dtype, device=bucket.device)
-            bucket.work = dist.reduce_scatter_single(bucket.output, bucket.buffer, group=bucket.group,
-                                                     async_op=True)
+            bucket.work = compat.reduce_scatter_into(bucket.output, bucket.buffer, group=bucket.group,
+                                                       async_op=True)
 
     def reduce_accumulated(self) -> None:
         """Reduce now, outside any backward, what backwards run under no_sync() accumulated: the

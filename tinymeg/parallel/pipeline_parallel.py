@@ -322,7 +322,9 @@ class PipelineParallelMixin:
         losses: list[torch.Tensor] = []
         sync = self._sync_enabled()
         with self._no_dp_sync():  # one reduction after the flush, not one per microbatch
-            schedule.step(x, target=y, losses=losses, return_outputs=False)
+            # the tokens go in at stage 0 only: the others receive activations (torch 2.11 refuses
+            # input args on a stage that receives)
+            schedule.step(*((x,) if 0 in st.stage_ids else ()), target=y, losses=losses, return_outputs=False)
         if sync:
             self.reduce_gradients()
         return self._step_loss(losses)

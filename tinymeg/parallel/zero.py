@@ -165,7 +165,7 @@ class ZeroState:
             for (p, layout), off in zip(group, offsets):
                 layout.own(mine[off:off + layout.row_numel], rank).copy_(_local(self.holders[p]))
             everyone = torch.empty(size * offsets[-1], dtype=dtype, device=mine.device)
-            work = dist.all_gather_single(everyone, mine, group=mesh.get_group(), async_op=True)
+            work = compat.gather_into(everyone, mine, group=mesh.get_group(), async_op=True)
             pending.append((group, offsets, everyone, work))
             if len(pending) > MAX_IN_FLIGHT:
                 _unpack(*pending.popleft())
@@ -327,7 +327,7 @@ def _fully_shard_root(model: nn.Module, default_mesh: DeviceMesh, policy, dims: 
                     shard(block, default_mesh)
     shard(model, default_mesh)
     # A parameter used on some ranks only must still take part in every rank's reduce-scatter.
-    model.set_reduce_scatter_unused_params(True)
+    compat.reduce_scatter_unused_params(model)
     model.register_forward_pre_hook(lambda module, args: recover_fsdp(module), prepend=True)
 
 
@@ -487,7 +487,7 @@ def _gather_dp(t: torch.Tensor, group: str, shape: torch.Size) -> torch.Tensor:
     mine = local.new_zeros(layout.row_numel)
     layout.own(mine, mesh.get_local_rank(0)).copy_(local)
     rows = local.new_empty(layout.parts * layout.row_numel)
-    dist.all_gather_single(rows, mine, group=mesh.get_group(0))
+    compat.gather_into(rows, mine, group=mesh.get_group(0))
     full = local.new_empty(layout.shape)
     layout.copy_from_rows(rows.view(layout.parts, -1), full)
     if tp_mesh is None:
