@@ -145,10 +145,10 @@ def test_banner_counts_processes_in_words():
     from tinymeg.train import TrainConfig
     model = GPT2Model(GPTConfig.tiny())
     corpus = types.SimpleNamespace(tokenizer=None, train=range(100), val=range(10))
-    for world, describe, want in ((1, "1 process", "mesh | 1 process, cpu (gloo)"),
-                                  (4, "dp=4", "mesh | dp=4 on 4 processes, cpu (gloo)")):
-        ctx = types.SimpleNamespace(describe=lambda d=describe: d, world_size=world, device=torch.device("cpu"))
-        text = report.banner(TrainConfig(dp=world, steps=10), ctx, model, corpus, peak=(1e9, "test"), start_step=0,
+    for size, describe, want in ((1, "1 process", "mesh | 1 process, cpu (gloo)"),
+                                 (4, "dp=4", "mesh | dp=4 on 4 processes, cpu (gloo)")):
+        ctx = types.SimpleNamespace(describe=lambda d=describe: d, world_size=size, device=torch.device("cpu"))
+        text = report.banner(TrainConfig(dp=size, steps=10), ctx, model, corpus, peak=(1e9, "test"), start_step=0,
                              resumed_from=None)
         assert want in text, text
     assert report.processes(1) == "1 process" and report.processes(2) == "2 processes"
