@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:?set PYTHON to the interpreter of the torch to check}
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # absolute: tests start subprocesses elsewhere
 "$python" -c "import torch; print('torch', torch.__version__)"
 files=("$@")
 [ ${#files[@]} -gt 0 ] || files=($(cd tests && ls test_*.py | grep -v '^test_readme.py$'))
