@@ -149,7 +149,6 @@ def reduce_scatter_unused_params(model) -> None:
     if hasattr(model, "set_reduce_scatter_unused_params"):
         model.set_reduce_scatter_unused_params(True)
         return
-    import torch
     for module in model.modules():
         state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
         group = state._fsdp_param_group if state is not None else None
