@@ -187,6 +187,12 @@ def lm_head_loss(head: nn.Module, x: torch.Tensor, targets: torch.Tensor, vocab_
     return linear_cross_entropy(x, head.weight, targets, vocab_size, ignore_index=-1)
 
 
+def logits_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (B, T, vocab) logits against targets (-1 ignored), in float32
+    whatever the logits' dtype (bf16 would round the loss to 3 digits)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+
+
 def call_block(block: nn.Module, x: torch.Tensor, args: tuple | dict) -> torch.Tensor:
     """One block on x with what ``block_args`` gave: positional arguments (a tuple) or keywords (a dict)."""
     return block(x, **args) if isinstance(args, dict) else block(x, *args)
@@ -272,8 +278,7 @@ class CausalLM(nn.Module):
             logits = logits[..., :vocab]  # padded rows are not tokens
         loss = None
         if targets is not None:
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)  # in float32
-            loss = self._loss(ce, targets)
+            loss = self._loss(logits_loss(logits, targets), targets)
         return logits, loss
 
     def _loss(self, ce: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from ..context import ParallelContext
-from ..models.base import CausalLM, call_block, check_sampling, lm_head_loss, sample_token, token_share
+from ..models.base import (CausalLM, call_block, check_sampling, lm_head_loss, logits_loss, sample_token,
+                           token_share)
 from ..models.hf_io import PretrainedPart
 from ..models.moe import moe_layers
 from ..nn.layers import local
@@ -164,8 +165,8 @@ class _Stage(nn.Module):
         if self.region is not None:  # as the model's root does at every forward
             self.region.reset()
         n = x.size(1) * self.seq_shards  # this rank's tokens: the sequence, or its cp share
-        cp = getattr(self.model, "context_parallel", None)
-        if cp is not None and cp.enabled:
+        cp = self.model._cp_state()
+        if cp is not None:
             pos = cp.index(n * cp.size, x.device)
         else:  # clamped as CausalLM.generate's: its right padding may pass block_size (never attended to)
             pos = torch.arange(n, device=x.device).clamp(max=self.block_size - 1)
@@ -435,8 +436,7 @@ class PipelineParallelMixin:
             logits = self._from_last_stage(logits, (B, T, self.config.vocab_size), self._act_dtype())
         if targets is not None:
             if st.last and return_logits:
-                # in float32, as the models' own loss (bf16 logits would round the loss to 3 digits)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+                loss = logits_loss(logits, targets)
             elif st.last and cp is not None:  # the mean over every cp rank's counted targets
                 mine = targets.index_select(1, index)
                 loss = mean_over_cp(lm_head_loss(self._head, hidden, mine, self.config.vocab_size),
